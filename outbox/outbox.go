@@ -1,0 +1,232 @@
+// Package outbox is the outbox table as a Go API: the [Message] an
+// application writes inside its own transaction, and the queries the relay
+// runs to read, mark and dead-letter rows.
+//
+// Writing a row with plain SQL from any language is a supported contract:
+//
+//	INSERT INTO outbox (topic, key, value, headers)
+//	VALUES ('payments', 'acct-42', '{"amount":100}', '{"type":"transfer"}');
+//
+// The relay publishes it once the writing transaction commits.
+package outbox
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// Message is one Kafka record to publish.
+type Message struct {
+	// Topic is the Kafka topic. Required.
+	Topic string
+	// Key is the record key; nil for a keyless record. Rows of one key are
+	// published in id order to one partition.
+	Key []byte
+	// Value is the record value; nil publishes a tombstone (a null value).
+	Value []byte
+	// Headers become Kafka record headers, next to the relay's own
+	// "outbox-id" header.
+	Headers map[string]string
+	// Partition, when set, is the Kafka partition; nil lets the relay choose
+	// by Kafka's default murmur2 hash of the key.
+	Partition *int32
+}
+
+// Table names an outbox table: its schema and name, always quoted as
+// identifiers.
+type Table struct {
+	Schema string
+	Name   string
+}
+
+// DefaultTable is public.outbox.
+var DefaultTable = Table{Schema: "public", Name: "outbox"}
+
+func quoteIdent(s string) string { return `"` + strings.ReplaceAll(s, `"`, `""`) + `"` }
+
+// Ident is the quoted, schema-qualified name of the table itself.
+func (t Table) Ident() string { return t.ident("") }
+
+// DeadLetterIdent is the quoted name of the dead-letter table.
+func (t Table) DeadLetterIdent() string { return t.ident("_dead_letter") }
+
+// StateIdent is the quoted name of the relay-state table.
+func (t Table) StateIdent() string { return t.ident("_relay_state") }
+
+func (t Table) ident(suffix string) string {
+	return quoteIdent(t.Schema) + "." + quoteIdent(t.Name+suffix)
+}
+
+// pgIdentifier is the table's name in the form pgx's CopyFrom takes.
+func (t Table) pgIdentifier() pgx.Identifier { return pgx.Identifier{t.Schema, t.Name} }
+
+// String is schema.table, unquoted, for logs.
+func (t Table) String() string { return t.Schema + "." + t.Name }
+
+// Execer is the smallest part of pgx that writing needs: pgx.Tx, *pgx.Conn
+// and *pgxpool.Pool all fit. Write inside the transaction of the business
+// change, so the row commits, or not, with it.
+type Execer interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+}
+
+// CopyExecer adds COPY, which WriteMany uses for large batches.
+type CopyExecer interface {
+	Execer
+	CopyFrom(ctx context.Context, tableName pgx.Identifier, columnNames []string, rowSrc pgx.CopyFromSource) (int64, error)
+}
+
+// CopyThreshold is the batch size from which WriteMany uses COPY instead of
+// a multi-row INSERT.
+const CopyThreshold = 64
+
+// Validate reports the first problem with m that the relay would refuse, with
+// the field and the fix.
+func (m Message) Validate() error {
+	if err := ValidTopic(m.Topic); err != nil {
+		return err
+	}
+	if m.Partition != nil && *m.Partition < 0 {
+		return fmt.Errorf("outbox message: Partition is %d: must be >= 0, or nil to hash the key", *m.Partition)
+	}
+	return nil
+}
+
+// ValidTopic reports whether topic is a legal Kafka topic name: 1 to 249
+// characters of ASCII letters, digits, '.', '_' and '-', and not "." or "..".
+func ValidTopic(topic string) error {
+	switch {
+	case topic == "":
+		return errors.New("topic is empty: set the row's topic to a Kafka topic name")
+	case len(topic) > 249:
+		return fmt.Errorf("topic %.20q... is %d characters: Kafka allows 249", topic, len(topic))
+	case topic == "." || topic == "..":
+		return fmt.Errorf("topic %q is not allowed by Kafka", topic)
+	}
+	for _, r := range topic {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-') {
+			return fmt.Errorf("topic %q has %q: Kafka topic names use only ASCII letters, digits, '.', '_' and '-'", topic, r)
+		}
+	}
+	return nil
+}
+
+func headersJSON(h map[string]string) ([]byte, error) {
+	if h == nil {
+		return nil, nil
+	}
+	b, err := json.Marshal(h)
+	if err != nil {
+		return nil, fmt.Errorf("encode headers: %w", err)
+	}
+	return b, nil
+}
+
+func (t Table) insertSQL(n int) string {
+	var b strings.Builder
+	b.WriteString("INSERT INTO " + t.Ident() + " (topic, key, value, headers, partition) VALUES ")
+	for i := range n {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		p := i * 5
+		fmt.Fprintf(&b, "($%d, $%d, $%d, $%d::jsonb, $%d)", p+1, p+2, p+3, p+4, p+5)
+	}
+	return b.String()
+}
+
+func args(msgs []Message) ([]any, error) {
+	out := make([]any, 0, 5*len(msgs))
+	for i, m := range msgs {
+		if err := m.Validate(); err != nil {
+			return nil, fmt.Errorf("message %d: %w", i, err)
+		}
+		h, err := headersJSON(m.Headers)
+		if err != nil {
+			return nil, fmt.Errorf("message %d: %w", i, err)
+		}
+		var hv any
+		if h != nil {
+			hv = string(h)
+		}
+		out = append(out, m.Topic, m.Key, m.Value, hv, m.Partition)
+	}
+	return out, nil
+}
+
+// Write inserts msgs into the outbox inside the caller's transaction (or any
+// Execer) with one multi-row INSERT. Nothing is published until that
+// transaction commits; a rollback discards the rows with the business change.
+func (t Table) Write(ctx context.Context, db Execer, msgs ...Message) error {
+	if len(msgs) == 0 {
+		return nil
+	}
+	a, err := args(msgs)
+	if err != nil {
+		return err
+	}
+	if _, err := db.Exec(ctx, t.insertSQL(len(msgs)), a...); err != nil {
+		return fmt.Errorf("write outbox rows to %s: %w", t, err)
+	}
+	return nil
+}
+
+// WriteMany inserts msgs like Write, using COPY when there are at least
+// CopyThreshold of them.
+func (t Table) WriteMany(ctx context.Context, db CopyExecer, msgs []Message) error {
+	if len(msgs) < CopyThreshold {
+		return t.Write(ctx, db, msgs...)
+	}
+	a, err := args(msgs)
+	if err != nil {
+		return err
+	}
+	rows := make([][]any, len(msgs))
+	for i := range msgs {
+		row := a[5*i : 5*i+5]
+		if row[3] != nil {
+			row[3] = json.RawMessage(row[3].(string))
+		}
+		rows[i] = row
+	}
+	cols := []string{"topic", "key", "value", "headers", "partition"}
+	if _, err := db.CopyFrom(ctx, t.pgIdentifier(), cols, pgx.CopyFromRows(rows)); err != nil {
+		return fmt.Errorf("copy outbox rows to %s: %w", t, err)
+	}
+	return nil
+}
+
+// WriteSQL inserts msgs inside a database/sql transaction, for applications
+// that use database/sql (with the pgx stdlib driver or lib/pq).
+func (t Table) WriteSQL(ctx context.Context, tx *sql.Tx, msgs ...Message) error {
+	if len(msgs) == 0 {
+		return nil
+	}
+	a, err := args(msgs)
+	if err != nil {
+		return err
+	}
+	for i := range a {
+		if p, ok := a[i].(*int32); ok {
+			if p == nil {
+				a[i] = nil
+			} else {
+				a[i] = int64(*p)
+			}
+		}
+		if b, ok := a[i].([]byte); ok && b == nil {
+			a[i] = nil
+		}
+	}
+	if _, err := tx.ExecContext(ctx, t.insertSQL(len(msgs)), a...); err != nil {
+		return fmt.Errorf("write outbox rows to %s: %w", t, err)
+	}
+	return nil
+}

@@ -1,0 +1,63 @@
+package relay
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are the relay's Prometheus metrics, created on the registerer the
+// caller passes in (never the global default).
+type Metrics struct {
+	Backlog         *prometheus.GaugeVec
+	OldestAge       *prometheus.GaugeVec
+	Published       *prometheus.CounterVec
+	PublishedBytes  *prometheus.CounterVec
+	BatchSize       prometheus.Histogram
+	TxnDuration     prometheus.Histogram
+	EndToEnd        prometheus.Histogram
+	Aborts          *prometheus.CounterVec
+	Fenced          *prometheus.CounterVec
+	DeadLetters     *prometheus.CounterVec
+	Recoveries      *prometheus.CounterVec
+	RecoveredMarked *prometheus.CounterVec
+	OwnedShards     prometheus.Gauge
+	Deleted         prometheus.Counter
+}
+
+// NewMetrics creates the metrics and registers them on reg.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	const ns = "outbox_relay"
+	shard := []string{"shard"}
+	m := &Metrics{
+		Backlog: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "backlog_rows",
+			Help: "Unpublished outbox rows of an owned shard."}, shard),
+		OldestAge: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "oldest_unpublished_age_seconds",
+			Help: "Age of the oldest unpublished row of an owned shard; 0 when none."}, shard),
+		Published: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "published_records_total",
+			Help: "Records published in committed Kafka transactions."}, shard),
+		PublishedBytes: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "published_bytes_total",
+			Help: "Key, value and header bytes of published records."}, shard),
+		BatchSize: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Name: "batch_size_rows",
+			Help: "Rows per committed Kafka transaction.", Buckets: prometheus.ExponentialBuckets(1, 2, 15)}),
+		TxnDuration: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Name: "transaction_duration_seconds",
+			Help: "From BeginTransaction to a committed EndTxn.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 16)}),
+		EndToEnd: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Name: "end_to_end_latency_seconds",
+			Help: "From a row's created_at to the commit of the transaction holding it.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 20)}),
+		Aborts: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "transaction_aborts_total",
+			Help: "Batches that did not commit, by reason (aborted, record_error, commit_unknown)."}, []string{"shard", "reason"}),
+		Fenced: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "fenced_total",
+			Help: "Times this relay's producer was fenced by a newer owner of the shard."}, shard),
+		DeadLetters: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "dead_letters_total",
+			Help: "Rows moved to the dead-letter table."}, shard),
+		Recoveries: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "recoveries_total",
+			Help: "Recoveries run (taking a shard, or after an unknown commit outcome)."}, shard),
+		RecoveredMarked: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "recovered_rows_total",
+			Help: "Rows found committed in Kafka but unmarked, marked by recovery from the checkpoint."}, shard),
+		OwnedShards: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "owned_shards",
+			Help: "Shards this instance owns."}),
+		Deleted: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "retention_deleted_rows_total",
+			Help: "Published rows deleted by retention."}),
+	}
+	reg.MustRegister(m.Backlog, m.OldestAge, m.Published, m.PublishedBytes, m.BatchSize, m.TxnDuration, m.EndToEnd,
+		m.Aborts, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.OwnedShards, m.Deleted)
+	return m
+}

@@ -1,0 +1,395 @@
+// Package relay is the outbox-relay daemon: shard ownership through
+// PostgreSQL advisory locks, polling and wake-up, batching, the publish loop,
+// recovery, retention and metrics. It joins the outbox table (package outbox)
+// to Kafka transactions (package txn) under the protocol of DESIGN.md.
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/outbox-relay/outbox-relay/migrations"
+	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/txn"
+)
+
+// Failpoint names: places in the publish loop where tests stop the relay
+// to prove a crash window is closed.
+const (
+	// FailBeforeCommit: records and checkpoint produced, EndTxn not sent.
+	FailBeforeCommit = "before-commit"
+	// FailAfterCommit: the transaction committed, the rows not yet marked.
+	FailAfterCommit = "after-commit"
+	// FailAfterMark: the rows marked.
+	FailAfterMark = "after-mark"
+)
+
+// Failpoint is called at each named point with the shard and the batch's
+// ids. A non-nil error makes the relay stop there at once, as a crash would:
+// no abort, no mark, no clean-up. A failpoint may also block, to hold the
+// relay inside a window while a test acts.
+type Failpoint func(ctx context.Context, name string, shard int32, ids []int64) error
+
+// Option sets what tests and embedders pass in besides Config.
+type Option func(*Relay)
+
+// WithLogger sets the logger (default: slog.Default's handler is NOT used;
+// a discarding logger is).
+func WithLogger(l *slog.Logger) Option { return func(r *Relay) { r.log = l } }
+
+// WithRegisterer sets where metrics are registered (default: a private
+// registry).
+func WithRegisterer(reg prometheus.Registerer) Option { return func(r *Relay) { r.reg = reg } }
+
+// WithFailpoint installs a failpoint hook (tests only).
+func WithFailpoint(f Failpoint) Option { return func(r *Relay) { r.fail = f } }
+
+// WithKafkaOptions adds franz-go options to every Kafka client (TLS, SASL,
+// dialers).
+func WithKafkaOptions(opts ...kgo.Opt) Option {
+	return func(r *Relay) { r.kopts = append(r.kopts, opts...) }
+}
+
+// Relay moves committed outbox rows to Kafka exactly once.
+type Relay struct {
+	cfg   Config
+	pool  *pgxpool.Pool
+	store *outbox.Store
+	log   *slog.Logger
+	reg   prometheus.Registerer
+	m     *Metrics
+	fail  Failpoint
+	kopts []kgo.Opt
+	tcfg  txn.Config
+	wake  *waker
+
+	incarnation string
+	ready       atomic.Bool
+	stopping    atomic.Bool
+}
+
+// New checks the configuration and prepares a relay on pool. Run starts it.
+func New(cfg Config, pool *pgxpool.Pool, opts ...Option) (*Relay, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("configuration: %w", err)
+	}
+	r := &Relay{cfg: cfg, pool: pool, log: slog.New(slog.DiscardHandler), reg: prometheus.NewRegistry()}
+	for _, o := range opts {
+		o(r)
+	}
+	t := outbox.Table{Schema: cfg.Schema, Name: cfg.Table}
+	r.store = outbox.NewStore(pool, t)
+	r.m = NewMetrics(r.reg)
+	r.log = r.log.With("table", t.String(), "relay", cfg.RelayName)
+	r.tcfg = txn.Config{
+		Brokers:            cfg.KafkaBrokers,
+		RelayName:          cfg.RelayName,
+		CheckpointTopic:    cfg.CheckpointTopic,
+		TransactionTimeout: cfg.TransactionTimeout,
+		DeliveryTimeout:    cfg.DeliveryTimeout,
+		ClientID:           cfg.ClientID,
+		Extra:              r.kopts,
+		Logger:             r.log,
+	}
+	if r.fail != nil {
+		r.tcfg.BeforeCommit = func(ctx context.Context, shard int32, ids []int64) error {
+			return r.fail(ctx, FailBeforeCommit, shard, ids)
+		}
+	}
+	r.wake = newWaker(pool.Config().ConnConfig, t, r.log)
+	return r, nil
+}
+
+// Ready reports whether the relay has started: schema checked, checkpoint
+// topic present, ownership running.
+func (r *Relay) Ready() bool { return r.ready.Load() && !r.stopping.Load() }
+
+// errCrash marks an error returned by a failpoint: Run returns it at once.
+type errCrash struct{ err error }
+
+func (e errCrash) Error() string { return "failpoint: " + e.err.Error() }
+func (e errCrash) Unwrap() error { return e.err }
+
+func (r *Relay) failpoint(ctx context.Context, name string, shard int32, ids []int64) error {
+	if r.fail == nil {
+		return nil
+	}
+	if err := r.fail(ctx, name, shard, ids); err != nil {
+		return errCrash{err}
+	}
+	return nil
+}
+
+// Run relays until ctx is cancelled, then shuts down cleanly: every shard
+// finishes the transaction it has open (commit and mark, bounded by
+// OUTBOX_SHUTDOWN_TIMEOUT) and returns nil. It returns an error when the
+// relay cannot start (schema missing, checkpoint mismatch, Kafka denied) or
+// a failpoint stopped it.
+func (r *Relay) Run(ctx context.Context) error {
+	if err := r.start(ctx); err != nil {
+		return err
+	}
+	r.log.Info("relay started", "shards", r.cfg.Shards, "batch_size", r.cfg.BatchSize,
+		"checkpoint_topic", r.cfg.CheckpointTopic, "incarnation", r.incarnation)
+
+	runCtx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	var wg sync.WaitGroup
+	wg.Go(func() { r.wake.run(runCtx) })
+	if r.cfg.Retention > 0 {
+		wg.Go(func() { r.retain(runCtx) })
+	}
+	wg.Go(func() { r.observe(runCtx) })
+
+	r.ready.Store(true)
+	err := r.own(runCtx)
+	r.stopping.Store(true)
+	cancel(err)
+	wg.Wait()
+	if err != nil && ctx.Err() == nil {
+		return err
+	}
+	r.log.Info("relay stopped")
+	return nil
+}
+
+// start checks the database side and the checkpoint topic.
+func (r *Relay) start(ctx context.Context) error {
+	mig, err := migrations.New(r.pool, r.cfg.Schema, r.cfg.Table)
+	if err != nil {
+		return fmt.Errorf("configuration: %w", err)
+	}
+	pending, err := mig.Pending(ctx)
+	if err != nil {
+		return fmt.Errorf("check schema of %s: %w", r.store.Table(), err)
+	}
+	if pending > 0 {
+		return fmt.Errorf("schema of %s is %d migrations behind: run `outbox-relay migrate up` (or apply migrations/sql with your tool)", r.store.Table(), pending)
+	}
+	if r.incarnation, err = r.store.Incarnation(ctx); err != nil {
+		return err
+	}
+	if err := txn.EnsureCheckpointTopic(ctx, r.tcfg, r.cfg.Shards); err != nil {
+		return err
+	}
+	return nil
+}
+
+// observe refreshes the backlog gauges of owned shards.
+func (r *Relay) observe(ctx context.Context) {
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		r.wake.mu.Lock()
+		shards := make([]int32, 0, len(r.wake.idle))
+		for s := range r.wake.idle {
+			shards = append(shards, s)
+		}
+		r.wake.mu.Unlock()
+		for _, s := range shards {
+			b, err := r.store.Backlog(ctx, int(s), r.cfg.Shards)
+			if err != nil {
+				continue
+			}
+			label := strconv.Itoa(int(s))
+			r.m.Backlog.WithLabelValues(label).Set(float64(b.Rows))
+			age := 0.0
+			if !b.OldestCreate.IsZero() {
+				age = time.Since(b.OldestCreate).Seconds()
+			}
+			r.m.OldestAge.WithLabelValues(label).Set(age)
+		}
+	}
+}
+
+// retain deletes published rows older than the retention, in small batches.
+func (r *Relay) retain(ctx context.Context) {
+	t := time.NewTicker(time.Minute)
+	defer t.Stop()
+	for {
+		for {
+			n, err := r.store.DeletePublished(ctx, time.Now().Add(-r.cfg.Retention), 5000)
+			if err != nil {
+				if ctx.Err() == nil {
+					r.log.Warn("retention failed", "err", err)
+				}
+				break
+			}
+			r.m.Deleted.Add(float64(n))
+			if n < 5000 {
+				break
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// own holds shard ownership: a dedicated connection takes one advisory lock
+// per owned shard, and a shared "member" lock that lets instances count each
+// other and each own a fair share (ceil(shards / members)). Losing the
+// connection frees every shard at once for the others; the workers here are
+// stopped, and a worker still inside a batch is fenced in Kafka by the new
+// owner's InitProducerID. It returns when ctx ends, or with the error of a
+// worker that must stop the relay.
+func (r *Relay) own(ctx context.Context) error {
+	type worker struct {
+		shard  int32
+		cancel context.CancelFunc
+		done   chan struct{}
+		err    error
+	}
+	workers := map[int32]*worker{}
+	ended := make(chan *worker, r.cfg.Shards)
+	var conn *pgx.Conn
+	key := r.store.Table().String()
+
+	unlock := func(s int32) {
+		if conn == nil {
+			return
+		}
+		if _, err := conn.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1, hashtext($2))`, migrations.LockKey+3, shardKey(key, s)); err != nil {
+			r.log.Warn("release shard lock", "shard", s, "err", err)
+		}
+	}
+	// stopWorker cancels a worker and waits until it has finished its open
+	// batch; only then is the shard's lock released.
+	stopWorker := func(s int32) error {
+		w := workers[s]
+		w.cancel()
+		<-w.done
+		delete(workers, s)
+		r.wake.remove(s)
+		r.m.OwnedShards.Set(float64(len(workers)))
+		return w.err
+	}
+	release := func() {
+		for s := range workers {
+			stopWorker(s) //nolint:errcheck // shutting down or connection lost
+		}
+		if conn != nil {
+			conn.Close(context.Background())
+			conn = nil
+		}
+	}
+	defer release()
+
+	tick := time.NewTicker(r.cfg.RebalanceInterval)
+	defer tick.Stop()
+	offset := rand.IntN(r.cfg.Shards)
+	for {
+		if conn == nil {
+			c, err := pgx.ConnectConfig(ctx, r.pool.Config().ConnConfig)
+			if err == nil {
+				_, err = c.Exec(ctx, `SELECT pg_advisory_lock_shared($1, hashtext($2))`, migrations.LockKey+2, key)
+				if err != nil {
+					c.Close(context.Background())
+				}
+			}
+			if err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				r.log.Warn("ownership connection failed, retrying", "err", err)
+			} else {
+				conn = c
+			}
+		}
+		if conn != nil {
+			var members int
+			err := conn.QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND classid::bigint = $1 AND objid::bigint = (hashtext($2)::bigint & 4294967295) AND objsubid = 2`,
+				migrations.LockKey+2, key).Scan(&members)
+			if err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				// The connection is gone, and with it every lock: stop the
+				// workers now, as another instance may take the shards.
+				// A worker inside a batch is fenced by the new owner.
+				r.log.Error("ownership connection lost: releasing every shard", "err", err, "owned", len(workers))
+				release()
+				continue
+			}
+			fair := (r.cfg.Shards + max(members, 1) - 1) / max(members, 1)
+			for i := 0; i < r.cfg.Shards && len(workers) < fair; i++ {
+				s := int32((offset + i) % r.cfg.Shards)
+				if workers[s] != nil {
+					continue
+				}
+				var got bool
+				if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, hashtext($2))`, migrations.LockKey+3, shardKey(key, s)).Scan(&got); err != nil {
+					break
+				}
+				if !got {
+					continue
+				}
+				wctx, cancel := context.WithCancel(ctx)
+				w := &worker{shard: s, cancel: cancel, done: make(chan struct{})}
+				workers[s] = w
+				r.m.OwnedShards.Set(float64(len(workers)))
+				r.log.Info("shard taken", "shard", s, "members", members, "fair_share", fair)
+				go func() {
+					w.err = r.runShard(wctx, s)
+					close(w.done)
+					select {
+					case ended <- w:
+					default: // the owner loop reaps it on its next tick
+					}
+				}()
+			}
+			for s := range workers {
+				if len(workers) <= fair {
+					break
+				}
+				r.log.Info("shard handed over for balance", "shard", s, "members", members, "fair_share", fair)
+				stopWorker(s) //nolint:errcheck // a clean stop
+				unlock(s)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-ended:
+		case <-tick.C:
+		}
+		// Reap workers that ended on their own: fenced, or stopped by an
+		// error that must stop the relay.
+		for s, w := range workers {
+			select {
+			case <-w.done:
+			default:
+				continue
+			}
+			err := stopWorker(s)
+			unlock(s)
+			var crash errCrash
+			if errors.As(err, &crash) || errors.Is(err, txn.ErrFatal) || errors.Is(err, errCheckpointMismatch) {
+				return err
+			}
+		}
+	}
+}
+
+func shardKey(table string, s int32) string { return table + "/" + strconv.Itoa(int(s)) }

@@ -1,0 +1,325 @@
+package relay
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/txn"
+)
+
+// errCheckpointMismatch: the checkpoint was written for another outbox table
+// or relay; applying it could mark rows that were never published.
+var errCheckpointMismatch = errors.New("checkpoint belongs to another outbox table or relay")
+
+// runShard owns shard s until ctx ends or the shard is lost: recovery, then
+// the publish loop, again after every unknown commit outcome.
+func (r *Relay) runShard(ctx context.Context, s int32) error {
+	log := r.log.With("shard", s)
+	label := strconv.Itoa(int(s))
+	backoff := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		p, err := r.recoverShard(ctx, s, log)
+		if err == nil {
+			backoff = 100 * time.Millisecond
+			err = r.publishLoop(ctx, s, p, log)
+			p.Close()
+		}
+		var crash errCrash
+		switch {
+		case ctx.Err() != nil && !errors.As(err, &crash):
+			return nil
+		case errors.As(err, &crash), errors.Is(err, txn.ErrFatal), errors.Is(err, errCheckpointMismatch):
+			log.Error("shard stopped", "err", err)
+			return err
+		case errors.Is(err, txn.ErrFenced):
+			// Ownership in Kafka says another relay writes this shard.
+			r.m.Fenced.WithLabelValues(label).Inc()
+			log.Error("fenced: another relay took this shard's transactional id; this relay stops writing it", "err", err)
+			return err
+		default:
+			log.Warn("shard recovering after error", "err", err, "retry_in", backoff)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 10*time.Second)
+	}
+	return nil
+}
+
+// recoverShard runs recovery before the shard's first read and after any
+// unknown commit outcome.
+//  1. NewProducer runs InitProducerID with the shard's transactional id,
+//     fencing every earlier producer and settling its open transaction;
+//  2. ReadCheckpoint reads the newest committed checkpoint (read_committed);
+//  3. the ids it lists are marked published (idempotent).
+//
+// I3: the publish loop reads no row before these three steps are done.
+func (r *Relay) recoverShard(ctx context.Context, s int32, log *slog.Logger) (*txn.Producer, error) {
+	label := strconv.Itoa(int(s))
+	r.m.Recoveries.WithLabelValues(label).Inc()
+	p, err := txn.NewProducer(ctx, r.tcfg, s)
+	if err != nil {
+		return nil, fmt.Errorf("recover shard %d: %w", s, err)
+	}
+	cp, err := p.ReadCheckpoint(ctx)
+	if err != nil {
+		p.Close()
+		return nil, fmt.Errorf("recover shard %d: %w", s, err)
+	}
+	var marked int64
+	if cp != nil {
+		if cp.Incarnation != r.incarnation || cp.Relay != r.cfg.RelayName || cp.Shard != s || cp.Table != r.store.Table().String() {
+			p.Close()
+			return nil, fmt.Errorf("recover shard %d: %w: checkpoint in %q partition %d was written by relay %q for table %s (incarnation %s), this is relay %q on %s (incarnation %s); "+
+				"was the table dropped and created again, or does another relay share the topic? Use a new OUTBOX_CHECKPOINT_TOPIC",
+				s, errCheckpointMismatch, r.cfg.CheckpointTopic, s, cp.Relay, cp.Table, cp.Incarnation, r.cfg.RelayName, r.store.Table(), r.incarnation)
+		}
+		// The window "committed in Kafka, not marked in Postgres" closes
+		// here: the checkpoint lists every such row (I2).
+		if marked, err = r.markRetrying(ctx, cp.IDs, log); err != nil {
+			p.Close()
+			return nil, fmt.Errorf("recover shard %d: %w", s, err)
+		}
+		r.m.RecoveredMarked.WithLabelValues(label).Add(float64(marked))
+	}
+	ids := 0
+	if cp != nil {
+		ids = len(cp.IDs)
+	}
+	log.Info("shard recovered", "epoch", p.Epoch(), "checkpoint_ids", ids, "marked", marked)
+	return p, nil
+}
+
+// markRetrying marks ids published, retrying while the database is away. It
+// gives up only when ctx ends; recovery then marks them from the checkpoint.
+func (r *Relay) markRetrying(ctx context.Context, ids []int64, log *slog.Logger) (int64, error) {
+	backoff := 50 * time.Millisecond
+	for {
+		n, err := r.store.MarkPublished(ctx, ids)
+		if err == nil {
+			return n, nil
+		}
+		log.Warn("mark published failed, retrying", "err", err, "rows", len(ids))
+		select {
+		case <-ctx.Done():
+			return 0, fmt.Errorf("mark published: %w", err)
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+// publishLoop reads, publishes and marks batches until ctx ends or a batch
+// fails in a way that needs recovery.
+func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *slog.Logger) error {
+	idleWait := time.Duration(0)
+	defer r.wake.setIdle(s, true)
+	for {
+		if ctx.Err() != nil {
+			return nil
+		}
+		wake := r.wake.wait()
+		rows, err := r.store.ReadBatch(ctx, int(s), r.cfg.Shards, r.cfg.BatchSize)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+		if len(rows) == 0 {
+			// Idle: let writers notify, and poll again soon in case a
+			// writer inserted while we were busy and commits only now.
+			if idleWait == 0 {
+				r.wake.setIdle(s, true)
+				idleWait = 5 * time.Millisecond
+			} else {
+				idleWait = min(2*idleWait, r.cfg.PollInterval)
+			}
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-wake:
+				idleWait = 0
+			case <-time.After(idleWait):
+			}
+			continue
+		}
+		if idleWait != 0 || len(rows) == r.cfg.BatchSize {
+			r.wake.setIdle(s, false)
+		}
+		idleWait = 0
+		// The batch runs to its end even when shutdown begins: a clean
+		// stop commits and marks what it has started.
+		bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.cfg.ShutdownTimeout+r.cfg.TransactionTimeout)
+		err = r.publishRows(bctx, s, p, rows, log)
+		cancel()
+		if err != nil {
+			return err
+		}
+		// A full batch polls again at once; a short one too, cheaply.
+	}
+}
+
+// publishRows validates rows, dead-letters the invalid ones and publishes the
+// rest.
+func (r *Relay) publishRows(ctx context.Context, s int32, p *txn.Producer, rows []outbox.Row, log *slog.Logger) error {
+	recs := make([]txn.Record, 0, len(rows))
+	created := make([]time.Time, 0, len(rows))
+	var dead []outbox.DeadLetter
+	for _, row := range rows {
+		rec, err := toRecord(row)
+		if err != nil {
+			dead = append(dead, outbox.DeadLetter{ID: row.ID, Error: err.Error()})
+			continue
+		}
+		recs = append(recs, rec)
+		created = append(created, row.CreatedAt)
+	}
+	if err := r.deadLetter(ctx, s, dead, log); err != nil {
+		return err
+	}
+	return r.publish(ctx, s, p, recs, created, log)
+}
+
+func (r *Relay) deadLetter(ctx context.Context, s int32, dead []outbox.DeadLetter, log *slog.Logger) error {
+	if len(dead) == 0 {
+		return nil
+	}
+	n, err := r.store.MoveToDeadLetter(ctx, dead)
+	if err != nil {
+		return err
+	}
+	r.m.DeadLetters.WithLabelValues(strconv.Itoa(int(s))).Add(float64(n))
+	ids := make([]int64, len(dead))
+	for i, d := range dead {
+		ids[i] = d.ID
+	}
+	log.Warn("rows moved to the dead-letter table", "ids", ids, "first_error", dead[0].Error)
+	return nil
+}
+
+// publish sends one batch in one transaction and marks it. When Kafka refuses
+// some records for reasons of their own, it splits the batch in halves, in id
+// order, until the refused rows stand alone, and dead-letters them.
+func (r *Relay) publish(ctx context.Context, s int32, p *txn.Producer, recs []txn.Record, created []time.Time, log *slog.Logger) error {
+	if len(recs) == 0 {
+		return nil
+	}
+	label := strconv.Itoa(int(s))
+	ids := make([]int64, len(recs))
+	for i, rec := range recs {
+		ids[i] = rec.ID
+	}
+	cp := txn.Checkpoint{Version: txn.CheckpointVersion, Relay: r.cfg.RelayName, Shard: s,
+		Table: r.store.Table().String(), Incarnation: r.incarnation, IDs: ids, Written: time.Now().UTC()}
+
+	start := time.Now()
+	err := p.Publish(ctx, recs, cp)
+	var rerrs *txn.RecordErrors
+	switch {
+	case errors.As(err, &rerrs):
+		r.m.Aborts.WithLabelValues(label, "record_error").Inc()
+		if len(recs) == 1 {
+			return r.deadLetter(ctx, s, []outbox.DeadLetter{{ID: recs[0].ID, Error: rerrs.Records[0].Err.Error()}}, log)
+		}
+		half := len(recs) / 2
+		if err := r.publish(ctx, s, p, recs[:half], created[:half], log); err != nil {
+			return err
+		}
+		return r.publish(ctx, s, p, recs[half:], created[half:], log)
+	case errors.Is(err, txn.ErrCommitUnknown):
+		r.m.Aborts.WithLabelValues(label, "commit_unknown").Inc()
+		return err
+	case err != nil:
+		var crash errCrash
+		if !errors.As(err, &crash) && r.fail != nil {
+			err = errCrash{err} // a failpoint inside the producer
+		}
+		r.m.Aborts.WithLabelValues(label, "aborted").Inc()
+		return err
+	}
+	commit := time.Now()
+	r.m.TxnDuration.Observe(commit.Sub(start).Seconds())
+
+	// Crash window: committed in Kafka, not marked. Closed by recovery,
+	// which marks the ids of the latest checkpoint (I2).
+	if err := r.failpoint(ctx, FailAfterCommit, s, ids); err != nil {
+		return err
+	}
+	// I1: marked only now that the transaction holding them committed.
+	if _, err := r.markRetrying(ctx, ids, log); err != nil {
+		return err
+	}
+	if err := r.failpoint(ctx, FailAfterMark, s, ids); err != nil {
+		return err
+	}
+
+	bytes := 0
+	for i, rec := range recs {
+		bytes += rec.Size()
+		r.m.EndToEnd.Observe(commit.Sub(created[i]).Seconds())
+	}
+	r.m.Published.WithLabelValues(label).Add(float64(len(recs)))
+	r.m.PublishedBytes.WithLabelValues(label).Add(float64(bytes))
+	r.m.BatchSize.Observe(float64(len(recs)))
+	log.Debug("batch published", "rows", len(recs), "first_id", ids[0], "last_id", ids[len(ids)-1], "epoch", p.Epoch())
+	return nil
+}
+
+// toRecord turns a row into a Kafka record, or says what is wrong with it.
+func toRecord(row outbox.Row) (txn.Record, error) {
+	rec := txn.Record{ID: row.ID, Topic: row.Topic, Key: row.Key, Value: row.Value, Partition: -1}
+	if err := outbox.ValidTopic(row.Topic); err != nil {
+		return rec, fmt.Errorf("column topic: %w", err)
+	}
+	if row.Partition != nil {
+		if *row.Partition < 0 {
+			return rec, fmt.Errorf("column partition is %d: must be >= 0, or NULL to hash the key", *row.Partition)
+		}
+		rec.Partition = *row.Partition
+	}
+	if row.Headers != nil {
+		var h map[string]any
+		if err := json.Unmarshal(row.Headers, &h); err != nil || h == nil {
+			return rec, fmt.Errorf("column headers is %.60s: must be a JSON object of string to string", row.Headers)
+		}
+		// Headers go out sorted by name, so their order is stable.
+		for _, k := range slices.Sorted(maps.Keys(h)) {
+			v, ok := h[k].(string)
+			if !ok {
+				return rec, fmt.Errorf("column headers: value of %q is %s, must be a string", k, jsonKind(h[k]))
+			}
+			rec.Headers = append(rec.Headers, kgo.RecordHeader{Key: k, Value: []byte(v)})
+		}
+	}
+	return rec, nil
+}
+
+func jsonKind(v any) string {
+	switch v.(type) {
+	case nil:
+		return "null"
+	case bool:
+		return "a boolean"
+	case float64:
+		return "a number"
+	case []any:
+		return "an array"
+	case map[string]any:
+		return "an object"
+	}
+	return fmt.Sprintf("%T", v)
+}

@@ -1,0 +1,211 @@
+package txn
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
+)
+
+// CheckpointVersion is the format version of checkpoint records.
+const CheckpointVersion = 1
+
+// Checkpoint is the record written to partition s of the checkpoint topic
+// inside every transaction of shard s. It lists the outbox ids that this
+// transaction holds and whose database mark may not be durable yet (I2).
+type Checkpoint struct {
+	Version     int       `json:"v"`
+	Relay       string    `json:"relay"`
+	Shard       int32     `json:"shard"`
+	Table       string    `json:"table"`
+	Incarnation string    `json:"incarnation"` // identity of the outbox table
+	IDs         []int64   `json:"ids"`
+	Written     time.Time `json:"written"`
+}
+
+// EnsureCheckpointTopic creates the checkpoint topic (compacted, one
+// partition per shard) if it does not exist, and checks that an existing one
+// has a partition for every shard.
+func EnsureCheckpointTopic(ctx context.Context, cfg Config, shards int) error {
+	cl, err := kgo.NewClient(append([]kgo.Opt{kgo.SeedBrokers(cfg.Brokers...), kgo.WithLogger(kgoLogger{cfg.Logger})}, cfg.Extra...)...)
+	if err != nil {
+		return fmt.Errorf("checkpoint topic: %w", err)
+	}
+	defer cl.Close()
+	adm := kadm.NewClient(cl)
+	topics, err := adm.ListTopics(ctx, cfg.CheckpointTopic)
+	if err != nil {
+		return fmt.Errorf("checkpoint topic %q: list: %w", cfg.CheckpointTopic, err)
+	}
+	if t, ok := topics[cfg.CheckpointTopic]; ok && t.Err == nil {
+		if n := len(t.Partitions); n < shards {
+			return fmt.Errorf("checkpoint topic %q has %d partitions but OUTBOX_SHARDS is %d: add partitions to the topic or use a new OUTBOX_CHECKPOINT_TOPIC", cfg.CheckpointTopic, n, shards)
+		}
+		return nil
+	}
+	brokers, err := adm.ListBrokers(ctx)
+	if err != nil {
+		return fmt.Errorf("checkpoint topic %q: list brokers: %w", cfg.CheckpointTopic, err)
+	}
+	rf := int16(min(3, len(brokers)))
+	resp, err := adm.CreateTopic(ctx, int32(shards), rf, map[string]*string{
+		"cleanup.policy": kadm.StringPtr("compact"),
+	}, cfg.CheckpointTopic)
+	if err != nil && !errors.Is(err, kerr.TopicAlreadyExists) {
+		return fmt.Errorf("create checkpoint topic %q: %w", cfg.CheckpointTopic, err)
+	}
+	if resp.Err != nil && !errors.Is(resp.Err, kerr.TopicAlreadyExists) {
+		return fmt.Errorf("create checkpoint topic %q: %w", cfg.CheckpointTopic, resp.Err)
+	}
+	return nil
+}
+
+// ReadCheckpoint returns the latest committed checkpoint of the producer's
+// shard, or nil when the shard has never committed (recovery step 2).
+//
+// It reads with read_committed up to the last stable offset. Call it only
+// after NewProducer: InitProducerID has then settled every transaction of the
+// shard, so nothing the shard wrote is still in doubt and the last stable
+// offset is the end of the partition.
+func (p *Producer) ReadCheckpoint(ctx context.Context) (*Checkpoint, error) {
+	topic := p.cfg.CheckpointTopic
+	starts, err := p.adm.ListStartOffsets(ctx, topic)
+	if err != nil {
+		return nil, fmt.Errorf("checkpoint start offset: %w", err)
+	}
+	ends, err := p.adm.ListCommittedOffsets(ctx, topic)
+	if err != nil {
+		return nil, fmt.Errorf("checkpoint last stable offset: %w", err)
+	}
+	so, ok1 := starts.Lookup(topic, p.shard)
+	eo, ok2 := ends.Lookup(topic, p.shard)
+	if !ok1 || !ok2 || so.Err != nil || eo.Err != nil {
+		return nil, fmt.Errorf("checkpoint topic %q has no partition %d (errors: %v, %v)", topic, p.shard, so.Err, eo.Err)
+	}
+	start, end := so.Offset, eo.Offset
+	// The newest checkpoint is usually two offsets below the end (the
+	// record, then the commit marker); aborted transactions push it further
+	// back. Search backwards in growing windows.
+	for window := int64(16); ; window *= 4 {
+		from := max(start, end-window)
+		rec, err := p.lastCommitted(ctx, from, end)
+		if err != nil {
+			return nil, err
+		}
+		if rec != nil {
+			var cp Checkpoint
+			if err := json.Unmarshal(rec.Value, &cp); err != nil {
+				return nil, fmt.Errorf("decode checkpoint at %s/%d@%d: %w", topic, p.shard, rec.Offset, err)
+			}
+			if cp.Version != CheckpointVersion {
+				return nil, fmt.Errorf("checkpoint at %s/%d@%d has format version %d, this relay reads %d: upgrade the relay", topic, p.shard, rec.Offset, cp.Version, CheckpointVersion)
+			}
+			return &cp, nil
+		}
+		if from == start {
+			return nil, nil
+		}
+	}
+}
+
+// lastCommitted fetches [from, end) of the shard's checkpoint partition with
+// read_committed and returns its last committed data record, or nil. It
+// fetches by hand, so that it knows exactly when it has passed end whatever
+// lies there (aborted batches, control records, offsets removed by
+// compaction).
+func (p *Producer) lastCommitted(ctx context.Context, from, end int64) (*kgo.Record, error) {
+	topic := p.cfg.CheckpointTopic
+	var last *kgo.Record
+	for offset, attempt := from, 0; offset < end; {
+		td, err := p.adm.ListTopics(ctx, topic)
+		if err != nil {
+			return nil, fmt.Errorf("checkpoint metadata: %w", err)
+		}
+		t, ok := td[topic]
+		if !ok || t.Err != nil {
+			return nil, fmt.Errorf("checkpoint topic %q metadata: %v", topic, t.Err)
+		}
+		pd, ok := t.Partitions[p.shard]
+		if !ok {
+			return nil, fmt.Errorf("checkpoint topic %q has no partition %d", topic, p.shard)
+		}
+
+		req := kmsg.NewPtrFetchRequest()
+		req.ReplicaID = -1
+		req.MaxWaitMillis = 100
+		req.MaxBytes = 16 << 20
+		req.IsolationLevel = 1 // read_committed
+		rt := kmsg.NewFetchRequestTopic()
+		rt.Topic = topic
+		rt.TopicID = t.ID
+		rp := kmsg.NewFetchRequestTopicPartition()
+		rp.Partition = p.shard
+		rp.FetchOffset = offset
+		rp.PartitionMaxBytes = 8 << 20
+		rp.CurrentLeaderEpoch = -1
+		rp.LogStartOffset = -1
+		rt.Partitions = append(rt.Partitions, rp)
+		req.Topics = append(req.Topics, rt)
+
+		resp, err := req.RequestWith(ctx, p.cl.Broker(int(pd.Leader)))
+		if err == nil && (len(resp.Topics) != 1 || len(resp.Topics[0].Partitions) != 1) {
+			err = fmt.Errorf("unexpected fetch response shape")
+		}
+		if err == nil {
+			err = kerr.ErrorForCode(resp.ErrorCode)
+		}
+		var part *kmsg.FetchResponseTopicPartition
+		if err == nil {
+			part = &resp.Topics[0].Partitions[0]
+			err = kerr.ErrorForCode(part.ErrorCode)
+		}
+		if err != nil {
+			if attempt++; attempt > 20 || ctx.Err() != nil {
+				return nil, fmt.Errorf("fetch checkpoint %s/%d@%d: %w", topic, p.shard, offset, err)
+			}
+			// A leader move or a broker restart: look the leader up again.
+			p.log.Warn("checkpoint fetch failed, retrying", "offset", offset, "err", err)
+			select {
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			case <-time.After(time.Duration(attempt) * 100 * time.Millisecond):
+			}
+			continue
+		}
+		fp, next := kgo.ProcessFetchPartition(kgo.ProcessFetchPartitionOpts{
+			Offset:         offset,
+			IsolationLevel: kgo.ReadCommitted(),
+			Topic:          topic,
+			Partition:      p.shard,
+		}, part, kgo.DefaultDecompressor(), nil)
+		if fp.Err != nil {
+			return nil, fmt.Errorf("decode checkpoint %s/%d@%d: %w", topic, p.shard, offset, fp.Err)
+		}
+		for _, r := range fp.Records {
+			if r.Offset < end && !r.Attrs.IsControl() {
+				last = r
+			}
+		}
+		if next <= offset {
+			// Nothing was returned below the last stable offset yet
+			// (replication lag on a follower-led partition); wait a bit.
+			if attempt++; attempt > 100 {
+				return nil, fmt.Errorf("fetch checkpoint %s/%d: stuck at offset %d below end %d", topic, p.shard, offset, end)
+			}
+			select {
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			case <-time.After(50 * time.Millisecond):
+			}
+			continue
+		}
+		offset, attempt = next, 0
+	}
+	return last, nil
+}
