@@ -1,0 +1,219 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outbox-relay/outbox-relay/migrations"
+	"github.com/outbox-relay/outbox-relay/outbox"
+)
+
+// dbSettings are the few variables the admin commands need.
+type dbSettings struct {
+	url    string
+	schema string
+	table  string
+}
+
+func readDBSettings(environ []string, needURL bool) (dbSettings, error) {
+	s := dbSettings{schema: "public", table: "outbox"}
+	for _, kv := range environ {
+		k, v, _ := strings.Cut(kv, "=")
+		switch k {
+		case "OUTBOX_DATABASE_URL":
+			s.url = v
+		case "OUTBOX_SCHEMA":
+			s.schema = v
+		case "OUTBOX_TABLE":
+			s.table = v
+		}
+	}
+	if needURL && s.url == "" {
+		return s, errors.New("OUTBOX_DATABASE_URL is not set: set it to the PostgreSQL URL, e.g. postgres://user@host:5432/db")
+	}
+	if err := migrations.CheckNames(s.schema, s.table); err != nil {
+		return s, err
+	}
+	return s, nil
+}
+
+func (s dbSettings) outboxTable() outbox.Table { return outbox.Table{Schema: s.schema, Name: s.table} }
+
+func (s dbSettings) open(ctx context.Context) (*pgxpool.Pool, error) { return openPool(ctx, s.url, 1) }
+
+// runMigrate is `outbox-relay migrate up|status|sql`.
+func runMigrate(ctx context.Context, args, environ []string, stdout io.Writer) error {
+	if len(args) != 1 {
+		return errors.New("usage: outbox-relay migrate up|status|sql")
+	}
+	s, err := readDBSettings(environ, args[0] != "sql")
+	if err != nil {
+		return err
+	}
+	if args[0] == "sql" {
+		m, err := migrations.New(nil, s.schema, s.table)
+		if err != nil {
+			return err
+		}
+		sql, err := m.SQL()
+		if err != nil {
+			return err
+		}
+		_, err = io.WriteString(stdout, sql)
+		return err
+	}
+	pool, err := s.open(ctx)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	m, err := migrations.New(pool, s.schema, s.table)
+	if err != nil {
+		return err
+	}
+	switch args[0] {
+	case "up":
+		ran, err := m.Up(ctx)
+		if err != nil {
+			return err
+		}
+		if len(ran) == 0 {
+			fmt.Fprintf(stdout, "%s is up to date\n", s.outboxTable())
+		}
+		for _, mig := range ran {
+			fmt.Fprintf(stdout, "applied %04d_%s to %s\n", mig.Version, mig.Name, s.outboxTable())
+		}
+		return nil
+	case "status":
+		st, err := m.Status(ctx)
+		if err != nil {
+			return err
+		}
+		tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "VERSION\tNAME\tAPPLIED")
+		for _, a := range st {
+			when := "pending"
+			if !a.AppliedAt.IsZero() {
+				when = a.AppliedAt.UTC().Format(time.RFC3339)
+			}
+			fmt.Fprintf(tw, "%04d\t%s\t%s\n", a.Version, a.Name, when)
+		}
+		return tw.Flush()
+	default:
+		return fmt.Errorf("unknown migrate command %q: use up, status or sql", args[0])
+	}
+}
+
+// runStatus is `outbox-relay status`.
+func runStatus(ctx context.Context, environ []string, stdout io.Writer) error {
+	s, err := readDBSettings(environ, true)
+	if err != nil {
+		return err
+	}
+	pool, err := s.open(ctx)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	m, err := migrations.New(pool, s.schema, s.table)
+	if err != nil {
+		return err
+	}
+	pending, err := m.Pending(ctx)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "table:               %s\n", s.outboxTable())
+	fmt.Fprintf(stdout, "pending migrations:  %d\n", pending)
+	if pending > 0 {
+		fmt.Fprintln(stdout, "run `outbox-relay migrate up` first")
+		return nil
+	}
+	st := outbox.NewStore(pool, s.outboxTable())
+	b, err := st.Backlog(ctx, 0, 1)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "unpublished rows:    %d\n", b.Rows)
+	if !b.OldestCreate.IsZero() {
+		fmt.Fprintf(stdout, "oldest unpublished:  %s ago\n", time.Since(b.OldestCreate).Round(time.Millisecond))
+	}
+	var dead int64
+	if err := pool.QueryRow(ctx, `SELECT count(*) FROM `+s.outboxTable().DeadLetterIdent()).Scan(&dead); err != nil {
+		return fmt.Errorf("count dead letters: %w", err)
+	}
+	fmt.Fprintf(stdout, "dead letters:        %d\n", dead)
+	return nil
+}
+
+// runDLQ is `outbox-relay dlq list|requeue`.
+func runDLQ(ctx context.Context, args, environ []string, stdout io.Writer) error {
+	if len(args) == 0 {
+		return errors.New("usage: outbox-relay dlq list [-limit N] | outbox-relay dlq requeue ID...")
+	}
+	s, err := readDBSettings(environ, true)
+	if err != nil {
+		return err
+	}
+	switch args[0] {
+	case "list":
+		fs := flag.NewFlagSet("dlq list", flag.ContinueOnError)
+		limit := fs.Int("limit", 100, "most dead letters to list")
+		if err := fs.Parse(args[1:]); err != nil {
+			return err
+		}
+		pool, err := s.open(ctx)
+		if err != nil {
+			return err
+		}
+		defer pool.Close()
+		dead, err := outbox.NewStore(pool, s.outboxTable()).ListDeadLetters(ctx, *limit)
+		if err != nil {
+			return err
+		}
+		tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "ID\tTOPIC\tKEY\tVALUE BYTES\tFAILED AT\tERROR")
+		for _, d := range dead {
+			value := "null"
+			if d.Value != nil {
+				value = strconv.Itoa(len(d.Value))
+			}
+			fmt.Fprintf(tw, "%d\t%s\t%q\t%s\t%s\t%s\n", d.ID, d.Topic, d.Key, value, d.FailedAt.UTC().Format(time.RFC3339), d.Error)
+		}
+		return tw.Flush()
+	case "requeue":
+		if len(args) < 2 {
+			return errors.New("usage: outbox-relay dlq requeue ID... (ids from `outbox-relay dlq list`)")
+		}
+		ids := make([]int64, 0, len(args)-1)
+		for _, a := range args[1:] {
+			id, err := strconv.ParseInt(a, 10, 64)
+			if err != nil {
+				return fmt.Errorf("dlq requeue: %q is not an id: give the numeric ids from `outbox-relay dlq list`", a)
+			}
+			ids = append(ids, id)
+		}
+		pool, err := s.open(ctx)
+		if err != nil {
+			return err
+		}
+		defer pool.Close()
+		newIDs, err := outbox.NewStore(pool, s.outboxTable()).Requeue(ctx, ids)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "requeued %d of %d dead letters as outbox rows %v\n", len(newIDs), len(ids), newIDs)
+		return nil
+	default:
+		return fmt.Errorf("unknown dlq command %q: use list or requeue", args[0])
+	}
+}

@@ -1,0 +1,166 @@
+// Command outbox-relay moves committed rows from a PostgreSQL outbox table to
+// Apache Kafka exactly once.
+//
+//	outbox-relay run                  relay, configured by OUTBOX_* variables
+//	outbox-relay migrate up|status|sql
+//	outbox-relay status               backlog, dead letters, schema
+//	outbox-relay dlq list|requeue ID...
+//	outbox-relay demo [-events N]     embedded Kafka, payments simulator, checker
+//	outbox-relay version
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/outbox-relay/outbox-relay/relay"
+)
+
+const usage = `outbox-relay moves committed PostgreSQL outbox rows to Kafka exactly once.
+
+Usage:
+  outbox-relay run                      run the relay (configured by OUTBOX_* variables)
+  outbox-relay migrate up               apply pending migrations
+  outbox-relay migrate status           list migrations and when they were applied
+  outbox-relay migrate sql              print the DDL for the configured schema and table
+  outbox-relay status                   backlog, oldest unpublished row, dead letters
+  outbox-relay dlq list [-limit N]      list dead letters
+  outbox-relay dlq requeue ID...        move dead letters back into the outbox
+  outbox-relay demo [-events N]         embedded Kafka + payments simulator + exactly-once checker
+  outbox-relay version                  print the version
+
+Configuration reference: README.md, "Configuration".
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Environ(), os.Stdout, os.Stderr))
+}
+
+// run is main without the process: it returns the exit code.
+func run(args, environ []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	var err error
+	switch args[0] {
+	case "run":
+		err = runRelay(ctx, environ, stderr)
+	case "migrate":
+		err = runMigrate(ctx, args[1:], environ, stdout)
+	case "status":
+		err = runStatus(ctx, environ, stdout)
+	case "dlq":
+		err = runDLQ(ctx, args[1:], environ, stdout)
+	case "demo":
+		err = runDemo(ctx, args[1:], environ, stdout, stderr)
+	case "version":
+		fmt.Fprintln(stdout, "outbox-relay", version())
+	case "help", "-h", "-help", "--help":
+		fmt.Fprint(stdout, usage)
+	default:
+		fmt.Fprintf(stderr, "outbox-relay: unknown command %q\n\n%s", args[0], usage)
+		return 2
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "outbox-relay %s: %v\n", args[0], err)
+		return 1
+	}
+	return 0
+}
+
+func version() string {
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
+		return bi.Main.Version
+	}
+	return "(devel)"
+}
+
+func newLogger(w io.Writer, level string) *slog.Logger {
+	var l slog.Level
+	_ = l.UnmarshalText([]byte(strings.ToUpper(level)))
+	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: l}))
+}
+
+// runRelay is `outbox-relay run`: configuration from the environment, then
+// the relay until SIGINT or SIGTERM, then a clean stop (exit 0).
+func runRelay(ctx context.Context, environ []string, stderr io.Writer) error {
+	cfg, err := relay.LoadConfig(environ)
+	if err != nil {
+		return fmt.Errorf("configuration: %w", err)
+	}
+	log := newLogger(stderr, cfg.LogLevel)
+	kopts, err := relay.KafkaOptions(cfg)
+	if err != nil {
+		return fmt.Errorf("configuration: %w", err)
+	}
+	pool, err := openPool(ctx, cfg.DatabaseURL, cfg.Shards)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	r, err := relay.New(cfg, pool, relay.WithLogger(log), relay.WithRegisterer(reg), relay.WithKafkaOptions(kopts...))
+	if err != nil {
+		return err
+	}
+	if cfg.MetricsAddr != "" {
+		ln, err := net.Listen("tcp", cfg.MetricsAddr)
+		if err != nil {
+			return fmt.Errorf("OUTBOX_METRICS_ADDR %q: %w", cfg.MetricsAddr, err)
+		}
+		srv := &http.Server{Handler: r.Handler(reg), ReadHeaderTimeout: 5 * time.Second}
+		go func() {
+			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("metrics server", "err", err)
+			}
+		}()
+		defer srv.Close()
+		log.Info("serving /metrics, /healthz, /readyz", "addr", ln.Addr().String())
+	}
+	log.Info("starting", "version", version(), "database", relay.RedactURL(cfg.DatabaseURL), "brokers", cfg.KafkaBrokers)
+	if err := r.Run(ctx); err != nil {
+		return err
+	}
+	return nil
+}
+
+// openPool connects to PostgreSQL and checks the connection, with an error
+// that never shows the password.
+func openPool(ctx context.Context, url string, shards int) (*pgxpool.Pool, error) {
+	pcfg, err := pgxpool.ParseConfig(url)
+	if err != nil {
+		return nil, errors.New("OUTBOX_DATABASE_URL is malformed: expected a PostgreSQL URL or key=value string")
+	}
+	pcfg.MaxConns = max(pcfg.MaxConns, int32(shards)+4)
+	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
+	if err != nil {
+		return nil, fmt.Errorf("connect to PostgreSQL at %s: %w", relay.RedactURL(url), err)
+	}
+	pctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	if err := pool.Ping(pctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("connect to PostgreSQL at %s: %w", relay.RedactURL(url), err)
+	}
+	return pool, nil
+}
