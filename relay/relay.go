@@ -105,7 +105,7 @@ func New(cfg Config, pool *pgxpool.Pool, opts ...Option) (*Relay, error) {
 	}
 	if r.fail != nil {
 		r.tcfg.BeforeCommit = func(ctx context.Context, shard int32, ids []int64) error {
-			return r.fail(ctx, FailBeforeCommit, shard, ids)
+			return r.failpoint(ctx, FailBeforeCommit, shard, ids)
 		}
 	}
 	r.wake = newWaker(pool.Config().ConnConfig, t, r.log)

@@ -157,9 +157,7 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *
 			}
 			continue
 		}
-		if idleWait != 0 || len(rows) == r.cfg.BatchSize {
-			r.wake.setIdle(s, false)
-		}
+		r.wake.setIdle(s, false)
 		idleWait = 0
 		// The batch runs to its end even when shutdown begins: a clean
 		// stop commits and marks what it has started.
@@ -244,10 +242,6 @@ func (r *Relay) publish(ctx context.Context, s int32, p *txn.Producer, recs []tx
 		r.m.Aborts.WithLabelValues(label, "commit_unknown").Inc()
 		return err
 	case err != nil:
-		var crash errCrash
-		if !errors.As(err, &crash) && r.fail != nil {
-			err = errCrash{err} // a failpoint inside the producer
-		}
 		r.m.Aborts.WithLabelValues(label, "aborted").Inc()
 		return err
 	}

@@ -213,6 +213,13 @@ func (k *Kafka) Admin(tb testing.TB) *kadm.Client {
 // real cluster).
 func (k *Kafka) CreateTopics(tb testing.TB, partitions int32, topics ...string) {
 	tb.Helper()
+	k.CreateTopicsWithConfig(tb, partitions, nil, topics...)
+}
+
+// CreateTopicsWithConfig creates topics with topic-level configs (such as
+// max.message.bytes).
+func (k *Kafka) CreateTopicsWithConfig(tb testing.TB, partitions int32, configs map[string]*string, topics ...string) {
+	tb.Helper()
 	adm := k.Admin(tb)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -221,7 +228,7 @@ func (k *Kafka) CreateTopics(tb testing.TB, partitions int32, topics ...string) 
 		tb.Fatal(err)
 	}
 	rf := int16(min(3, len(brokers)))
-	resps, err := adm.CreateTopics(ctx, partitions, rf, nil, topics...)
+	resps, err := adm.CreateTopics(ctx, partitions, rf, configs, topics...)
 	if err != nil {
 		tb.Fatal(err)
 	}

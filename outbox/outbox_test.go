@@ -1,0 +1,40 @@
+package outbox
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestValidTopic(t *testing.T) {
+	for _, ok := range []string{"payments", "a.b-c_D9", strings.Repeat("x", 249)} {
+		if err := ValidTopic(ok); err != nil {
+			t.Errorf("%q: %v", ok, err)
+		}
+	}
+	for _, bad := range []string{"", ".", "..", "has space", "ünï", strings.Repeat("x", 250)} {
+		if err := ValidTopic(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}
+
+func TestMessageValidateNamesTheField(t *testing.T) {
+	p := int32(-1)
+	err := Message{Topic: "t", Partition: &p}.Validate()
+	if err == nil || !strings.Contains(err.Error(), "Partition") {
+		t.Fatalf("err = %v", err)
+	}
+	if err := (Message{}).Validate(); err == nil || !strings.Contains(err.Error(), "topic") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestIdentifiersAreQuoted(t *testing.T) {
+	tb := Table{Schema: `a"b`, Name: "Out Box"}
+	if got, want := tb.Ident(), `"a""b"."Out Box"`; got != want {
+		t.Fatalf("Ident = %s, want %s", got, want)
+	}
+	if got, want := tb.DeadLetterIdent(), `"a""b"."Out Box_dead_letter"`; got != want {
+		t.Fatalf("DeadLetterIdent = %s, want %s", got, want)
+	}
+}

@@ -1,0 +1,68 @@
+package relay
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+func base() []string {
+	return []string{"OUTBOX_DATABASE_URL=postgres://relay:s3cret-pw@db:5432/app", "OUTBOX_KAFKA_BROKERS=k1:9092,k2:9092"}
+}
+
+func TestConfigDefaults(t *testing.T) {
+	cfg, err := LoadConfig(base())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Table != "outbox" || cfg.Schema != "public" || cfg.BatchSize != 500 || cfg.PollInterval != time.Second ||
+		cfg.Shards != 1 || len(cfg.KafkaBrokers) != 2 || cfg.MetricsAddr != ":9090" {
+		t.Fatalf("defaults: %+v", cfg)
+	}
+}
+
+// TestConfigErrorsNameTheVariable: each bad value stops start-up with a line
+// naming the variable and what is expected, and the password never shows.
+func TestConfigErrorsNameTheVariable(t *testing.T) {
+	cases := []struct {
+		env  []string
+		want []string
+	}{
+		{nil, []string{"OUTBOX_DATABASE_URL is not set", "OUTBOX_KAFKA_BROKERS is not set"}},
+		{append(base(), "OUTBOX_BATCH_SIZE=lots"), []string{"OUTBOX_BATCH_SIZE is malformed: expected an integer"}},
+		{append(base(), "OUTBOX_BATCH_SIZE=0"), []string{"OUTBOX_BATCH_SIZE is 0: expected 1 to 100000"}},
+		{append(base(), "OUTBOX_POLL_INTERVAL=5"), []string{"OUTBOX_POLL_INTERVAL is malformed: expected a duration"}},
+		{append(base(), "OUTBOX_POLL_INTERVAL=-1s"), []string{"OUTBOX_POLL_INTERVAL is -1s: expected a positive duration"}},
+		{append(base(), "OUTBOX_CHECKPOINT_TOPIC=bad topic"), []string{"OUTBOX_CHECKPOINT_TOPIC"}},
+		{append(base(), "OUTBOX_TABLE="+strings.Repeat("t", 60)), []string{"shorten OUTBOX_TABLE"}},
+		{append(base(), "OUTBOX_KAFKA_BROKERS=nohostport"), []string{"OUTBOX_KAFKA_BROKERS has \"nohostport\": expected host:port"}},
+		{append(base(), "OUTBOX_KAFKA_SASL_MECHANISM=GSSAPI"), []string{"OUTBOX_KAFKA_SASL_MECHANISM"}},
+		{append(base(), "OUTBOX_LOG_LEVEL=loud"), []string{"OUTBOX_LOG_LEVEL"}},
+		{[]string{"OUTBOX_DATABASE_URL=postgres://relay:s3cret-pw@db:notaport/app", "OUTBOX_KAFKA_BROKERS=k:1"}, []string{"OUTBOX_DATABASE_URL is malformed"}},
+	}
+	for _, c := range cases {
+		_, err := LoadConfig(c.env)
+		if err == nil {
+			t.Errorf("%v: no error", c.env)
+			continue
+		}
+		msg := err.Error()
+		for _, w := range c.want {
+			if !strings.Contains(msg, w) {
+				t.Errorf("%v: error %q does not contain %q", c.env, msg, w)
+			}
+		}
+		if strings.Contains(msg, "s3cret-pw") {
+			t.Errorf("error shows the password: %q", msg)
+		}
+		if strings.Contains(msg, "\n") {
+			t.Errorf("error is not one line: %q", msg)
+		}
+	}
+}
+
+func TestRedactURL(t *testing.T) {
+	if got := RedactURL("postgres://relay:s3cret-pw@db:5432/app"); strings.Contains(got, "s3cret-pw") {
+		t.Fatalf("RedactURL kept the password: %s", got)
+	}
+}
