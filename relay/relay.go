@@ -6,7 +6,6 @@ package relay
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -384,8 +383,7 @@ func (r *Relay) own(ctx context.Context) error {
 			}
 			err := stopWorker(s)
 			unlock(s)
-			var crash errCrash
-			if errors.As(err, &crash) || errors.Is(err, txn.ErrFatal) || errors.Is(err, errCheckpointMismatch) {
+			if stopsRelay(err) {
 				return err
 			}
 		}

@@ -21,6 +21,15 @@ import (
 // or relay; applying it could mark rows that were never published.
 var errCheckpointMismatch = errors.New("checkpoint belongs to another outbox table or relay")
 
+// stopsRelay reports whether err must stop the whole relay rather than be
+// retried: a failpoint (a simulated crash), a Kafka error no retry mends, or
+// a checkpoint it must not apply.
+func stopsRelay(err error) bool {
+	var crash errCrash
+	return errors.As(err, &crash) || errors.Is(err, txn.ErrFatal) ||
+		errors.Is(err, errCheckpointMismatch) || errors.Is(err, txn.ErrCheckpointFormat)
+}
+
 // runShard owns shard s until ctx ends or the shard is lost: recovery, then
 // the publish loop, again after every unknown commit outcome.
 func (r *Relay) runShard(ctx context.Context, s int32) error {
@@ -38,7 +47,7 @@ func (r *Relay) runShard(ctx context.Context, s int32) error {
 		switch {
 		case ctx.Err() != nil && !errors.As(err, &crash):
 			return nil
-		case errors.As(err, &crash), errors.Is(err, txn.ErrFatal), errors.Is(err, errCheckpointMismatch):
+		case stopsRelay(err):
 			log.Error("shard stopped", "err", err)
 			return err
 		case errors.Is(err, txn.ErrFenced):

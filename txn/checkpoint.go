@@ -16,6 +16,11 @@ import (
 // CheckpointVersion is the format version of checkpoint records.
 const CheckpointVersion = 1
 
+// ErrCheckpointFormat: the shard's latest checkpoint is in a format this
+// relay does not read (written by a newer relay). Applying it blindly could
+// mark rows never published, so the relay stops.
+var ErrCheckpointFormat = errors.New("checkpoint format not understood")
+
 // Checkpoint is the record written to partition s of the checkpoint topic
 // inside every transaction of shard s. It lists the outbox ids that this
 // transaction holds and whose database mark may not be durable yet (I2).
@@ -104,7 +109,7 @@ func (p *Producer) ReadCheckpoint(ctx context.Context) (*Checkpoint, error) {
 				return nil, fmt.Errorf("decode checkpoint at %s/%d@%d: %w", topic, p.shard, rec.Offset, err)
 			}
 			if cp.Version != CheckpointVersion {
-				return nil, fmt.Errorf("checkpoint at %s/%d@%d has format version %d, this relay reads %d: upgrade the relay", topic, p.shard, rec.Offset, cp.Version, CheckpointVersion)
+				return nil, fmt.Errorf("%w: checkpoint at %s/%d@%d has format version %d, this relay reads %d: upgrade the relay", ErrCheckpointFormat, topic, p.shard, rec.Offset, cp.Version, CheckpointVersion)
 			}
 			return &cp, nil
 		}
