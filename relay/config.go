@@ -44,9 +44,9 @@ type Config struct {
 	// RebalanceInterval is how often shard ownership is checked; it bounds
 	// fail-over time.
 	RebalanceInterval time.Duration `env:"OUTBOX_REBALANCE_INTERVAL" envDefault:"1s"`
-	// MetricsAddr is where /metrics, /healthz and /readyz listen; empty
-	// disables the HTTP server.
-	MetricsAddr string `env:"OUTBOX_METRICS_ADDR" envDefault:":9090"`
+	// MetricsAddr is where /metrics, /healthz and /readyz listen; set but
+	// empty disables the HTTP server; unset means ":9090".
+	MetricsAddr string `env:"OUTBOX_METRICS_ADDR"`
 	// TransactionTimeout is Kafka's transaction.timeout.ms.
 	TransactionTimeout time.Duration `env:"OUTBOX_TRANSACTION_TIMEOUT" envDefault:"60s"`
 	// DeliveryTimeout is Kafka's delivery.timeout.ms.
@@ -71,6 +71,10 @@ type Config struct {
 	KafkaSASLPassword string `env:"OUTBOX_KAFKA_SASL_PASSWORD"`
 }
 
+// DefaultMetricsAddr is where the HTTP endpoints listen when
+// OUTBOX_METRICS_ADDR is not set.
+const DefaultMetricsAddr = ":9090"
+
 // LoadConfig reads the configuration from environ (KEY=VALUE strings, as
 // os.Environ returns) and validates it. Its errors name the variable and what
 // is expected, and never contain a password.
@@ -84,6 +88,10 @@ func LoadConfig(environ []string) (Config, error) {
 	cfg, err := env.ParseAsWithOptions[Config](env.Options{Environment: vars})
 	if err != nil {
 		return Config{}, explain(err)
+	}
+	// caarlos0/env treats "set but empty" as unset; here empty means "off".
+	if _, set := vars["OUTBOX_METRICS_ADDR"]; !set {
+		cfg.MetricsAddr = DefaultMetricsAddr
 	}
 	if err := cfg.Validate(); err != nil {
 		return Config{}, err

@@ -66,3 +66,16 @@ func TestRedactURL(t *testing.T) {
 		t.Fatalf("RedactURL kept the password: %s", got)
 	}
 }
+
+// TestMetricsAddrEmptyDisables: unset means the default port, set-but-empty
+// means no HTTP server.
+func TestMetricsAddrEmptyDisables(t *testing.T) {
+	cfg, err := LoadConfig(append(base(), "OUTBOX_METRICS_ADDR="))
+	if err != nil || cfg.MetricsAddr != "" {
+		t.Fatalf("OUTBOX_METRICS_ADDR= gave %q, %v; want empty", cfg.MetricsAddr, err)
+	}
+	cfg, err = LoadConfig(base())
+	if err != nil || cfg.MetricsAddr != DefaultMetricsAddr {
+		t.Fatalf("unset OUTBOX_METRICS_ADDR gave %q, %v", cfg.MetricsAddr, err)
+	}
+}

@@ -115,30 +115,21 @@ func NewDB(tb testing.TB) *DB {
 	return &DB{URL: dbURL, Pool: pool, Table: outbox.DefaultTable}
 }
 
-// Insert writes n rows of topic through outbox.Write, keys cycling over
-// keys (nil: keyless), in one transaction, and returns their ids.
+// Insert writes n rows of topic in one transaction, keys cycling over keys
+// (nil: keyless), and returns their ids in order. It is safe while other
+// writers insert too.
 func (d *DB) Insert(tb testing.TB, topic string, n int, keys []string) []int64 {
 	tb.Helper()
-	ctx := context.Background()
-	tx, err := d.Pool.Begin(ctx)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	defer tx.Rollback(ctx) //nolint:errcheck
-	msgs := make([]outbox.Message, n)
-	for i := range msgs {
-		msgs[i] = outbox.Message{Topic: topic, Value: []byte("v" + strconv.Itoa(i))}
+	keyCol := make([][]byte, n)
+	values := make([][]byte, n)
+	for i := range n {
+		values[i] = []byte("v" + strconv.Itoa(i))
 		if len(keys) > 0 {
-			msgs[i].Key = []byte(keys[i%len(keys)])
+			keyCol[i] = []byte(keys[i%len(keys)])
 		}
 	}
-	if err := d.Table.WriteMany(ctx, tx, msgs); err != nil {
-		tb.Fatal(err)
-	}
-	if err := tx.Commit(ctx); err != nil {
-		tb.Fatal(err)
-	}
-	rows, err := d.Pool.Query(ctx, `SELECT id FROM outbox ORDER BY id DESC LIMIT $1`, n)
+	rows, err := d.Pool.Query(context.Background(), `INSERT INTO `+d.Table.Ident()+` (topic, key, value)
+SELECT $1, k, v FROM unnest($2::bytea[], $3::bytea[]) WITH ORDINALITY AS u(k, v, n) ORDER BY n RETURNING id`, topic, keyCol, values)
 	if err != nil {
 		tb.Fatal(err)
 	}
