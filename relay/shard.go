@@ -45,7 +45,10 @@ func (r *Relay) runShard(ctx context.Context, s int32) error {
 		}
 		var crash errCrash
 		switch {
-		case ctx.Err() != nil && !errors.As(err, &crash):
+		// A fencing is reported even while the shard is being stopped: a
+		// zombie typically meets it just after it lost ownership, which
+		// is what cancelled ctx.
+		case ctx.Err() != nil && !errors.As(err, &crash) && !errors.Is(err, txn.ErrFenced):
 			return nil
 		case stopsRelay(err):
 			log.Error("shard stopped", "err", err)
