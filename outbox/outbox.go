@@ -57,6 +57,9 @@ func (t Table) Ident() string { return t.ident("") }
 // DeadLetterIdent is the quoted name of the dead-letter table.
 func (t Table) DeadLetterIdent() string { return t.ident("_dead_letter") }
 
+// InflightIdent is the quoted name of the at-most-once in-flight table.
+func (t Table) InflightIdent() string { return t.ident("_inflight") }
+
 // StateIdent is the quoted name of the relay-state table.
 func (t Table) StateIdent() string { return t.ident("_relay_state") }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/md5"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"strconv"
 	"time"
@@ -90,6 +91,38 @@ func (s *Store) MarkPublished(ctx context.Context, ids []int64) (int64, error) {
 		return 0, fmt.Errorf("mark %d rows published in %s: %w", len(ids), s.t, err)
 	}
 	return tag.RowsAffected(), nil
+}
+
+// MarkInflight is at-most-once's mark: in one transaction it marks ids
+// published and records them as the shard's in-flight batch, before the
+// batch is produced.
+func (s *Store) MarkInflight(ctx context.Context, shard int, ids []int64) error {
+	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `UPDATE `+s.t.Ident()+` SET published_at = now() WHERE id = ANY($1::bigint[]) AND published_at IS NULL`, ids); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, `INSERT INTO `+s.t.InflightIdent()+` (shard, ids) VALUES ($1, $2)
+ON CONFLICT (shard) DO UPDATE SET ids = excluded.ids, marked_at = now()`, shard, ids)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("mark %d rows published before sending (at-most-once) in %s: %w", len(ids), s.t, err)
+	}
+	return nil
+}
+
+// TakeInflight removes and returns the shard's in-flight at-most-once batch:
+// rows marked published whose send was never confirmed.
+func (s *Store) TakeInflight(ctx context.Context, shard int) ([]int64, error) {
+	var ids []int64
+	err := s.pool.QueryRow(ctx, `DELETE FROM `+s.t.InflightIdent()+` WHERE shard = $1 RETURNING ids`, shard).Scan(&ids)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read in-flight batch of shard %d of %s: %w", shard, s.t, err)
+	}
+	return ids, nil
 }
 
 // DeadLetter is a row that cannot be published and the reason.

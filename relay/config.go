@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/url"
 	"reflect"
+	"strconv"
 	"strings"
 	"time"
 
@@ -13,6 +14,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/migrations"
 	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/txn"
 )
 
 // Config is the relay's configuration, read from environment variables.
@@ -47,12 +49,41 @@ type Config struct {
 	// MetricsAddr is where /metrics, /healthz and /readyz listen; set but
 	// empty disables the HTTP server; unset means ":9090".
 	MetricsAddr string `env:"OUTBOX_METRICS_ADDR"`
-	// TransactionTimeout is Kafka's transaction.timeout.ms.
-	TransactionTimeout time.Duration `env:"OUTBOX_TRANSACTION_TIMEOUT" envDefault:"60s"`
-	// DeliveryTimeout is Kafka's delivery.timeout.ms.
-	DeliveryTimeout time.Duration `env:"OUTBOX_DELIVERY_TIMEOUT" envDefault:"120s"`
+	// Delivery is the delivery mode: exactly-once, at-least-once or
+	// at-most-once.
+	Delivery string `env:"OUTBOX_DELIVERY" envDefault:"exactly-once"`
+	// Acks is Kafka's acks: 0, 1 or all; empty takes the mode's default
+	// (all; 0 for at-most-once).
+	Acks string `env:"OUTBOX_KAFKA_ACKS"`
+	// EnableIdempotence is enable.idempotence; nil takes the mode's default
+	// (true; false for at-most-once).
+	EnableIdempotence *bool `env:"OUTBOX_KAFKA_ENABLE_IDEMPOTENCE"`
+	// MaxInFlight is max.in.flight.requests.per.connection; 0 means 5.
+	MaxInFlight int `env:"OUTBOX_KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION"`
+	// Retries is retries; nil takes the mode's default (2147483647, bounded
+	// by delivery.timeout.ms; 0 for at-most-once).
+	Retries *int `env:"OUTBOX_KAFKA_RETRIES"`
+	// DeliveryTimeout is delivery.timeout.ms (env: milliseconds); 0 means
+	// 120 s.
+	DeliveryTimeout time.Duration `env:"-"`
+	// RequestTimeout is request.timeout.ms (env: milliseconds); 0 means 30 s.
+	RequestTimeout time.Duration `env:"-"`
+	// TransactionTimeout is transaction.timeout.ms (env: milliseconds); 0
+	// means 60 s.
+	TransactionTimeout time.Duration `env:"-"`
+	// Linger is linger.ms (env: milliseconds).
+	Linger time.Duration `env:"-"`
+	// BatchMaxBytes is batch.size as franz-go uses it: the largest record
+	// batch in bytes; 0 means 1048576.
+	BatchMaxBytes int `env:"OUTBOX_KAFKA_BATCH_SIZE"`
+	// Compression is compression.type: none, gzip, snappy, lz4, zstd.
+	Compression string `env:"OUTBOX_KAFKA_COMPRESSION_TYPE" envDefault:"none"`
 	// ClientID is Kafka's client.id.
 	ClientID string `env:"OUTBOX_KAFKA_CLIENT_ID" envDefault:"outbox-relay"`
+	// AllowAtMostOnceAcks lets at-most-once run with acks other than 0
+	// (it then waits for acknowledgements it cannot act on); a warning is
+	// logged.
+	AllowAtMostOnceAcks bool `env:"OUTBOX_AT_MOST_ONCE_ALLOW_ACKS"`
 	// Retention deletes published rows this long after publication; 0 keeps
 	// them forever.
 	Retention time.Duration `env:"OUTBOX_RETENTION" envDefault:"168h"`
@@ -92,6 +123,27 @@ func LoadConfig(environ []string) (Config, error) {
 	// caarlos0/env treats "set but empty" as unset; here empty means "off".
 	if _, set := vars["OUTBOX_METRICS_ADDR"]; !set {
 		cfg.MetricsAddr = DefaultMetricsAddr
+	}
+	// Kafka's *.ms settings, in Kafka's unit.
+	var problems []string
+	for _, ms := range []struct {
+		name string
+		dst  *time.Duration
+	}{{"OUTBOX_KAFKA_DELIVERY_TIMEOUT_MS", &cfg.DeliveryTimeout}, {"OUTBOX_KAFKA_REQUEST_TIMEOUT_MS", &cfg.RequestTimeout},
+		{"OUTBOX_KAFKA_TRANSACTION_TIMEOUT_MS", &cfg.TransactionTimeout}, {"OUTBOX_KAFKA_LINGER_MS", &cfg.Linger}} {
+		v, ok := vars[ms.name]
+		if !ok || v == "" {
+			continue
+		}
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 0 {
+			problems = append(problems, fmt.Sprintf("%s is %q: expected milliseconds, a non-negative integer", ms.name, v))
+			continue
+		}
+		*ms.dst = time.Duration(n) * time.Millisecond
+	}
+	if len(problems) > 0 {
+		return Config{}, errors.New(strings.Join(problems, "; "))
 	}
 	if err := cfg.Validate(); err != nil {
 		return Config{}, err
@@ -189,7 +241,6 @@ func (c Config) Validate() error {
 		name string
 		v    time.Duration
 	}{{"OUTBOX_POLL_INTERVAL", c.PollInterval}, {"OUTBOX_REBALANCE_INTERVAL", c.RebalanceInterval},
-		{"OUTBOX_TRANSACTION_TIMEOUT", c.TransactionTimeout}, {"OUTBOX_DELIVERY_TIMEOUT", c.DeliveryTimeout},
 		{"OUTBOX_SHUTDOWN_TIMEOUT", c.ShutdownTimeout}} {
 		if d.v <= 0 {
 			add("%s is %v: expected a positive duration", d.name, d.v)
@@ -213,6 +264,9 @@ func (c Config) Validate() error {
 	}
 	if (c.KafkaTLSCertFile == "") != (c.KafkaTLSKeyFile == "") {
 		add("OUTBOX_KAFKA_TLS_CERT_FILE and OUTBOX_KAFKA_TLS_KEY_FILE must be set together")
+	}
+	if _, _, err := c.Settings(); err != nil {
+		add("%v", err)
 	}
 	if len(problems) > 0 {
 		return errors.New(strings.Join(problems, "; "))
@@ -243,4 +297,123 @@ func RedactURL(dsn string) string {
 		return u.Redacted()
 	}
 	return "(key=value connection string)"
+}
+
+// Settings resolves the delivery mode and the producer settings (the mode's
+// safe defaults where a setting is not given) and refuses every combination
+// that would silently weaken the mode's guarantee, with the setting and the
+// fix. The warnings are for combinations allowed by an explicit override.
+func (c Config) Settings() (txn.Settings, []string, error) {
+	delivery := c.Delivery
+	if delivery == "" {
+		delivery = string(txn.ExactlyOnce)
+	}
+	mode, err := txn.ParseMode(delivery)
+	if err != nil {
+		return txn.Settings{}, nil, fmt.Errorf("OUTBOX_DELIVERY: %w", err)
+	}
+	s := txn.DefaultSettings(mode)
+	var problems, warnings []string
+	bad := func(f string, a ...any) { problems = append(problems, fmt.Sprintf(f, a...)) }
+
+	switch strings.ToLower(c.Acks) {
+	case "":
+	case "all", "-1":
+		s.Acks = txn.AcksAll
+	case "1":
+		s.Acks = 1
+	case "0":
+		s.Acks = 0
+	default:
+		bad("OUTBOX_KAFKA_ACKS (acks) is %q: expected 0, 1 or all", c.Acks)
+	}
+	if c.EnableIdempotence != nil {
+		s.Idempotence = *c.EnableIdempotence
+	} else if s.Acks != txn.AcksAll {
+		s.Idempotence = false // Kafka's rule: acks other than all turns idempotence off by default
+	}
+	if c.MaxInFlight != 0 {
+		s.MaxInFlight = c.MaxInFlight
+	}
+	if c.Retries != nil {
+		s.Retries = *c.Retries
+	}
+	for _, d := range []struct {
+		dst *time.Duration
+		v   time.Duration
+	}{{&s.DeliveryTimeout, c.DeliveryTimeout}, {&s.RequestTimeout, c.RequestTimeout}, {&s.TransactionTimeout, c.TransactionTimeout}} {
+		if d.v != 0 {
+			*d.dst = d.v
+		}
+	}
+	s.Linger = c.Linger
+	if c.BatchMaxBytes != 0 {
+		s.BatchMaxBytes = int32(min(c.BatchMaxBytes, 1<<30))
+	}
+	if c.Compression != "" {
+		s.Compression = strings.ToLower(c.Compression)
+	}
+	if c.ClientID != "" {
+		s.ClientID = c.ClientID
+	}
+
+	acks := map[int]string{txn.AcksAll: "all", 0: "0", 1: "1"}[s.Acks]
+	switch {
+	case s.MaxInFlight < 1:
+		bad("OUTBOX_KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION (max.in.flight.requests.per.connection) is %d: expected at least 1", s.MaxInFlight)
+	case s.Retries < 0:
+		bad("OUTBOX_KAFKA_RETRIES (retries) is %d: expected 0 or more", s.Retries)
+	case c.BatchMaxBytes < 0:
+		bad("OUTBOX_KAFKA_BATCH_SIZE (batch.size) is %d: expected a positive number of bytes", c.BatchMaxBytes)
+	case c.DeliveryTimeout < 0 || c.RequestTimeout < 0 || c.TransactionTimeout < 0 || c.Linger < 0:
+		bad("Kafka timeouts must not be negative")
+	}
+	switch s.Compression {
+	case "none", "gzip", "snappy", "lz4", "zstd":
+	default:
+		bad("OUTBOX_KAFKA_COMPRESSION_TYPE (compression.type) is %q: expected none, gzip, snappy, lz4 or zstd", c.Compression)
+	}
+	switch mode {
+	case txn.ExactlyOnce:
+		if s.Acks != txn.AcksAll {
+			bad("OUTBOX_KAFKA_ACKS=%s (acks) contradicts OUTBOX_DELIVERY=exactly-once: transactions need acks=all; unset OUTBOX_KAFKA_ACKS or set it to all", acks)
+		}
+		if !s.Idempotence {
+			bad("OUTBOX_KAFKA_ENABLE_IDEMPOTENCE=false (enable.idempotence) contradicts OUTBOX_DELIVERY=exactly-once: transactions need the idempotent producer; unset it or set it to true")
+		}
+		if s.Retries == 0 {
+			bad("OUTBOX_KAFKA_RETRIES=0 (retries) contradicts OUTBOX_DELIVERY=exactly-once: the idempotent producer needs retries; unset it")
+		}
+	case txn.AtLeastOnce:
+		if s.Acks != txn.AcksAll {
+			bad("OUTBOX_KAFKA_ACKS=%s (acks) contradicts OUTBOX_DELIVERY=at-least-once: a leader fail-over can lose records acknowledged by one broker only; set acks=all, or choose OUTBOX_DELIVERY=at-most-once", acks)
+		}
+	case txn.AtMostOnce:
+		if s.Acks != 0 {
+			if !c.AllowAtMostOnceAcks {
+				bad("OUTBOX_KAFKA_ACKS=%s (acks) with OUTBOX_DELIVERY=at-most-once: at-most-once is acks=0; unset OUTBOX_KAFKA_ACKS, or set OUTBOX_AT_MOST_ONCE_ALLOW_ACKS=true to wait for acknowledgements anyway", acks)
+			} else {
+				warnings = append(warnings, fmt.Sprintf("at-most-once with acks=%s (OUTBOX_AT_MOST_ONCE_ALLOW_ACKS=true): rows are still marked before sending, and a failed send is still a loss", acks))
+			}
+		}
+		if s.Retries > 0 {
+			bad("OUTBOX_KAFKA_RETRIES=%d (retries) contradicts OUTBOX_DELIVERY=at-most-once: a retried send can duplicate; unset it or set it to 0", s.Retries)
+		}
+	}
+	if s.Idempotence {
+		if s.Acks != txn.AcksAll {
+			bad("OUTBOX_KAFKA_ENABLE_IDEMPOTENCE=true (enable.idempotence) needs acks=all, but OUTBOX_KAFKA_ACKS is %s: set acks=all or turn idempotence off", acks)
+		}
+		if s.MaxInFlight > 5 {
+			bad("OUTBOX_KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION=%d (max.in.flight.requests.per.connection) is more than 5, which the idempotent producer cannot keep in order; set it to 5 or less", s.MaxInFlight)
+		}
+	}
+	if s.DeliveryTimeout < s.Linger+s.RequestTimeout {
+		bad("OUTBOX_KAFKA_DELIVERY_TIMEOUT_MS (delivery.timeout.ms) is %d, less than linger.ms + request.timeout.ms = %d: raise it to at least %d",
+			s.DeliveryTimeout.Milliseconds(), (s.Linger + s.RequestTimeout).Milliseconds(), (s.Linger + s.RequestTimeout).Milliseconds())
+	}
+	if len(problems) > 0 {
+		return txn.Settings{}, nil, errors.New(strings.Join(problems, "; "))
+	}
+	return s, warnings, nil
 }

@@ -19,6 +19,7 @@ type Metrics struct {
 	DeadLetters     *prometheus.CounterVec
 	Recoveries      *prometheus.CounterVec
 	RecoveredMarked *prometheus.CounterVec
+	PossiblyLost    *prometheus.CounterVec
 	OwnedShards     prometheus.Gauge
 	Deleted         prometheus.Counter
 }
@@ -43,7 +44,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		EndToEnd: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Name: "end_to_end_latency_seconds",
 			Help: "From a row's created_at to the commit of the transaction holding it.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 20)}),
 		Aborts: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "transaction_aborts_total",
-			Help: "Batches that did not commit, by reason (aborted, record_error, commit_unknown)."}, []string{"shard", "reason"}),
+			Help: "Batches that did not commit or were not fully acknowledged, by reason (aborted, record_error, commit_unknown, send_failed)."}, []string{"shard", "reason"}),
 		Fenced: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "fenced_total",
 			Help: "Times this relay's producer was fenced by a newer owner of the shard."}, shard),
 		DeadLetters: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "dead_letters_total",
@@ -52,12 +53,14 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Recoveries run (taking a shard, or after an unknown commit outcome)."}, shard),
 		RecoveredMarked: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "recovered_rows_total",
 			Help: "Rows found committed in Kafka but unmarked, marked by recovery from the checkpoint."}, shard),
+		PossiblyLost: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "at_most_once_lost_rows_total",
+			Help: "At-most-once only: rows marked published whose send failed or was never confirmed (the previous owner crashed)."}, shard),
 		OwnedShards: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "owned_shards",
 			Help: "Shards this instance owns."}),
 		Deleted: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "retention_deleted_rows_total",
 			Help: "Published rows deleted by retention."}),
 	}
 	reg.MustRegister(m.Backlog, m.OldestAge, m.Published, m.PublishedBytes, m.BatchSize, m.TxnDuration, m.EndToEnd,
-		m.Aborts, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.OwnedShards, m.Deleted)
+		m.Aborts, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.PossiblyLost, m.OwnedShards, m.Deleted)
 	return m
 }

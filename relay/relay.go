@@ -74,6 +74,8 @@ type Relay struct {
 	tcfg  txn.Config
 	wake  *waker
 
+	mode        txn.Mode
+	warnings    []string
 	incarnation string
 	ready       atomic.Bool
 	stopping    atomic.Bool
@@ -92,15 +94,19 @@ func New(cfg Config, pool *pgxpool.Pool, opts ...Option) (*Relay, error) {
 	r.store = outbox.NewStore(pool, t)
 	r.m = NewMetrics(r.reg)
 	r.log = r.log.With("table", t.String(), "relay", cfg.RelayName)
+	settings, warnings, err := cfg.Settings()
+	if err != nil {
+		return nil, fmt.Errorf("configuration: %w", err)
+	}
+	r.warnings = warnings
+	r.mode = settings.Mode
 	r.tcfg = txn.Config{
-		Brokers:            cfg.KafkaBrokers,
-		RelayName:          cfg.RelayName,
-		CheckpointTopic:    cfg.CheckpointTopic,
-		TransactionTimeout: cfg.TransactionTimeout,
-		DeliveryTimeout:    cfg.DeliveryTimeout,
-		ClientID:           cfg.ClientID,
-		Extra:              r.kopts,
-		Logger:             r.log,
+		Brokers:         cfg.KafkaBrokers,
+		RelayName:       cfg.RelayName,
+		CheckpointTopic: cfg.CheckpointTopic,
+		Settings:        settings,
+		Extra:           r.kopts,
+		Logger:          r.log,
 	}
 	if r.fail != nil {
 		r.tcfg.BeforeCommit = func(ctx context.Context, shard int32, ids []int64) error {
@@ -140,7 +146,7 @@ func (r *Relay) Run(ctx context.Context) error {
 	if err := r.start(ctx); err != nil {
 		return err
 	}
-	r.log.Info("relay started", "shards", r.cfg.Shards, "batch_size", r.cfg.BatchSize,
+	r.log.Info("relay started", "delivery", string(r.mode), "shards", r.cfg.Shards, "batch_size", r.cfg.BatchSize,
 		"checkpoint_topic", r.cfg.CheckpointTopic, "incarnation", r.incarnation)
 
 	runCtx, cancel := context.WithCancelCause(ctx)
@@ -180,8 +186,13 @@ func (r *Relay) start(ctx context.Context) error {
 	if r.incarnation, err = r.store.Incarnation(ctx); err != nil {
 		return err
 	}
-	if err := txn.EnsureCheckpointTopic(ctx, r.tcfg, r.cfg.Shards); err != nil {
-		return err
+	for _, w := range r.warnings {
+		r.log.Warn(w)
+	}
+	if r.mode.Transactional() {
+		if err := txn.EnsureCheckpointTopic(ctx, r.tcfg, r.cfg.Shards); err != nil {
+			return err
+		}
 	}
 	return nil
 }

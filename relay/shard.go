@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -85,6 +86,27 @@ func (r *Relay) recoverShard(ctx context.Context, s int32, log *slog.Logger) (*t
 	p, err := txn.NewProducer(ctx, r.tcfg, s)
 	if err != nil {
 		return nil, fmt.Errorf("recover shard %d: %w", s, err)
+	}
+	switch r.mode {
+	case txn.AtLeastOnce:
+		// Nothing to settle: an unmarked batch is sent again (the
+		// at-least-once promise), with the same outbox-id headers.
+		log.Info("shard recovered", "delivery", string(r.mode))
+		return p, nil
+	case txn.AtMostOnce:
+		// A batch marked but perhaps never sent: report it, it is lost.
+		lost, err := r.store.TakeInflight(ctx, int(s))
+		if err != nil {
+			p.Close()
+			return nil, fmt.Errorf("recover shard %d: %w", s, err)
+		}
+		if len(lost) > 0 {
+			r.m.PossiblyLost.WithLabelValues(label).Add(float64(len(lost)))
+			log.Error("at-most-once: the previous owner marked these rows published and stopped before confirming the send; they may be lost",
+				"rows", len(lost), "ids", lost)
+		}
+		log.Info("shard recovered", "delivery", string(r.mode), "possibly_lost", len(lost))
+		return p, nil
 	}
 	cp, err := p.ReadCheckpoint(ctx)
 	if err != nil {
@@ -173,7 +195,7 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *
 		idleWait = 0
 		// The batch runs to its end even when shutdown begins: a clean
 		// stop commits and marks what it has started.
-		bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.cfg.ShutdownTimeout+r.cfg.TransactionTimeout)
+		bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.cfg.ShutdownTimeout+r.tcfg.Settings.TransactionTimeout)
 		err = r.publishRows(bctx, s, p, rows, log)
 		cancel()
 		if err != nil {
@@ -228,6 +250,12 @@ func (r *Relay) publish(ctx context.Context, s int32, p *txn.Producer, recs []tx
 	if len(recs) == 0 {
 		return nil
 	}
+	switch r.mode {
+	case txn.AtLeastOnce:
+		return r.publishAtLeastOnce(ctx, s, p, recs, created, log)
+	case txn.AtMostOnce:
+		return r.publishAtMostOnce(ctx, s, p, recs, created, log)
+	}
 	label := strconv.Itoa(int(s))
 	ids := make([]int64, len(recs))
 	for i, rec := range recs {
@@ -273,16 +301,135 @@ func (r *Relay) publish(ctx context.Context, s int32, p *txn.Producer, recs []tx
 		return err
 	}
 
+	r.observeBatch(s, recs, created, commit)
+	log.Debug("batch published", "rows", len(recs), "first_id", ids[0], "last_id", ids[len(ids)-1], "epoch", p.Epoch())
+	return nil
+}
+
+// observeBatch records a published batch in the metrics.
+func (r *Relay) observeBatch(s int32, recs []txn.Record, created []time.Time, at time.Time) {
+	label := strconv.Itoa(int(s))
 	bytes := 0
 	for i, rec := range recs {
 		bytes += rec.Size()
-		r.m.EndToEnd.Observe(commit.Sub(created[i]).Seconds())
+		r.m.EndToEnd.Observe(at.Sub(created[i]).Seconds())
 	}
 	r.m.Published.WithLabelValues(label).Add(float64(len(recs)))
 	r.m.PublishedBytes.WithLabelValues(label).Add(float64(bytes))
 	r.m.BatchSize.Observe(float64(len(recs)))
-	log.Debug("batch published", "rows", len(recs), "first_id", ids[0], "last_id", ids[len(ids)-1], "epoch", p.Epoch())
+}
+
+// publishAtLeastOnce sends a batch without a transaction and marks what was
+// acknowledged. A crash between the acknowledgement and the mark sends the
+// batch again: duplicates are bounded to the unmarked batch and carry the
+// same outbox-id header. Records Kafka refused are dead-lettered; records
+// without an answer stay unmarked and are sent again after recovery.
+func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, p *txn.Producer, recs []txn.Record, created []time.Time, log *slog.Logger) error {
+	start := time.Now()
+	acked, refused, sendErr := p.Send(ctx, recs)
+	if len(refused) > 0 && len(recs) > 1 && sendErr == nil {
+		// Kafka refuses whole record batches: a refused row's batch-mates
+		// are refused with it. Send each alone to find the culprits.
+		byID := map[int64]txn.Record{}
+		for _, rec := range recs {
+			byID[rec.ID] = rec
+		}
+		retry := refused
+		slices.SortFunc(retry, func(a, b *txn.RecordError) int { return cmp.Compare(a.ID, b.ID) })
+		refused = nil
+		for _, re := range retry {
+			ok, bad, err := p.Send(ctx, []txn.Record{byID[re.ID]})
+			acked, refused = append(acked, ok...), append(refused, bad...)
+			if err != nil {
+				sendErr = err
+				break
+			}
+		}
+	}
+	if err := r.failpoint(ctx, FailAfterCommit, s, acked); err != nil {
+		return err
+	}
+	if _, err := r.markRetrying(ctx, acked, log); err != nil {
+		return err
+	}
+	if err := r.failpoint(ctx, FailAfterMark, s, acked); err != nil {
+		return err
+	}
+	if len(refused) > 0 {
+		dead := make([]outbox.DeadLetter, len(refused))
+		for i, re := range refused {
+			dead[i] = outbox.DeadLetter{ID: re.ID, Error: re.Err.Error()}
+		}
+		if err := r.deadLetter(ctx, s, dead, log); err != nil {
+			return err
+		}
+	}
+	done := time.Now()
+	r.m.TxnDuration.Observe(done.Sub(start).Seconds())
+	sentRecs, sentCreated := subset(recs, created, acked)
+	r.observeBatch(s, sentRecs, sentCreated, time.Now())
+	if sendErr != nil {
+		r.m.Aborts.WithLabelValues(strconv.Itoa(int(s)), "send_failed").Inc()
+		return sendErr
+	}
 	return nil
+}
+
+// publishAtMostOnce marks a batch published, recording it as in flight, and
+// only then sends it with acks=0. A crash between the mark and the send
+// loses the batch; the next owner reports it (log and metric). A failed send
+// is a loss too, reported at once.
+func (r *Relay) publishAtMostOnce(ctx context.Context, s int32, p *txn.Producer, recs []txn.Record, created []time.Time, log *slog.Logger) error {
+	label := strconv.Itoa(int(s))
+	ids := make([]int64, len(recs))
+	for i, rec := range recs {
+		ids[i] = rec.ID
+	}
+	if err := r.store.MarkInflight(ctx, int(s), ids); err != nil {
+		return err
+	}
+	// Crash window: marked, not sent. The in-flight record reports it.
+	if err := r.failpoint(ctx, FailAfterMark, s, ids); err != nil {
+		return err
+	}
+	start := time.Now()
+	acked, refused, sendErr := p.Send(ctx, recs)
+	if lost := len(recs) - len(acked); lost > 0 {
+		r.m.PossiblyLost.WithLabelValues(label).Add(float64(lost))
+		first := sendErr
+		if first == nil && len(refused) > 0 {
+			first = refused[0]
+		}
+		log.Error("at-most-once: rows marked published were not sent; they are lost", "rows", lost, "err", first)
+	}
+	if _, err := r.store.TakeInflight(ctx, int(s)); err != nil {
+		return err
+	}
+	r.m.TxnDuration.Observe(time.Since(start).Seconds())
+	sentRecs, sentCreated := subset(recs, created, acked)
+	r.observeBatch(s, sentRecs, sentCreated, time.Now())
+	if sendErr != nil {
+		r.m.Aborts.WithLabelValues(label, "send_failed").Inc()
+		return sendErr
+	}
+	return nil
+}
+
+// subset returns the records (and creation times) whose ids are in ids.
+func subset(recs []txn.Record, created []time.Time, ids []int64) ([]txn.Record, []time.Time) {
+	keep := make(map[int64]bool, len(ids))
+	for _, id := range ids {
+		keep[id] = true
+	}
+	var outR []txn.Record
+	var outC []time.Time
+	for i, rec := range recs {
+		if keep[rec.ID] {
+			outR = append(outR, rec)
+			outC = append(outC, created[i])
+		}
+	}
+	return outR, outC
 }
 
 // toRecord turns a row into a Kafka record, or says what is wrong with it.

@@ -12,9 +12,9 @@ import (
 	"log/slog"
 	"strconv"
 	"sync"
-	"time"
 
 	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 )
 
@@ -27,14 +27,8 @@ type Config struct {
 	RelayName string
 	// CheckpointTopic is the compacted topic with one partition per shard.
 	CheckpointTopic string
-	// TransactionTimeout is Kafka's transaction.timeout.ms: the broker aborts
-	// a transaction left open longer than this by a dead producer.
-	TransactionTimeout time.Duration
-	// DeliveryTimeout is Kafka's delivery.timeout.ms: how long a record may be
-	// retried before its batch fails (and the transaction aborts).
-	DeliveryTimeout time.Duration
-	// ClientID is Kafka's client.id.
-	ClientID string
+	// Settings are the producer settings and the delivery mode.
+	Settings Settings
 	// Extra are further franz-go options: TLS and SASL, dialers.
 	Extra []kgo.Opt
 	// Logger receives franz-go's warnings and errors and the producer's own
@@ -80,38 +74,43 @@ type Producer struct {
 	log   *slog.Logger
 
 	mu         sync.Mutex
-	partitions map[string]int // partition counts, for explicit partitions
+	partitions map[string]int   // partition counts, for explicit partitions
+	maxBytes   map[string]int32 // the topics' max.message.bytes
 	epoch      int16
 	producerID int64
 }
 
-// NewProducer creates shard's producer and runs InitProducerID with the
-// shard's transactional id (recovery step 1). That fences every earlier
-// producer of the shard, whose next Kafka call fails, and completes or aborts
-// the transaction it left open, so that afterwards the checkpoint partition
-// holds no open transaction of this shard.
+// NewProducer creates shard's producer. In exactly-once mode it runs
+// InitProducerID with the shard's transactional id (recovery step 1). That
+// fences every earlier producer of the shard, whose next Kafka call fails, and
+// completes or aborts the transaction it left open, so that afterwards the
+// checkpoint partition holds no open transaction of this shard.
 func NewProducer(ctx context.Context, cfg Config, shard int32) (*Producer, error) {
-	log := cfg.Logger.With("shard", shard, "transactional_id", cfg.TransactionalID(shard))
+	log := cfg.Logger.With("shard", shard, "delivery", string(cfg.Settings.Mode))
+	settings, err := cfg.Settings.opts()
+	if err != nil {
+		return nil, fmt.Errorf("producer of shard %d: %w", shard, err)
+	}
 	opts := append([]kgo.Opt{
 		kgo.SeedBrokers(cfg.Brokers...),
-		kgo.TransactionalID(cfg.TransactionalID(shard)),
-		kgo.TransactionTimeout(cfg.TransactionTimeout),
-		kgo.RequiredAcks(kgo.AllISRAcks()),
 		kgo.RecordPartitioner(rowPartitioner{}),
-		kgo.ProducerLinger(0),
 		kgo.WithLogger(kgoLogger{log}),
-	}, cfg.Extra...)
-	if cfg.DeliveryTimeout > 0 {
-		opts = append(opts, kgo.RecordDeliveryTimeout(cfg.DeliveryTimeout))
+	}, settings...)
+	if cfg.Settings.Mode.Transactional() {
+		log = log.With("transactional_id", cfg.TransactionalID(shard))
+		opts = append(opts, kgo.TransactionalID(cfg.TransactionalID(shard)))
 	}
-	if cfg.ClientID != "" {
-		opts = append(opts, kgo.ClientID(cfg.ClientID))
-	}
+	p := &Producer{cfg: cfg, shard: shard, log: log, partitions: map[string]int{}, maxBytes: map[string]int32{}}
+	opts = append(opts, kgo.ProducerBatchMaxBytesFn(p.batchMaxBytes))
+	opts = append(opts, cfg.Extra...)
 	cl, err := kgo.NewClient(opts...)
 	if err != nil {
 		return nil, fmt.Errorf("producer of shard %d: %w", shard, err)
 	}
-	p := &Producer{cfg: cfg, shard: shard, cl: cl, adm: kadm.NewClient(cl), log: log, partitions: map[string]int{}}
+	p.cl, p.adm = cl, kadm.NewClient(cl)
+	if !cfg.Settings.Mode.Transactional() {
+		return p, nil
+	}
 	id, epoch, err := cl.ProducerID(ctx)
 	if err != nil {
 		cl.Close()
@@ -155,7 +154,7 @@ func (p *Producer) Abort(ctx context.Context) error {
 // *RecordErrors (records Kafka refused; transaction aborted), or ErrAborted
 // (nothing committed; retry).
 func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint) error {
-	if bad := p.checkPartitions(ctx, recs); len(bad) > 0 {
+	if bad := p.checkRecords(ctx, recs); len(bad) > 0 {
 		return &RecordErrors{Records: bad}
 	}
 	cpValue, err := json.Marshal(cp)
@@ -186,15 +185,7 @@ func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint) er
 		}
 	}
 	for _, r := range recs {
-		kr := &kgo.Record{
-			Topic:     r.Topic,
-			Key:       r.Key,
-			Value:     r.Value,
-			Partition: r.Partition,
-			Headers: append([]kgo.RecordHeader{{Key: HeaderOutboxID, Value: strconv.AppendInt(nil, r.ID, 10)}},
-				r.Headers...),
-		}
-		p.cl.Produce(ctx, kr, promise(r.ID))
+		p.cl.Produce(ctx, p.kafkaRecord(r), promise(r.ID))
 	}
 	p.cl.Produce(ctx, &kgo.Record{
 		Topic:     p.cfg.CheckpointTopic,
@@ -268,47 +259,159 @@ func (p *Producer) abortAfterFailure(ctx context.Context) error {
 // HeaderOutboxID is the record header holding the decimal outbox row id.
 const HeaderOutboxID = "outbox-id"
 
-// checkPartitions refuses records whose explicit partition the topic does
-// not have: franz-go would fail them all the same, but with an error that
-// does not name the cause.
-func (p *Producer) checkPartitions(ctx context.Context, recs []Record) []*RecordError {
+// checkRecords refuses, before producing, records Kafka would refuse for
+// reasons of their own: an explicit partition the topic does not have, or a
+// record larger than the topic's max.message.bytes (or the producer's batch
+// limit). franz-go would fail them all the same, but with an error that does
+// not name the cause.
+func (p *Producer) checkRecords(ctx context.Context, recs []Record) []*RecordError {
 	var bad []*RecordError
 	for _, r := range recs {
-		if r.Partition < 0 {
-			continue
-		}
-		n, err := p.partitionCount(ctx, r.Topic)
+		meta, err := p.topicMeta(ctx, r.Topic)
 		if err != nil {
 			continue // let the produce report it
 		}
-		if int(r.Partition) >= n {
+		if r.Partition >= 0 && int(r.Partition) >= meta.partitions {
 			bad = append(bad, &RecordError{ID: r.ID, Err: fmt.Errorf(
-				"partition %d does not exist: topic %q has %d partitions; fix the row's partition or add partitions", r.Partition, r.Topic, n)})
+				"partition %d does not exist: topic %q has %d partitions; fix the row's partition or add partitions", r.Partition, r.Topic, meta.partitions)})
+			continue
+		}
+		if size, limit := r.batchSize(), p.batchMaxBytes(r.Topic); size > int(limit) {
+			bad = append(bad, &RecordError{ID: r.ID, Err: fmt.Errorf(
+				"%w: record is %d bytes in its batch, more than %d (the smaller of topic %q max.message.bytes and the producer's batch.size); shrink the row or raise the limit",
+				kerr.MessageTooLarge, size, limit, r.Topic)})
 		}
 	}
 	return bad
 }
 
-func (p *Producer) partitionCount(ctx context.Context, topic string) (int, error) {
+// batchSize is an upper bound of the record's size inside a record batch of
+// its own, as the broker measures it against max.message.bytes.
+func (r Record) batchSize() int {
+	const batchOverhead, recordOverhead, headerOverhead = 61, 21, 10
+	n := batchOverhead + recordOverhead + len(r.Key) + len(r.Value) + headerOverhead + len(HeaderOutboxID) + 20
+	for _, h := range r.Headers {
+		n += headerOverhead + len(h.Key) + len(h.Value)
+	}
+	return n
+}
+
+type topicMeta struct{ partitions int }
+
+// topicMeta returns the topic's partition count, and learns its
+// max.message.bytes, once per producer.
+func (p *Producer) topicMeta(ctx context.Context, topic string) (topicMeta, error) {
 	p.mu.Lock()
 	n, ok := p.partitions[topic]
 	p.mu.Unlock()
 	if ok {
-		return n, nil
+		return topicMeta{n}, nil
 	}
 	td, err := p.adm.ListTopics(ctx, topic)
 	if err != nil {
-		return 0, err
+		return topicMeta{}, err
 	}
 	t, ok := td[topic]
 	if !ok || t.Err != nil {
-		return 0, fmt.Errorf("topic %q metadata unavailable", topic)
+		return topicMeta{}, fmt.Errorf("topic %q metadata unavailable", topic)
 	}
 	n = len(t.Partitions)
+	limit := int32(0)
+	if rc, err := p.adm.DescribeTopicConfigs(ctx, topic); err == nil {
+		if c, err := rc.On(topic, nil); err == nil && c.Err == nil {
+			for _, kv := range c.Configs {
+				if kv.Key == "max.message.bytes" && kv.Value != nil {
+					if v, err := strconv.ParseInt(*kv.Value, 10, 32); err == nil {
+						limit = int32(v)
+					}
+				}
+			}
+		}
+	}
 	p.mu.Lock()
 	p.partitions[topic] = n
+	if limit > 0 {
+		p.maxBytes[topic] = limit
+	}
 	p.mu.Unlock()
-	return n, nil
+	return topicMeta{n}, nil
+}
+
+// batchMaxBytes is the largest record batch for topic: the producer's
+// batch.size, lowered to the topic's max.message.bytes when known.
+func (p *Producer) batchMaxBytes(topic string) int32 {
+	limit := p.cfg.Settings.BatchMaxBytes
+	if limit <= 0 {
+		limit = 1 << 20
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if m, ok := p.maxBytes[topic]; ok && m < limit {
+		return m
+	}
+	return limit
+}
+
+// Send produces recs without a transaction (at-least-once and at-most-once)
+// and waits until every record has its answer: an acknowledgement, or for
+// acks=0 the request written. It returns the ids acknowledged, the records
+// Kafka refused for reasons of their own, and the first other error (the
+// records without an answer are then neither acknowledged nor refused: the
+// caller must not mark them in at-least-once mode).
+func (p *Producer) Send(ctx context.Context, recs []Record) (acked []int64, refused []*RecordError, err error) {
+	refused = p.checkRecords(ctx, recs)
+	skip := map[int64]bool{}
+	for _, r := range refused {
+		skip[r.ID] = true
+	}
+	var (
+		mu       sync.Mutex
+		wg       sync.WaitGroup
+		otherErr error
+	)
+	ok := make([]bool, len(recs))
+	for i, r := range recs {
+		if skip[r.ID] {
+			continue
+		}
+		wg.Add(1)
+		p.cl.Produce(ctx, p.kafkaRecord(r), func(_ *kgo.Record, err error) {
+			defer wg.Done()
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case err == nil:
+				ok[i] = true
+			case isRecordFatal(err):
+				refused = append(refused, &RecordError{ID: r.ID, Err: err})
+			case otherErr == nil:
+				otherErr = err
+			}
+		})
+	}
+	wg.Wait()
+	for i, r := range recs {
+		if ok[i] {
+			acked = append(acked, r.ID)
+		}
+	}
+	if otherErr != nil {
+		return acked, refused, fmt.Errorf("produce: %w", classify(otherErr))
+	}
+	return acked, refused, nil
+}
+
+// kafkaRecord is the Kafka record of an outbox row: header "outbox-id" (the
+// decimal row id) first, then the row's headers.
+func (p *Producer) kafkaRecord(r Record) *kgo.Record {
+	return &kgo.Record{
+		Topic:     r.Topic,
+		Key:       r.Key,
+		Value:     r.Value,
+		Partition: r.Partition,
+		Headers: append([]kgo.RecordHeader{{Key: HeaderOutboxID, Value: strconv.AppendInt(nil, r.ID, 10)}},
+			r.Headers...),
+	}
 }
 
 // rowPartitioner places a record on its explicit partition when it has one

@@ -431,6 +431,7 @@ func RelayConfig(db *DB, k *Kafka) relay.Config {
 		RebalanceInterval:  100 * time.Millisecond,
 		TransactionTimeout: 10 * time.Second,
 		DeliveryTimeout:    30 * time.Second,
+		RequestTimeout:     10 * time.Second,
 		ShutdownTimeout:    10 * time.Second,
 		ClientID:           "outbox-relay-test",
 		LogLevel:           "debug",
