@@ -190,3 +190,45 @@ func counter(t *testing.T, reg *prometheus.Registry, name string, labels map[str
 	}
 	return sum
 }
+
+// TestIdleRelayWakesOnCommit: with a 30 s poll interval, an idle relay
+// still publishes a new row within milliseconds of its commit, because the
+// insert trigger notifies it. Without the wake-up this test waits 30 s.
+func TestIdleRelayWakesOnCommit(t *testing.T) {
+	ctx := context.Background()
+	db := testenv.NewDB(t)
+	k := testenv.NewKafka(t, 1, "payments")
+	cfg := testenv.RelayConfig(db, k)
+	cfg.PollInterval = 30 * time.Second
+	testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)))
+	db.Insert(t, "payments", 1, nil)
+	waitPublished := func() time.Duration {
+		start := time.Now()
+		for time.Since(start) < 10*time.Second {
+			if db.Unpublished(t) == 0 {
+				return time.Since(start)
+			}
+			time.Sleep(time.Millisecond)
+		}
+		t.Fatalf("row not published within 10 s: the idle relay was not woken")
+		return 0
+	}
+	waitPublished()
+	var worst time.Duration
+	for i := range 3 {
+		// Let the relay go idle: past its grace polls, it waits on the
+		// notification (or 30 s).
+		time.Sleep(3 * time.Second)
+		if _, err := db.Pool.Exec(ctx, `INSERT INTO outbox (topic, value) VALUES ('payments', 'x')`); err != nil {
+			t.Fatal(err)
+		}
+		d := waitPublished()
+		t.Logf("wake-up %d: published %v after commit", i, d)
+		worst = max(worst, d)
+	}
+	// Polling alone (trigger dropped) takes 1-2 s here: the idle relay's
+	// poll interval has grown to 2 s by then.
+	if worst > 400*time.Millisecond {
+		t.Fatalf("slowest wake-up took %v: the notification did not wake the idle relay", worst)
+	}
+}

@@ -156,10 +156,17 @@ func (r *Relay) markRetrying(ctx context.Context, ids []int64, log *slog.Logger)
 	}
 }
 
+// The idle polling schedule of publishLoop.
+const (
+	firstIdlePoll = 2 * time.Millisecond
+	idleGrace     = 32 * time.Millisecond
+)
+
 // publishLoop reads, publishes and marks batches until ctx ends or a batch
 // fails in a way that needs recovery.
 func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *slog.Logger) error {
 	idleWait := time.Duration(0)
+	r.wake.setIdle(s, false)
 	defer r.wake.setIdle(s, true)
 	for {
 		if ctx.Err() != nil {
@@ -174,13 +181,20 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *
 			return err
 		}
 		if len(rows) == 0 {
-			// Idle: let writers notify, and poll again soon in case a
-			// writer inserted while we were busy and commits only now.
+			// Out of rows. First poll again after 2, 4, 8, 16 ms while
+			// still holding the wake-up lock (writers do not notify):
+			// under steady load the next commit is found this way and
+			// the writers never pay for NOTIFY. Then declare the shard
+			// idle, so that the next commit notifies, and keep polling
+			// at growing intervals: that also finds a row inserted while
+			// the lock was held and committed after the last poll.
 			if idleWait == 0 {
-				r.wake.setIdle(s, true)
-				idleWait = 5 * time.Millisecond
+				idleWait = firstIdlePoll
 			} else {
 				idleWait = min(2*idleWait, r.cfg.PollInterval)
+			}
+			if idleWait >= min(idleGrace, r.cfg.PollInterval) {
+				r.wake.setIdle(s, true)
 			}
 			select {
 			case <-ctx.Done():
