@@ -38,7 +38,7 @@ type Checkpoint struct {
 // partition per shard) if it does not exist, and checks that an existing one
 // has a partition for every shard.
 func EnsureCheckpointTopic(ctx context.Context, cfg Config, shards int) error {
-	cl, err := kgo.NewClient(append([]kgo.Opt{kgo.SeedBrokers(cfg.Brokers...), kgo.WithLogger(kgoLogger{cfg.Logger})}, cfg.Extra...)...)
+	cl, err := kgo.NewClient(append([]kgo.Opt{kgo.SeedBrokers(cfg.Brokers...), kgo.WithLogger(KafkaLogger(cfg.Logger, kgo.LogLevelWarn))}, cfg.Extra...)...)
 	if err != nil {
 		return fmt.Errorf("checkpoint topic: %w", err)
 	}

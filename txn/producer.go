@@ -94,7 +94,7 @@ func NewProducer(ctx context.Context, cfg Config, shard int32) (*Producer, error
 	opts := append([]kgo.Opt{
 		kgo.SeedBrokers(cfg.Brokers...),
 		kgo.RecordPartitioner(rowPartitioner{}),
-		kgo.WithLogger(kgoLogger{log}),
+		kgo.WithLogger(KafkaLogger(log, kgo.LogLevelWarn)),
 	}, settings...)
 	if cfg.Settings.Mode.Transactional() {
 		log = log.With("transactional_id", cfg.TransactionalID(shard))
@@ -444,10 +444,17 @@ func (t rowTopicPartitioner) Partition(r *kgo.Record, n int) int {
 	return t.hash.Partition(&kgo.Record{Key: id[:]}, n)
 }
 
-// kgoLogger sends franz-go's log lines to slog.
-type kgoLogger struct{ l *slog.Logger }
+// KafkaLogger returns a franz-go logger that writes lines at level or above
+// to l, prefixed "kafka: ".
+func KafkaLogger(l *slog.Logger, level kgo.LogLevel) kgo.Logger { return kgoLogger{l, level} }
 
-func (k kgoLogger) Level() kgo.LogLevel { return kgo.LogLevelWarn }
+// kgoLogger sends franz-go's log lines to slog.
+type kgoLogger struct {
+	l     *slog.Logger
+	level kgo.LogLevel
+}
+
+func (k kgoLogger) Level() kgo.LogLevel { return k.level }
 func (k kgoLogger) Log(level kgo.LogLevel, msg string, kv ...any) {
 	lvl := slog.LevelInfo
 	switch level {

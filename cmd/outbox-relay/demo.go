@@ -181,7 +181,7 @@ func (d *demo) setup(ctx context.Context, stderr io.Writer) error {
 	d.closers = append(d.closers, closeLog)
 
 	// PostgreSQL: the demo's own schema, accounts and outbox.
-	if d.pool, err = openDemoPool(ctx, d.dbURL, d.f.writers+d.f.shards+4); err != nil {
+	if d.pool, err = openPool(ctx, d.dbURL, d.f.writers+d.f.shards+4); err != nil {
 		return err
 	}
 	d.closers = append(d.closers, d.pool.Close)
@@ -532,26 +532,6 @@ func demoLogger(path string, stderr io.Writer) (*slog.Logger, string, func(), er
 	}
 	log := slog.New(slog.NewJSONHandler(file, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	return log, file.Name() + " (JSON)", func() { file.Close() }, nil
-}
-
-// openDemoPool connects to PostgreSQL with room for conns connections.
-func openDemoPool(ctx context.Context, url string, conns int) (*pgxpool.Pool, error) {
-	pcfg, err := pgxpool.ParseConfig(url)
-	if err != nil {
-		return nil, errors.New("OUTBOX_DATABASE_URL is malformed: expected a PostgreSQL URL or key=value string")
-	}
-	pcfg.MaxConns = int32(conns)
-	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
-	if err != nil {
-		return nil, fmt.Errorf("connect to PostgreSQL at %s: %w", relay.RedactURL(url), err)
-	}
-	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	if err := pool.Ping(pctx); err != nil {
-		pool.Close()
-		return nil, fmt.Errorf("connect to PostgreSQL at %s (set OUTBOX_DATABASE_URL): %w", relay.RedactURL(url), err)
-	}
-	return pool, nil
 }
 
 // startDemoKafka starts the embedded cluster, or returns the user's.

@@ -111,7 +111,7 @@ func runRelay(ctx context.Context, environ []string, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("configuration: %w", err)
 	}
-	pool, err := openPool(ctx, cfg.DatabaseURL, cfg.Shards)
+	pool, err := openPool(ctx, cfg.DatabaseURL, cfg.Shards+4)
 	if err != nil {
 		return err
 	}
@@ -144,14 +144,14 @@ func runRelay(ctx context.Context, environ []string, stderr io.Writer) error {
 	return nil
 }
 
-// openPool connects to PostgreSQL and checks the connection, with an error
-// that never shows the password.
-func openPool(ctx context.Context, url string, shards int) (*pgxpool.Pool, error) {
+// openPool connects to PostgreSQL with room for at least conns connections
+// and checks the connection, with an error that never shows the password.
+func openPool(ctx context.Context, url string, conns int) (*pgxpool.Pool, error) {
 	pcfg, err := pgxpool.ParseConfig(url)
 	if err != nil {
 		return nil, errors.New("OUTBOX_DATABASE_URL is malformed: expected a PostgreSQL URL or key=value string")
 	}
-	pcfg.MaxConns = max(pcfg.MaxConns, int32(shards)+4)
+	pcfg.MaxConns = max(pcfg.MaxConns, int32(conns))
 	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
 	if err != nil {
 		return nil, fmt.Errorf("connect to PostgreSQL at %s: %w", relay.RedactURL(url), err)
@@ -160,7 +160,7 @@ func openPool(ctx context.Context, url string, shards int) (*pgxpool.Pool, error
 	defer cancel()
 	if err := pool.Ping(pctx); err != nil {
 		pool.Close()
-		return nil, fmt.Errorf("connect to PostgreSQL at %s: %w", relay.RedactURL(url), err)
+		return nil, fmt.Errorf("connect to PostgreSQL at %s (check OUTBOX_DATABASE_URL): %w", relay.RedactURL(url), err)
 	}
 	return pool, nil
 }

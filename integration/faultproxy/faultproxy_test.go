@@ -19,6 +19,8 @@ import (
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/twmb/franz-go/pkg/kmsg"
+
+	"github.com/outbox-relay/outbox-relay/txn"
 )
 
 // API keys used by the tests.
@@ -87,25 +89,6 @@ func testLogger(t *testing.T) *slog.Logger {
 	return slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelInfo}))
 }
 
-// kgoLogger adapts a *slog.Logger to kgo.Logger so that kgo's own account of
-// retries and transaction handling shows up in the test output.
-type kgoLogger struct{ l *slog.Logger }
-
-func (kgoLogger) Level() kgo.LogLevel { return kgo.LogLevelInfo }
-
-func (k kgoLogger) Log(level kgo.LogLevel, msg string, keyvals ...any) {
-	lvl := slog.LevelInfo
-	switch level {
-	case kgo.LogLevelError:
-		lvl = slog.LevelError
-	case kgo.LogLevelWarn:
-		lvl = slog.LevelWarn
-	case kgo.LogLevelDebug:
-		lvl = slog.LevelDebug
-	}
-	k.l.Log(context.Background(), lvl, "kgo: "+msg, keyvals...)
-}
-
 func newProxy(t *testing.T, seeds []string) *Proxy {
 	t.Helper()
 	// Not t.Context(): it is canceled before cleanups run, and the proxy
@@ -121,7 +104,7 @@ func newProxy(t *testing.T, seeds []string) *Proxy {
 
 func newClient(t *testing.T, name string, opts ...kgo.Opt) *kgo.Client {
 	t.Helper()
-	opts = append([]kgo.Opt{kgo.WithLogger(kgoLogger{testLogger(t).With("client", name)})}, opts...)
+	opts = append([]kgo.Opt{kgo.WithLogger(txn.KafkaLogger(testLogger(t).With("client", name), kgo.LogLevelInfo))}, opts...)
 	cl, err := kgo.NewClient(opts...)
 	if err != nil {
 		t.Fatalf("creating %s client: %v", name, err)
