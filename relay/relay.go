@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -191,7 +192,8 @@ func (r *Relay) start(ctx context.Context) error {
 	}
 	if r.mode.Transactional() {
 		if err := txn.EnsureCheckpointTopic(ctx, r.tcfg, r.cfg.Shards); err != nil {
-			return err
+			return fmt.Errorf("%w (check OUTBOX_KAFKA_BROKERS=%s and, if the cluster requires them, OUTBOX_KAFKA_TLS and the OUTBOX_KAFKA_SASL_* credentials; SASL mechanism now %q)",
+				err, strings.Join(r.cfg.KafkaBrokers, ","), r.cfg.KafkaSASLMech)
 		}
 	}
 	return nil
