@@ -21,6 +21,7 @@ type Metrics struct {
 	RecoveredMarked *prometheus.CounterVec
 	PossiblyLost    *prometheus.CounterVec
 	OwnedShards     prometheus.Gauge
+	Shards          prometheus.Gauge
 	Deleted         prometheus.Counter
 }
 
@@ -57,10 +58,33 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "At-most-once only: rows marked published whose send failed or was never confirmed (the previous owner crashed)."}, shard),
 		OwnedShards: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "owned_shards",
 			Help: "Shards this instance owns."}),
+		Shards: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "shards",
+			Help: "Shards the table is split into (OUTBOX_SHARDS): sum(owned_shards) should equal it."}),
 		Deleted: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "retention_deleted_rows_total",
 			Help: "Published rows deleted by retention."}),
 	}
 	reg.MustRegister(m.Backlog, m.OldestAge, m.Published, m.PublishedBytes, m.BatchSize, m.TxnDuration, m.EndToEnd,
-		m.Aborts, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.PossiblyLost, m.OwnedShards, m.Deleted)
+		m.Aborts, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.PossiblyLost, m.OwnedShards, m.Shards, m.Deleted)
 	return m
+}
+
+// abortReasons are the values of transaction_aborts_total's reason label.
+var abortReasons = []string{"aborted", "record_error", "commit_unknown", "send_failed"}
+
+// shardTaken creates the shard's series at zero, so that increase() and
+// rate() see their first event.
+func (m *Metrics) shardTaken(label string) {
+	for _, c := range []*prometheus.CounterVec{m.Published, m.PublishedBytes, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.PossiblyLost} {
+		c.WithLabelValues(label)
+	}
+	for _, reason := range abortReasons {
+		m.Aborts.WithLabelValues(label, reason)
+	}
+}
+
+// shardReleased drops the gauges of a shard this instance no longer owns,
+// so its backlog is reported once, by its owner.
+func (m *Metrics) shardReleased(label string) {
+	m.Backlog.DeleteLabelValues(label)
+	m.OldestAge.DeleteLabelValues(label)
 }

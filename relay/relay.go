@@ -94,6 +94,7 @@ func New(cfg Config, pool *pgxpool.Pool, opts ...Option) (*Relay, error) {
 	t := outbox.Table{Schema: cfg.Schema, Name: cfg.Table}
 	r.store = outbox.NewStore(pool, t)
 	r.m = NewMetrics(r.reg)
+	r.m.Shards.Set(float64(cfg.Shards))
 	r.log = r.log.With("table", t.String(), "relay", cfg.RelayName)
 	settings, warnings, err := cfg.Settings()
 	if err != nil {
@@ -293,6 +294,7 @@ func (r *Relay) own(ctx context.Context) error {
 		delete(workers, s)
 		r.wake.remove(s)
 		r.m.OwnedShards.Set(float64(len(workers)))
+		r.m.shardReleased(strconv.Itoa(int(s)))
 		return w.err
 	}
 	release := func() {
@@ -361,6 +363,7 @@ func (r *Relay) own(ctx context.Context) error {
 				w := &worker{shard: s, cancel: cancel, done: make(chan struct{})}
 				workers[s] = w
 				r.m.OwnedShards.Set(float64(len(workers)))
+				r.m.shardTaken(strconv.Itoa(int(s)))
 				r.log.Info("shard taken", "shard", s, "members", members, "fair_share", fair)
 				go func() {
 					w.err = r.runShard(wctx, s)

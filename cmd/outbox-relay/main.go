@@ -86,7 +86,13 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
+// buildVersion is set at build time: go build -ldflags "-X main.buildVersion=v1.2.3".
+var buildVersion string
+
 func version() string {
+	if buildVersion != "" {
+		return buildVersion
+	}
 	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
 		return bi.Main.Version
 	}
