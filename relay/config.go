@@ -189,6 +189,9 @@ func varOf(field string) string {
 }
 
 func expected(t reflect.Type) string {
+	if t.Kind() == reflect.Pointer { // *bool, *int: optional settings
+		t = t.Elem()
+	}
 	switch {
 	case t == reflect.TypeFor[time.Duration]():
 		return "a duration such as 500ms, 2s or 1m"
@@ -378,7 +381,9 @@ func (c Config) Settings() (txn.Settings, []string, error) {
 		if s.Acks != txn.AcksAll {
 			bad("OUTBOX_KAFKA_ACKS=%s (acks) contradicts OUTBOX_DELIVERY=exactly-once: transactions need acks=all; unset OUTBOX_KAFKA_ACKS or set it to all", acks)
 		}
-		if !s.Idempotence {
+		// Only when set: with acks other than all it is off by default,
+		// and the acks line above already says the fix.
+		if !s.Idempotence && c.EnableIdempotence != nil {
 			bad("OUTBOX_KAFKA_ENABLE_IDEMPOTENCE=false (enable.idempotence) contradicts OUTBOX_DELIVERY=exactly-once: transactions need the idempotent producer; unset it or set it to true")
 		}
 		if s.Retries == 0 {

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"math/rand/v2"
 	"slices"
 	"strconv"
 	"time"
@@ -44,6 +45,7 @@ func (r *Relay) runShard(ctx context.Context, s int32) error {
 			err = r.publishLoop(ctx, s, p, log)
 			p.Close()
 		}
+		wait := jittered(backoff)
 		var crash errCrash
 		switch {
 		// A fencing is reported even while the shard is being stopped: a
@@ -60,16 +62,22 @@ func (r *Relay) runShard(ctx context.Context, s int32) error {
 			log.Error("fenced: another relay took this shard's transactional id; this relay stops writing it", "err", err)
 			return err
 		default:
-			log.Warn("shard recovering after error", "err", err, "retry_in", backoff)
+			log.Warn("shard recovering after error", "err", err, "retry_in", wait)
 		}
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-time.After(backoff):
+		case <-time.After(wait):
 		}
 		backoff = min(2*backoff, 10*time.Second)
 	}
 	return nil
+}
+
+// jittered spreads a backoff by up to ±20%, so that relays failing together
+// (a broker restart) do not retry in lockstep.
+func jittered(d time.Duration) time.Duration {
+	return d + time.Duration((rand.Float64()*0.4-0.2)*float64(d))
 }
 
 // recoverShard runs recovery before the shard's first read and after any
