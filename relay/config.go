@@ -406,6 +406,9 @@ func (c Config) Settings() (txn.Settings, []string, error) {
 		}
 	}
 	if s.Idempotence {
+		if s.Retries == 0 && mode != txn.ExactlyOnce {
+			bad("OUTBOX_KAFKA_RETRIES=0 (retries) with idempotence on: the idempotent producer needs retries; unset OUTBOX_KAFKA_RETRIES or set OUTBOX_KAFKA_ENABLE_IDEMPOTENCE=false")
+		}
 		if s.Acks != txn.AcksAll {
 			bad("OUTBOX_KAFKA_ENABLE_IDEMPOTENCE=true (enable.idempotence) needs acks=all, but OUTBOX_KAFKA_ACKS is %s: set acks=all or turn idempotence off", acks)
 		}

@@ -11,6 +11,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -76,6 +77,36 @@ func (r *Relay) runShard(ctx context.Context, s int32) error {
 
 // jittered spreads a backoff by up to ±20%, so that relays failing together
 // (a broker restart) do not retry in lockstep.
+// graceful returns a context for a batch: not cancelled with ctx, so a batch
+// that has begun runs to its end when shutdown begins, but cancelled grace
+// after ctx is, so that shutdown is bounded (OUTBOX_SHUTDOWN_TIMEOUT).
+func graceful(ctx context.Context, grace time.Duration) (context.Context, context.CancelFunc) {
+	bctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	var timer *time.Timer
+	var mu sync.Mutex
+	stop := context.AfterFunc(ctx, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		timer = time.AfterFunc(grace, cancel)
+	})
+	return bctx, func() {
+		stop()
+		mu.Lock()
+		if timer != nil {
+			timer.Stop()
+		}
+		mu.Unlock()
+		cancel()
+	}
+}
+
+// txnBudget bounds one Kafka transaction or send: its records may take
+// delivery.timeout.ms, and the broker aborts a transaction open longer than
+// transaction.timeout.ms anyway. Past it, the relay recovers.
+func (r *Relay) txnBudget() time.Duration {
+	return r.tcfg.Settings.DeliveryTimeout + r.tcfg.Settings.TransactionTimeout
+}
+
 func jittered(d time.Duration) time.Duration {
 	return d + time.Duration((rand.Float64()*0.4-0.2)*float64(d))
 }
@@ -158,7 +189,7 @@ func (r *Relay) markRetrying(ctx context.Context, ids []int64, log *slog.Logger)
 		select {
 		case <-ctx.Done():
 			return 0, fmt.Errorf("mark published: %w", err)
-		case <-time.After(backoff):
+		case <-time.After(jittered(backoff)):
 		}
 		backoff = min(2*backoff, 5*time.Second)
 	}
@@ -217,7 +248,7 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *
 		idleWait = 0
 		// The batch runs to its end even when shutdown begins: a clean
 		// stop commits and marks what it has started.
-		bctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.cfg.ShutdownTimeout+r.tcfg.Settings.TransactionTimeout)
+		bctx, cancel := graceful(ctx, r.cfg.ShutdownTimeout)
 		err = r.publishRows(bctx, s, p, rows, log)
 		cancel()
 		if err != nil {
@@ -287,7 +318,9 @@ func (r *Relay) publish(ctx context.Context, s int32, p *txn.Producer, recs []tx
 		Table: r.store.Table().String(), Incarnation: r.incarnation, IDs: ids, Written: time.Now().UTC()}
 
 	start := time.Now()
-	err := p.Publish(ctx, recs, cp)
+	tctx, cancel := context.WithTimeout(ctx, r.txnBudget())
+	err := p.Publish(tctx, recs, cp)
+	cancel()
 	var rerrs *txn.RecordErrors
 	switch {
 	case errors.As(err, &rerrs):
@@ -348,7 +381,9 @@ func (r *Relay) observeBatch(s int32, recs []txn.Record, created []time.Time, at
 // without an answer stay unmarked and are sent again after recovery.
 func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, p *txn.Producer, recs []txn.Record, created []time.Time, log *slog.Logger) error {
 	start := time.Now()
-	acked, refused, sendErr := p.Send(ctx, recs)
+	tctx, cancel := context.WithTimeout(ctx, r.txnBudget())
+	acked, refused, sendErr := p.Send(tctx, recs)
+	cancel()
 	if len(refused) > 0 && len(recs) > 1 && sendErr == nil {
 		// Kafka refuses whole record batches: a refused row's batch-mates
 		// are refused with it. Send each alone to find the culprits.
@@ -360,7 +395,9 @@ func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, p *txn.Producer
 		slices.SortFunc(retry, func(a, b *txn.RecordError) int { return cmp.Compare(a.ID, b.ID) })
 		refused = nil
 		for _, re := range retry {
-			ok, bad, err := p.Send(ctx, []txn.Record{byID[re.ID]})
+			tctx, cancel := context.WithTimeout(ctx, r.txnBudget())
+			ok, bad, err := p.Send(tctx, []txn.Record{byID[re.ID]})
+			cancel()
 			acked, refused = append(acked, ok...), append(refused, bad...)
 			if err != nil {
 				sendErr = err
@@ -415,7 +452,9 @@ func (r *Relay) publishAtMostOnce(ctx context.Context, s int32, p *txn.Producer,
 		return err
 	}
 	start := time.Now()
-	acked, refused, sendErr := p.Send(ctx, recs)
+	tctx, cancel := context.WithTimeout(ctx, r.txnBudget())
+	acked, refused, sendErr := p.Send(tctx, recs)
+	cancel()
 	if lost := len(recs) - len(acked); lost > 0 {
 		r.m.PossiblyLost.WithLabelValues(label).Add(float64(lost))
 		first := sendErr

@@ -123,7 +123,7 @@ func (w *waker) run(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(backoff):
+		case <-time.After(jittered(backoff)):
 		}
 		backoff = min(2*backoff, 10*time.Second)
 	}

@@ -206,14 +206,15 @@ func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint) er
 		switch {
 		case oerr != nil && (isFenced(oerr) || isRelayFatal(oerr)):
 			return fmt.Errorf("produce: %w", classify(oerr))
-		case abortErr != nil && isFenced(abortErr):
+		case abortErr != nil:
+			// The abort itself failed: this producer's state is unknown,
+			// so the caller recovers (a new producer settles it) rather
+			// than retry here.
 			return fmt.Errorf("abort after failed produce: %w", classify(abortErr))
 		case rerrs != nil:
 			return &RecordErrors{Records: rerrs}
 		case oerr != nil:
 			return fmt.Errorf("produce: %w", classify(oerr))
-		case abortErr != nil:
-			return fmt.Errorf("abort after failed flush: %w", classify(abortErr))
 		default:
 			return fmt.Errorf("flush: %w", classify(flushErr))
 		}
