@@ -50,6 +50,7 @@ type demoFlags struct {
 	kafka      string
 	chaos      bool
 	chaosEvery time.Duration
+	delivery   string
 	schema     string
 	logPath    string
 }
@@ -66,6 +67,7 @@ func parseDemoFlags(args []string, stderr io.Writer) (demoFlags, error) {
 	fs.StringVar(&f.kafka, "kafka", "", "use the Kafka cluster at `host:port[,host:port...]` instead of the embedded one")
 	fs.BoolVar(&f.chaos, "chaos", false, "crash the relay every few seconds, inside and around its Kafka transaction, and start a new one")
 	fs.DurationVar(&f.chaosEvery, "chaos-every", 3*time.Second, "mean time between -chaos crashes")
+	fs.StringVar(&f.delivery, "delivery", "exactly-once", "delivery `mode` of the relay: exactly-once, at-least-once or at-most-once (with -chaos, the last two show the duplicates or losses they allow)")
 	fs.StringVar(&f.schema, "schema", defaultDemoSchema, "PostgreSQL `schema` of the demo, dropped and created again; must start with "+defaultDemoSchema)
 	fs.StringVar(&f.logPath, "log", "", "relay log `file` (JSON, info level), - for stderr (warn level) (default "+filepath.Join(os.TempDir(), "outbox-relay-SCHEMA.log")+")")
 	fs.Usage = func() {
@@ -221,7 +223,7 @@ func (d *demo) setup(ctx context.Context, stderr io.Writer) error {
 		RelayName:          "outbox-demo",
 		CheckpointTopic:    "outbox-demo-checkpoints-" + randomHex(4),
 		Shards:             d.f.shards,
-		Delivery:           "exactly-once",
+		Delivery:           d.f.delivery,
 		BatchSize:          500,
 		PollInterval:       time.Second,
 		RebalanceInterval:  time.Second,
@@ -285,7 +287,7 @@ func (d *demo) run(ctx context.Context) error {
 
 	var ch *chaos
 	if d.f.chaos {
-		ch = &chaos{}
+		ch = &chaos{points: crashPointsOf(d.cfg.Delivery)}
 		go ch.run(work, d.f.chaosEvery)
 	}
 	runner := &relayRunner{cfg: d.cfg, pool: d.pool, log: d.log, chaos: ch, out: d.out}
@@ -458,6 +460,12 @@ func (d *demo) summarize(ctx context.Context, check *checker, runner *relayRunne
 	}
 	out.linef("FAIL: %d duplicates, %d missing, %d out of order, %d unexpected, balance total %d (want %d)",
 		c.duplicates, c.missing, c.outOfOrder, c.unexpected, total, wantTotal)
+	switch d.cfg.Delivery {
+	case "at-least-once":
+		out.linef("  (-delivery at-least-once: a crash between Kafka's acknowledgement and the mark sends the batch again; that is what exactly-once prevents)")
+	case "at-most-once":
+		out.linef("  (-delivery at-most-once: a crash between the mark and the send loses the batch; that is what exactly-once prevents)")
+	}
 	for _, p := range c.problems {
 		out.linef("  %s", p)
 	}

@@ -65,7 +65,11 @@ func (rr *relayRunner) run(ctx context.Context) error {
 			rr.byPoint[crash.point]++
 			rr.mu.Unlock()
 			rr.log.Warn("demo: relay crashed on purpose (-chaos); starting a new instance", "point", crash.point, "shard", crash.shard, "rows", crash.rows)
-			rr.out.event("chaos: relay killed %s", fmt.Sprintf(crashWhat[crash.point], plural(crash.rows, "row")))
+			what := crashWhat[crash.point]
+			if w, ok := crashWhatByMode[rr.cfg.Delivery+" "+crash.point]; ok {
+				what = w
+			}
+			rr.out.event("chaos: relay killed %s", fmt.Sprintf(what, plural(crash.rows, "row")))
 			continue
 		case err == nil:
 			return errors.New("relay stopped on its own")
@@ -102,9 +106,25 @@ func (rr *relayRunner) crashSummary() string {
 	return strings.Join(parts, ", ")
 }
 
+// crashPointsOf lists the failpoints a relay in delivery mode passes.
+func crashPointsOf(delivery string) []string {
+	switch delivery {
+	case "at-least-once":
+		return []string{relay.FailAfterCommit, relay.FailAfterMark}
+	case "at-most-once":
+		return []string{relay.FailAfterMark}
+	}
+	return []string{relay.FailBeforeCommit, relay.FailAfterCommit, relay.FailAfterMark}
+}
+
 var (
-	crashPoints = []string{relay.FailBeforeCommit, relay.FailAfterCommit, relay.FailAfterMark}
-	crashWhat   = map[string]string{
+	// crashWhatByMode overrides crashWhat for the other delivery modes.
+	crashWhatByMode = map[string]string{
+		"at-least-once " + relay.FailAfterCommit: "after Kafka acknowledged %s, before the mark in PostgreSQL: the new relay sends them again (duplicates)",
+		"at-least-once " + relay.FailAfterMark:   "after sending and marking %s: the new relay goes on with the next rows",
+		"at-most-once " + relay.FailAfterMark:    "after marking %s published, before sending them: they are lost, and the new relay reports it",
+	}
+	crashWhat = map[string]string{
 		relay.FailBeforeCommit: "inside a Kafka transaction of %s: the new relay's InitProducerID aborts it, the rows go out again",
 		relay.FailAfterCommit:  "after the Kafka commit of %s, before the mark in PostgreSQL: the new relay marks them from the checkpoint",
 		relay.FailAfterMark:    "after committing and marking %s: the new relay goes on with the next rows",
@@ -126,6 +146,7 @@ func (c chaosCrash) Error() string {
 // seconds; the next batch to pass that point stops the relay there at once,
 // as a killed process would: no abort, no mark, no clean-up.
 type chaos struct {
+	points  []string // the failpoints the relay's delivery mode passes
 	mu      sync.Mutex
 	armed   string
 	stopped bool
@@ -152,7 +173,7 @@ func (c *chaos) run(ctx context.Context, every time.Duration) {
 		}
 		c.mu.Lock()
 		if c.armed == "" && !c.stopped {
-			c.armed = crashPoints[rand.IntN(len(crashPoints))]
+			c.armed = c.points[rand.IntN(len(c.points))]
 		}
 		c.mu.Unlock()
 	}
