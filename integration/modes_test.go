@@ -49,27 +49,12 @@ func TestAtLeastOnceCrashAfterAckDuplicatesOnlyTheUnmarkedBatch(t *testing.T) {
 	cfg.Delivery = string(txn.AtLeastOnce)
 	cfg.BatchSize = batchSize
 
-	var (
-		acked      atomic.Int32
-		mu         sync.Mutex
-		crashedIDs []int64
-	)
-	crashAfterThirdAck := func(_ context.Context, name string, _ int32, batch []int64) error {
-		if name == relay.FailAfterCommit && acked.Add(1) == 3 {
-			mu.Lock()
-			crashedIDs = append([]int64(nil), batch...)
-			mu.Unlock()
-			return errSimulatedCrash
-		}
-		return nil
-	}
+	crashAfterThirdAck, crashedBatch := modesCrashAt(relay.FailAfterCommit, 3)
 	first := testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)), relay.WithFailpoint(crashAfterThirdAck))
 	if err := first.Wait(t, 30*time.Second); !errors.Is(err, errSimulatedCrash) {
 		t.Fatalf("first relay: Run returned %v, want the simulated crash", err)
 	}
-	mu.Lock()
-	dup := crashedIDs
-	mu.Unlock()
+	dup := crashedBatch()
 	if want := ids[2*batchSize : 3*batchSize]; !slices.Equal(dup, want) {
 		t.Fatalf("the crashed batch is %v, want the 3rd batch %v", dup, want)
 	}
@@ -115,27 +100,12 @@ func TestAtMostOnceCrashAfterMarkLosesOnlyThatBatchAndReportsIt(t *testing.T) {
 	cfg.Delivery = string(txn.AtMostOnce)
 	cfg.BatchSize = batchSize
 
-	var (
-		marked  atomic.Int32
-		mu      sync.Mutex
-		lostIDs []int64
-	)
-	crashAfterThirdMark := func(_ context.Context, name string, _ int32, batch []int64) error {
-		if name == relay.FailAfterMark && marked.Add(1) == 3 {
-			mu.Lock()
-			lostIDs = append([]int64(nil), batch...)
-			mu.Unlock()
-			return errSimulatedCrash
-		}
-		return nil
-	}
+	crashAfterThirdMark, crashedBatch := modesCrashAt(relay.FailAfterMark, 3)
 	first := testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)), relay.WithFailpoint(crashAfterThirdMark))
 	if err := first.Wait(t, 30*time.Second); !errors.Is(err, errSimulatedCrash) {
 		t.Fatalf("first relay: Run returned %v, want the simulated crash", err)
 	}
-	mu.Lock()
-	lost := lostIDs
-	mu.Unlock()
+	lost := crashedBatch()
 	if want := ids[2*batchSize : 3*batchSize]; !slices.Equal(lost, want) {
 		t.Fatalf("the crashed batch is %v, want the 3rd batch %v", lost, want)
 	}
@@ -327,4 +297,28 @@ func modesRead(t *testing.T, brokers []string, topic string, level kgo.Isolation
 		seen = append(seen, s)
 	}
 	return seen
+}
+
+// modesCrashAt returns a failpoint that crashes the relay the nth time it
+// passes point, and a function that returns the ids of that batch.
+func modesCrashAt(point string, n int32) (relay.Failpoint, func() []int64) {
+	var (
+		passed  atomic.Int32
+		mu      sync.Mutex
+		crashed []int64
+	)
+	fp := func(_ context.Context, name string, _ int32, batch []int64) error {
+		if name == point && passed.Add(1) == n {
+			mu.Lock()
+			crashed = append([]int64(nil), batch...)
+			mu.Unlock()
+			return errSimulatedCrash
+		}
+		return nil
+	}
+	return fp, func() []int64 {
+		mu.Lock()
+		defer mu.Unlock()
+		return crashed
+	}
 }

@@ -75,8 +75,6 @@ func (r *Relay) runShard(ctx context.Context, s int32) error {
 	return nil
 }
 
-// jittered spreads a backoff by up to ±20%, so that relays failing together
-// (a broker restart) do not retry in lockstep.
 // graceful returns a context for a batch: not cancelled with ctx, so a batch
 // that has begun runs to its end when shutdown begins, but cancelled grace
 // after ctx is, so that shutdown is bounded (OUTBOX_SHUTDOWN_TIMEOUT).
@@ -107,6 +105,8 @@ func (r *Relay) txnBudget() time.Duration {
 	return r.tcfg.Settings.DeliveryTimeout + r.tcfg.Settings.TransactionTimeout
 }
 
+// jittered spreads a backoff by up to ±20%, so that relays failing together
+// (a broker restart) do not retry in lockstep.
 func jittered(d time.Duration) time.Duration {
 	return d + time.Duration((rand.Float64()*0.4-0.2)*float64(d))
 }
