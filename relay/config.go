@@ -102,6 +102,9 @@ type Config struct {
 	KafkaSASLPassword string `env:"OUTBOX_KAFKA_SASL_PASSWORD"`
 }
 
+// MaxBatchSize is the largest OUTBOX_BATCH_SIZE.
+const MaxBatchSize = 10000
+
 // DefaultMetricsAddr is where the HTTP endpoints listen when
 // OUTBOX_METRICS_ADDR is not set.
 const DefaultMetricsAddr = ":9090"
@@ -237,8 +240,10 @@ func (c Config) Validate() error {
 	if c.Shards < 1 || c.Shards > 1024 {
 		add("OUTBOX_SHARDS is %d: expected 1 to 1024", c.Shards)
 	}
-	if c.BatchSize < 1 || c.BatchSize > 100000 {
-		add("OUTBOX_BATCH_SIZE is %d: expected 1 to 100000", c.BatchSize)
+	// The checkpoint record lists a batch's ids (about 11 bytes each): 10000
+	// keeps it far below Kafka's default max.message.bytes of 1 MiB.
+	if c.BatchSize < 1 || c.BatchSize > MaxBatchSize {
+		add("OUTBOX_BATCH_SIZE is %d: expected 1 to %d", c.BatchSize, MaxBatchSize)
 	}
 	for _, d := range []struct {
 		name string

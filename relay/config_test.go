@@ -30,7 +30,8 @@ func TestConfigErrorsNameTheVariable(t *testing.T) {
 	}{
 		{nil, []string{"OUTBOX_DATABASE_URL is not set", "OUTBOX_KAFKA_BROKERS is not set"}},
 		{append(base(), "OUTBOX_BATCH_SIZE=lots"), []string{"OUTBOX_BATCH_SIZE is malformed: expected an integer"}},
-		{append(base(), "OUTBOX_BATCH_SIZE=0"), []string{"OUTBOX_BATCH_SIZE is 0: expected 1 to 100000"}},
+		{append(base(), "OUTBOX_BATCH_SIZE=0"), []string{"OUTBOX_BATCH_SIZE is 0: expected 1 to 10000"}},
+		{append(base(), "OUTBOX_BATCH_SIZE=20000"), []string{"OUTBOX_BATCH_SIZE is 20000: expected 1 to 10000"}},
 		{append(base(), "OUTBOX_POLL_INTERVAL=5"), []string{"OUTBOX_POLL_INTERVAL is malformed: expected a duration"}},
 		{append(base(), "OUTBOX_POLL_INTERVAL=-1s"), []string{"OUTBOX_POLL_INTERVAL is -1s: expected a positive duration"}},
 		{append(base(), "OUTBOX_CHECKPOINT_TOPIC=bad topic"), []string{"OUTBOX_CHECKPOINT_TOPIC"}},
