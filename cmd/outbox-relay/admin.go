@@ -50,6 +50,21 @@ func (s dbSettings) outboxTable() outbox.Table { return outbox.Table{Schema: s.s
 
 func (s dbSettings) open(ctx context.Context) (*pgxpool.Pool, error) { return openPool(ctx, s.url, 1) }
 
+// openMigrator opens a pool and the migrator of the configured table; the
+// caller closes the pool.
+func (s dbSettings) openMigrator(ctx context.Context) (*pgxpool.Pool, *migrations.Migrator, error) {
+	pool, err := s.open(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	m, err := migrations.New(pool, s.schema, s.table)
+	if err != nil {
+		pool.Close()
+		return nil, nil, err
+	}
+	return pool, m, nil
+}
+
 // runMigrate is `outbox-relay migrate up|status|sql`.
 func runMigrate(ctx context.Context, args, environ []string, stdout io.Writer) error {
 	if len(args) != 1 {
@@ -71,15 +86,11 @@ func runMigrate(ctx context.Context, args, environ []string, stdout io.Writer) e
 		_, err = io.WriteString(stdout, sql)
 		return err
 	}
-	pool, err := s.open(ctx)
+	pool, m, err := s.openMigrator(ctx)
 	if err != nil {
 		return err
 	}
 	defer pool.Close()
-	m, err := migrations.New(pool, s.schema, s.table)
-	if err != nil {
-		return err
-	}
 	switch args[0] {
 	case "up":
 		ran, err := m.Up(ctx)
@@ -119,15 +130,11 @@ func runStatus(ctx context.Context, environ []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	pool, err := s.open(ctx)
+	pool, m, err := s.openMigrator(ctx)
 	if err != nil {
 		return err
 	}
 	defer pool.Close()
-	m, err := migrations.New(pool, s.schema, s.table)
-	if err != nil {
-		return err
-	}
 	pending, err := m.Pending(ctx)
 	if err != nil {
 		return err
