@@ -300,4 +300,9 @@ func TestRecordTooLargeIsIsolatedAndDeadLettered(t *testing.T) {
 	if len(dead) != 1 || dead[0].ID != 14 || !bytes.Contains([]byte(dead[0].Error), []byte("MESSAGE_TOO_LARGE")) {
 		t.Fatalf("dead letters = %+v, want row 14 with MESSAGE_TOO_LARGE", dead)
 	}
+	// The relay knew the topic's limit and refused the row before sending
+	// it, naming both figures.
+	if !bytes.Contains([]byte(dead[0].Error), []byte("max.message.bytes")) || !bytes.Contains([]byte(dead[0].Error), []byte("20000")) {
+		t.Fatalf("dead letter error %q does not name the topic's max.message.bytes (20000)", dead[0].Error)
+	}
 }
