@@ -37,7 +37,9 @@ type RecordError struct {
 	Err error
 }
 
+// Error names the row and Kafka's reason.
 func (e *RecordError) Error() string { return fmt.Sprintf("outbox row %d: %v", e.ID, e.Err) }
+// Unwrap returns Kafka's error, for errors.Is(err, kerr.MessageTooLarge).
 func (e *RecordError) Unwrap() error { return e.Err }
 
 // RecordErrors is the set of records a batch failed on. The transaction was
@@ -47,6 +49,7 @@ type RecordErrors struct {
 	Records []*RecordError
 }
 
+// Error counts the refused records and names the first.
 func (e *RecordErrors) Error() string {
 	return fmt.Sprintf("%d records refused, first: %v (transaction aborted)", len(e.Records), e.Records[0])
 }

@@ -401,6 +401,7 @@ type SyncBuffer struct {
 	buf []byte
 }
 
+// Write appends p; it never fails.
 func (b *SyncBuffer) Write(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
