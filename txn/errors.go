@@ -39,6 +39,7 @@ type RecordError struct {
 
 // Error names the row and Kafka's reason.
 func (e *RecordError) Error() string { return fmt.Sprintf("outbox row %d: %v", e.ID, e.Err) }
+
 // Unwrap returns Kafka's error, for errors.Is(err, kerr.MessageTooLarge).
 func (e *RecordError) Unwrap() error { return e.Err }
 
