@@ -97,8 +97,10 @@ func CheckNames(schema, table string) error {
 }
 
 var (
-	fileName   = regexp.MustCompile(`^(\d+)_([a-z0-9_]+)\.up\.sql$`)
-	tableIdent = regexp.MustCompile(`"outbox([a-z_]*)"`)
+	fileName = regexp.MustCompile(`^(\d+)_([a-z0-9_]+)\.up\.sql$`)
+	// defaultNames matches, in the SQL files, the schema identifier, the
+	// 'public.outbox' literal and every identifier derived from the table.
+	defaultNames = regexp.MustCompile(`"public"|'public\.outbox'|"outbox([a-z_]*)"`)
 )
 
 // QuoteIdent quotes s as a PostgreSQL identifier.
@@ -111,13 +113,19 @@ func quoteLiteral(s string) string {
 	return `'` + strings.ReplaceAll(s, `'`, `''`) + `'`
 }
 
-// render rewrites SQL written for "public"."outbox" to the migrator's names.
+// render rewrites SQL written for "public"."outbox" to the migrator's names
+// in one pass, so that a replacement is never rewritten again (a schema
+// named "outbox" stays a schema) and every name is quoted for its context.
 func (m *Migrator) render(sql string) string {
-	sql = strings.ReplaceAll(sql, `"public"`, QuoteIdent(m.schema))
-	sql = strings.ReplaceAll(sql, `'public.outbox'`, quoteLiteral(m.schema+"."+m.table))
-	return tableIdent.ReplaceAllStringFunc(sql, func(s string) string {
-		suffix := tableIdent.FindStringSubmatch(s)[1]
-		return QuoteIdent(m.table + suffix)
+	return defaultNames.ReplaceAllStringFunc(sql, func(s string) string {
+		switch {
+		case s == `"public"`:
+			return QuoteIdent(m.schema)
+		case s == `'public.outbox'`:
+			return quoteLiteral(m.schema + "." + m.table)
+		default:
+			return QuoteIdent(m.table + defaultNames.FindStringSubmatch(s)[1])
+		}
 	})
 }
 

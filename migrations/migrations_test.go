@@ -117,6 +117,35 @@ func TestCustomNamesAreQuotedIdentifiers(t *testing.T) {
 	}
 }
 
+// TestHostileNamesStayNames: names that look like the defaults, or that
+// carry quotes and SQL, are rendered as names: the objects land where they
+// were asked for and no statement runs that the files do not hold.
+func TestHostileNamesStayNames(t *testing.T) {
+	p := pool(t)
+	ctx := context.Background()
+	for _, n := range []struct{ schema, table string }{
+		{"outbox", "events"},
+		{"outbox_app", "public"},
+		{`x'public.outbox'";--`, `t"; DROP TABLE x;--`},
+	} {
+		m, err := migrations.New(p, n.schema, n.table)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := m.Up(ctx); err != nil {
+			t.Fatalf("%q.%q: %v", n.schema, n.table, err)
+		}
+		tbl := outbox.Table{Schema: n.schema, Name: n.table}
+		var exists bool
+		if err := p.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, tbl.Ident()).Scan(&exists); err != nil || !exists {
+			t.Fatalf("%s was not created (%v)", tbl.Ident(), err)
+		}
+		if _, err := outbox.NewStore(p, tbl).Incarnation(ctx); err != nil {
+			t.Fatalf("%s: %v", tbl.Ident(), err)
+		}
+	}
+}
+
 // TestNamesTooLongAreRefused: a table name that would overflow PostgreSQL's
 // 63-byte identifiers is refused with the variable to fix.
 func TestNamesTooLongAreRefused(t *testing.T) {

@@ -266,6 +266,11 @@ func (r *Relay) publishRows(ctx context.Context, s int32, p *txn.Producer, rows 
 	var dead []outbox.DeadLetter
 	for _, row := range rows {
 		rec, err := toRecord(row)
+		if err == nil && row.Topic == r.cfg.CheckpointTopic {
+			// A row in the checkpoint topic could forge a checkpoint and
+			// have recovery mark rows that were never published.
+			err = fmt.Errorf("column topic is %q, the relay's checkpoint topic (OUTBOX_CHECKPOINT_TOPIC): rows may not write there", row.Topic)
+		}
 		if err != nil {
 			dead = append(dead, outbox.DeadLetter{ID: row.ID, Error: err.Error()})
 			continue
