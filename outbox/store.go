@@ -172,6 +172,25 @@ func (s *Store) Incarnation(ctx context.Context) (string, error) {
 	return id, nil
 }
 
+// Shards returns the shard count recorded for the table, recording n first
+// if none is recorded yet.
+func (s *Store) Shards(ctx context.Context, n int) (int, error) {
+	var stored int
+	err := s.pool.QueryRow(ctx, `UPDATE `+s.t.StateIdent()+` SET shards = coalesce(shards, $1) RETURNING shards`, n).Scan(&stored)
+	if err != nil {
+		return 0, fmt.Errorf("read shard count of %s: %w", s.t, err)
+	}
+	return stored, nil
+}
+
+// SetShards records a new shard count (after a reshard).
+func (s *Store) SetShards(ctx context.Context, n int) error {
+	if _, err := s.pool.Exec(ctx, `UPDATE `+s.t.StateIdent()+` SET shards = $1`, n); err != nil {
+		return fmt.Errorf("record shard count of %s: %w", s.t, err)
+	}
+	return nil
+}
+
 // Backlog is the unpublished part of one shard.
 type Backlog struct {
 	Rows         int64

@@ -188,6 +188,15 @@ func (r *Relay) start(ctx context.Context) error {
 	if r.incarnation, err = r.store.Incarnation(ctx); err != nil {
 		return err
 	}
+	stored, err := r.store.Shards(ctx, r.cfg.Shards)
+	if err != nil {
+		return err
+	}
+	if stored != r.cfg.Shards {
+		return fmt.Errorf("%w: OUTBOX_SHARDS is %d but %s is split into %d shards; rows would move between shards, and a batch committed but not yet marked under %d shards could be published twice. "+
+			"To change it: stop every relay of this table, then run `outbox-relay reshard` with OUTBOX_SHARDS=%d (it recovers every old shard, then records the new count)",
+			ErrShardsChanged, r.cfg.Shards, r.store.Table(), stored, stored, r.cfg.Shards)
+	}
 	for _, w := range r.warnings {
 		r.log.Warn(w)
 	}

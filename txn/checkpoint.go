@@ -50,7 +50,7 @@ func EnsureCheckpointTopic(ctx context.Context, cfg Config, shards int) error {
 	}
 	if t, ok := topics[cfg.CheckpointTopic]; ok && t.Err == nil {
 		if n := len(t.Partitions); n < shards {
-			return fmt.Errorf("checkpoint topic %q has %d partitions but OUTBOX_SHARDS is %d: add partitions to the topic or use a new OUTBOX_CHECKPOINT_TOPIC", cfg.CheckpointTopic, n, shards)
+			return fmt.Errorf("checkpoint topic %q has %d partitions but OUTBOX_SHARDS is %d: run `outbox-relay reshard` with the new OUTBOX_SHARDS (it adds them)", cfg.CheckpointTopic, n, shards)
 		}
 		return nil
 	}
@@ -67,6 +67,32 @@ func EnsureCheckpointTopic(ctx context.Context, cfg Config, shards int) error {
 	}
 	if resp.Err != nil && !errors.Is(resp.Err, kerr.TopicAlreadyExists) {
 		return fmt.Errorf("create checkpoint topic %q: %w", cfg.CheckpointTopic, resp.Err)
+	}
+	return nil
+}
+
+// GrowCheckpointTopic adds partitions to the checkpoint topic until it has
+// one per shard (for a reshard to more shards).
+func GrowCheckpointTopic(ctx context.Context, cfg Config, shards int) error {
+	cl, err := kgo.NewClient(append([]kgo.Opt{kgo.SeedBrokers(cfg.Brokers...), kgo.WithLogger(KafkaLogger(cfg.Logger, kgo.LogLevelWarn))}, cfg.Extra...)...)
+	if err != nil {
+		return fmt.Errorf("checkpoint topic: %w", err)
+	}
+	defer cl.Close()
+	adm := kadm.NewClient(cl)
+	topics, err := adm.ListTopics(ctx, cfg.CheckpointTopic)
+	if err != nil {
+		return fmt.Errorf("checkpoint topic %q: list: %w", cfg.CheckpointTopic, err)
+	}
+	if t, ok := topics[cfg.CheckpointTopic]; ok && t.Err == nil && len(t.Partitions) >= shards {
+		return nil
+	}
+	resp, err := adm.UpdatePartitions(ctx, shards, cfg.CheckpointTopic)
+	if err == nil {
+		err = resp.Error()
+	}
+	if err != nil {
+		return fmt.Errorf("grow checkpoint topic %q to %d partitions: %w", cfg.CheckpointTopic, shards, err)
 	}
 	return nil
 }

@@ -4,6 +4,7 @@
 //	outbox-relay run                  relay, configured by OUTBOX_* variables
 //	outbox-relay migrate up|status|sql
 //	outbox-relay status               backlog, dead letters, schema
+//	outbox-relay reshard              change the shard count safely
 //	outbox-relay dlq list|requeue ID...
 //	outbox-relay demo [-events N]     embedded Kafka, payments simulator, checker
 //	outbox-relay version
@@ -39,6 +40,7 @@ Usage:
   outbox-relay migrate status           list migrations and when they were applied
   outbox-relay migrate sql              print the DDL for the configured schema and table
   outbox-relay status                   backlog, oldest unpublished row, dead letters
+  outbox-relay reshard                  change the shard count to OUTBOX_SHARDS (every relay stopped)
   outbox-relay dlq list [-limit N]      list dead letters
   outbox-relay dlq requeue ID...        move dead letters back into the outbox
   outbox-relay demo [-events N]         embedded Kafka + payments simulator + exactly-once checker
@@ -67,6 +69,8 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		err = runMigrate(ctx, args[1:], environ, stdout)
 	case "status":
 		err = runStatus(ctx, environ, stdout)
+	case "reshard":
+		err = runReshard(ctx, environ, stdout, stderr)
 	case "dlq":
 		err = runDLQ(ctx, args[1:], environ, stdout)
 	case "demo":
@@ -147,6 +151,38 @@ func runRelay(ctx context.Context, environ []string, stderr io.Writer) error {
 	if err := r.Run(ctx); err != nil {
 		return err
 	}
+	return nil
+}
+
+// runReshard is `outbox-relay reshard`: the relay's configuration, with
+// OUTBOX_SHARDS the new count.
+func runReshard(ctx context.Context, environ []string, stdout, stderr io.Writer) error {
+	cfg, err := relay.LoadConfig(environ)
+	if err != nil {
+		return fmt.Errorf("configuration: %w", err)
+	}
+	kopts, err := relay.KafkaOptions(cfg)
+	if err != nil {
+		return fmt.Errorf("configuration: %w", err)
+	}
+	pool, err := openPool(ctx, cfg.DatabaseURL, 4)
+	if err != nil {
+		return err
+	}
+	defer pool.Close()
+	r, err := relay.New(cfg, pool, relay.WithLogger(newLogger(stderr, cfg.LogLevel)), relay.WithKafkaOptions(kopts...))
+	if err != nil {
+		return err
+	}
+	old, err := r.Reshard(ctx)
+	if err != nil {
+		return err
+	}
+	if old == cfg.Shards {
+		fmt.Fprintf(stdout, "%s.%s already has %d shards\n", cfg.Schema, cfg.Table, old)
+		return nil
+	}
+	fmt.Fprintf(stdout, "resharded %s.%s from %d to %d shards: start the relays with OUTBOX_SHARDS=%d\n", cfg.Schema, cfg.Table, old, cfg.Shards, cfg.Shards)
 	return nil
 }
 
