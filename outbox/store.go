@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"time"
 
@@ -94,21 +95,28 @@ func (s *Store) MarkPublished(ctx context.Context, ids []int64) (int64, error) {
 }
 
 // MarkInflight is at-most-once's mark: in one transaction it marks ids
-// published and records them as the shard's in-flight batch, before the
-// batch is produced.
-func (s *Store) MarkInflight(ctx context.Context, shard int, ids []int64) error {
+// published and records the ones it marked as the shard's in-flight batch,
+// before the batch is produced. It returns the ids it marked: rows already
+// marked (by another relay that still thinks it owns the shard) are not.
+func (s *Store) MarkInflight(ctx context.Context, shard int, ids []int64) ([]int64, error) {
+	var marked []int64
 	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, `UPDATE `+s.t.Ident()+` SET published_at = now() WHERE id = ANY($1::bigint[]) AND published_at IS NULL`, ids); err != nil {
+		rows, err := tx.Query(ctx, `UPDATE `+s.t.Ident()+` SET published_at = now() WHERE id = ANY($1::bigint[]) AND published_at IS NULL RETURNING id`, ids)
+		if err != nil {
 			return err
 		}
-		_, err := tx.Exec(ctx, `INSERT INTO `+s.t.InflightIdent()+` (shard, ids) VALUES ($1, $2)
-ON CONFLICT (shard) DO UPDATE SET ids = excluded.ids, marked_at = now()`, shard, ids)
+		if marked, err = pgx.CollectRows(rows, pgx.RowTo[int64]); err != nil {
+			return err
+		}
+		slices.Sort(marked)
+		_, err = tx.Exec(ctx, `INSERT INTO `+s.t.InflightIdent()+` (shard, ids) VALUES ($1, $2)
+ON CONFLICT (shard) DO UPDATE SET ids = excluded.ids, marked_at = now()`, shard, marked)
 		return err
 	})
 	if err != nil {
-		return fmt.Errorf("mark %d rows published before sending (at-most-once) in %s: %w", len(ids), s.t, err)
+		return nil, fmt.Errorf("mark %d rows published before sending (at-most-once) in %s: %w", len(ids), s.t, err)
 	}
-	return nil
+	return marked, nil
 }
 
 // TakeInflight removes and returns the shard's in-flight at-most-once batch:

@@ -445,15 +445,30 @@ func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, p *txn.Producer
 // is a loss too, reported at once.
 func (r *Relay) publishAtMostOnce(ctx context.Context, s int32, p *txn.Producer, recs []txn.Record, created []time.Time, log *slog.Logger) error {
 	label := strconv.Itoa(int(s))
+	// Rows Kafka would refuse go to the dead-letter table, not to the floor.
+	if refused := p.Check(ctx, recs); len(refused) > 0 {
+		dead := make([]outbox.DeadLetter, len(refused))
+		for i, re := range refused {
+			dead[i] = outbox.DeadLetter{ID: re.ID, Error: re.Err.Error()}
+		}
+		if err := r.deadLetter(ctx, s, dead, log); err != nil {
+			return err
+		}
+		recs, created = without(recs, created, dead)
+	}
 	ids := make([]int64, len(recs))
 	for i, rec := range recs {
 		ids[i] = rec.ID
 	}
-	if err := r.store.MarkInflight(ctx, int(s), ids); err != nil {
+	// Only the rows this mark changed are sent: another relay that still
+	// believes it owns the shard may have marked (and sent) the others.
+	marked, err := r.store.MarkInflight(ctx, int(s), ids)
+	if err != nil {
 		return err
 	}
+	recs, created = subset(recs, created, marked)
 	// Crash window: marked, not sent. The in-flight record reports it.
-	if err := r.failpoint(ctx, FailAfterMark, s, ids); err != nil {
+	if err := r.failpoint(ctx, FailAfterMark, s, marked); err != nil {
 		return err
 	}
 	start := time.Now()
@@ -479,6 +494,21 @@ func (r *Relay) publishAtMostOnce(ctx context.Context, s int32, p *txn.Producer,
 		return sendErr
 	}
 	return nil
+}
+
+// without returns the records (and creation times) not in dead.
+func without(recs []txn.Record, created []time.Time, dead []outbox.DeadLetter) ([]txn.Record, []time.Time) {
+	gone := make(map[int64]bool, len(dead))
+	for _, d := range dead {
+		gone[d.ID] = true
+	}
+	var keep []int64
+	for _, rec := range recs {
+		if !gone[rec.ID] {
+			keep = append(keep, rec.ID)
+		}
+	}
+	return subset(recs, created, keep)
 }
 
 // subset returns the records (and creation times) whose ids are in ids.

@@ -260,6 +260,12 @@ func (p *Producer) abortAfterFailure(ctx context.Context) error {
 // HeaderOutboxID is the record header holding the decimal outbox row id.
 const HeaderOutboxID = "outbox-id"
 
+// Check returns the records Kafka would refuse for reasons of their own
+// (see checkRecords), for modes that must know before they send.
+func (p *Producer) Check(ctx context.Context, recs []Record) []*RecordError {
+	return p.checkRecords(ctx, recs)
+}
+
 // checkRecords refuses, before producing, records Kafka would refuse for
 // reasons of their own: an explicit partition the topic does not have, or a
 // record larger than the topic's max.message.bytes (or the producer's batch
