@@ -273,8 +273,11 @@ func (c Config) Validate() error {
 	if (c.KafkaTLSCertFile == "") != (c.KafkaTLSKeyFile == "") {
 		add("OUTBOX_KAFKA_TLS_CERT_FILE and OUTBOX_KAFKA_TLS_KEY_FILE must be set together")
 	}
-	if _, _, err := c.Settings(); err != nil {
+	if s, _, err := c.Settings(); err != nil {
 		add("%v", err)
+	} else if need := c.BatchSize*21 + 1024; s.Mode.Transactional() && need > int(s.BatchMaxBytes) {
+		add("OUTBOX_BATCH_SIZE=%d needs checkpoint records of up to %d bytes, more than OUTBOX_KAFKA_BATCH_SIZE=%d (batch.size): lower OUTBOX_BATCH_SIZE or raise OUTBOX_KAFKA_BATCH_SIZE",
+			c.BatchSize, need, s.BatchMaxBytes)
 	}
 	if len(problems) > 0 {
 		return errors.New(strings.Join(problems, "; "))

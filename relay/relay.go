@@ -290,7 +290,10 @@ func (r *Relay) own(ctx context.Context) error {
 		if conn == nil {
 			return
 		}
-		if _, err := conn.Exec(context.WithoutCancel(ctx), `SELECT pg_advisory_unlock($1, hashtext($2))`, migrations.LockKey+3, shardKey(key, s)); err != nil {
+		// Bounded: on a dead connection the lock is gone anyway.
+		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		if _, err := conn.Exec(uctx, `SELECT pg_advisory_unlock($1, hashtext($2))`, migrations.LockKey+3, shardKey(key, s)); err != nil {
 			r.log.Warn("release shard lock", "shard", s, "err", err)
 		}
 	}
@@ -307,6 +310,11 @@ func (r *Relay) own(ctx context.Context) error {
 		return w.err
 	}
 	release := func() {
+		// Cancel every worker first, then wait: the locks may be gone
+		// already, so no worker should go on while another winds down.
+		for _, w := range workers {
+			w.cancel()
+		}
 		for s := range workers {
 			stopWorker(s) //nolint:errcheck // shutting down or connection lost
 		}

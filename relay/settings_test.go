@@ -119,6 +119,8 @@ func TestSettingsRefusals(t *testing.T) {
 			[]string{`OUTBOX_KAFKA_ACKS (acks) is "2": expected 0, 1 or all`}},
 		{"in flight negative", []string{"OUTBOX_KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION=-1"},
 			[]string{"OUTBOX_KAFKA_MAX_IN_FLIGHT_REQUESTS_PER_CONNECTION (max.in.flight.requests.per.connection) is -1: expected at least 1"}},
+		{"checkpoint larger than batch.size", []string{"OUTBOX_BATCH_SIZE=10000", "OUTBOX_KAFKA_BATCH_SIZE=65536"},
+			[]string{"OUTBOX_BATCH_SIZE=10000 needs checkpoint records of up to", "lower OUTBOX_BATCH_SIZE or raise OUTBOX_KAFKA_BATCH_SIZE"}},
 		{"idempotence with retries=0", []string{"OUTBOX_DELIVERY=at-least-once", "OUTBOX_KAFKA_RETRIES=0"},
 			[]string{"OUTBOX_KAFKA_RETRIES=0 (retries) with idempotence on", "OUTBOX_KAFKA_ENABLE_IDEMPOTENCE=false"}},
 		{"retries negative", []string{"OUTBOX_DELIVERY=at-least-once", "OUTBOX_KAFKA_RETRIES=-1"},

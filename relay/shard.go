@@ -98,11 +98,15 @@ func graceful(ctx context.Context, grace time.Duration) (context.Context, contex
 	}
 }
 
-// txnBudget bounds one Kafka transaction or send: its records may take
-// delivery.timeout.ms, and the broker aborts a transaction open longer than
-// transaction.timeout.ms anyway. Past it, the relay recovers.
+// txnBudget bounds one Kafka transaction or send; past it, the relay
+// recovers.
 func (r *Relay) txnBudget() time.Duration {
-	return r.tcfg.Settings.DeliveryTimeout + r.tcfg.Settings.TransactionTimeout
+	if r.mode.Transactional() {
+		// Give up (abort, recover) before the broker's transaction timeout
+		// aborts it and bumps the epoch, which would read as a fencing.
+		return r.tcfg.Settings.TransactionTimeout * 9 / 10
+	}
+	return r.tcfg.Settings.DeliveryTimeout
 }
 
 // jittered spreads a backoff by up to ±20%, so that relays failing together
@@ -419,7 +423,10 @@ func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, p *txn.Producer
 	if err := r.failpoint(ctx, FailAfterMark, s, acked); err != nil {
 		return err
 	}
-	if len(refused) > 0 {
+	// Dead-letter only what was refused for certain: after another error,
+	// refused rows may be batch-mates of the culprit; they stay unmarked and
+	// are sent again after recovery.
+	if len(refused) > 0 && sendErr == nil {
 		dead := make([]outbox.DeadLetter, len(refused))
 		for i, re := range refused {
 			dead[i] = outbox.DeadLetter{ID: re.ID, Error: re.Err.Error()}

@@ -78,7 +78,7 @@ func isRecordFatal(err error) bool {
 // isRelayFatal reports whether err stops the relay: the cluster denies it.
 func isRelayFatal(err error) bool {
 	return errors.Is(err, kerr.TransactionalIDAuthorizationFailed) || errors.Is(err, kerr.ClusterAuthorizationFailed) ||
-		errors.Is(err, kerr.SaslAuthenticationFailed)
+		errors.Is(err, kerr.SaslAuthenticationFailed) || errors.Is(err, kerr.InvalidTransactionTimeout)
 }
 
 // classify turns an error met while producing into one of the classes above,

@@ -8,6 +8,7 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strconv"
@@ -177,9 +178,15 @@ func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint) er
 			}
 			mu.Lock()
 			defer mu.Unlock()
-			if isRecordFatal(err) && id >= 0 {
+			switch {
+			case id < 0 && isRecordFatal(err):
+				// The checkpoint record itself was refused: no batch can
+				// ever commit; stop with the settings to change.
+				otherErr = fmt.Errorf("%w: the checkpoint record (%d ids) was refused: %w; lower OUTBOX_BATCH_SIZE, or raise the checkpoint topic's max.message.bytes and OUTBOX_KAFKA_BATCH_SIZE",
+					ErrFatal, len(cp.IDs), err)
+			case isRecordFatal(err):
 				recordErrs = append(recordErrs, &RecordError{ID: id, Err: err})
-			} else if otherErr == nil {
+			case otherErr == nil:
 				otherErr = err
 			}
 		}
@@ -204,6 +211,8 @@ func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint) er
 	if flushErr != nil || rerrs != nil || oerr != nil {
 		abortErr := p.abortAfterFailure(ctx)
 		switch {
+		case errors.Is(oerr, ErrFatal):
+			return oerr
 		case oerr != nil && (isFenced(oerr) || isRelayFatal(oerr)):
 			return fmt.Errorf("produce: %w", classify(oerr))
 		case abortErr != nil:
@@ -273,10 +282,20 @@ func (p *Producer) Check(ctx context.Context, recs []Record) []*RecordError {
 // not name the cause.
 func (p *Producer) checkRecords(ctx context.Context, recs []Record) []*RecordError {
 	var bad []*RecordError
+	refreshed := map[string]bool{}
 	for _, r := range recs {
 		meta, err := p.topicMeta(ctx, r.Topic)
 		if err != nil {
 			continue // let the produce report it
+		}
+		if !refreshed[r.Topic] && p.refused(r, meta) {
+			// Partitions or max.message.bytes may have grown since they
+			// were cached: look again before refusing a row.
+			refreshed[r.Topic] = true
+			p.forget(r.Topic)
+			if meta, err = p.topicMeta(ctx, r.Topic); err != nil {
+				continue
+			}
 		}
 		if r.Partition >= 0 && int(r.Partition) >= meta.partitions {
 			bad = append(bad, &RecordError{ID: r.ID, Err: fmt.Errorf(
@@ -290,6 +309,19 @@ func (p *Producer) checkRecords(ctx context.Context, recs []Record) []*RecordErr
 		}
 	}
 	return bad
+}
+
+// refused reports whether r fails the checks of checkRecords against meta.
+func (p *Producer) refused(r Record, meta topicMeta) bool {
+	return r.Partition >= 0 && int(r.Partition) >= meta.partitions || r.batchSize() > int(p.batchMaxBytes(r.Topic))
+}
+
+// forget drops what is cached about topic.
+func (p *Producer) forget(topic string) {
+	p.mu.Lock()
+	delete(p.partitions, topic)
+	delete(p.maxBytes, topic)
+	p.mu.Unlock()
 }
 
 // batchSize is an upper bound of the record's size inside a record batch of
