@@ -299,6 +299,10 @@ func (m *Migrator) Status(ctx context.Context) ([]Applied, error) {
 
 // Pending reports how many migrations Up would apply. The relay refuses to
 // start while any is pending.
+//
+// A schema applied with another tool (golang-migrate, goose, Flyway) has no
+// <table>_schema_migrations table; it counts as current when the newest
+// migration's objects exist.
 func (m *Migrator) Pending(ctx context.Context) (int, error) {
 	st, err := m.Status(ctx)
 	if err != nil {
@@ -310,7 +314,34 @@ func (m *Migrator) Pending(ctx context.Context) (int, error) {
 			n++
 		}
 	}
+	if n == len(st) && n > 0 {
+		if current, err := m.appliedElsewhere(ctx); err != nil {
+			return 0, err
+		} else if current {
+			return 0, nil
+		}
+	}
 	return n, nil
+}
+
+// appliedElsewhere reports whether the newest migration's objects exist:
+// version 3's shards column of <table>_relay_state (and, with it, every
+// earlier object). Update it with each new migration.
+func (m *Migrator) appliedElsewhere(ctx context.Context) (bool, error) {
+	tx, err := m.db.Begin(ctx)
+	if err != nil {
+		return false, fmt.Errorf("check schema: %w", err)
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // read-only
+	state := QuoteIdent(m.schema) + "." + QuoteIdent(m.table+"_relay_state")
+	inflight := QuoteIdent(m.schema) + "." + QuoteIdent(m.table+"_inflight")
+	var ok bool
+	err = tx.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL AND EXISTS (
+    SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($2) AND attname = 'shards' AND NOT attisdropped)`, inflight, state).Scan(&ok)
+	if err != nil {
+		return false, fmt.Errorf("check schema: %w", err)
+	}
+	return ok, nil
 }
 
 // IsUndefinedTable reports whether err is PostgreSQL's "relation does not
