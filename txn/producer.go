@@ -215,11 +215,13 @@ func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint) er
 			return oerr
 		case oerr != nil && (isFenced(oerr) || isRelayFatal(oerr)):
 			return fmt.Errorf("produce: %w", classify(oerr))
-		case abortErr != nil:
-			// The abort itself failed: this producer's state is unknown,
-			// so the caller recovers (a new producer settles it) rather
-			// than retry here.
+		case abortErr != nil && (isFenced(abortErr) || isRelayFatal(abortErr)):
 			return fmt.Errorf("abort after failed produce: %w", classify(abortErr))
+		case abortErr != nil:
+			// The abort itself failed: this producer's transaction may
+			// still be open, so the caller recovers (a new producer's
+			// InitProducerID settles it) rather than retry here.
+			return fmt.Errorf("abort after failed produce did not complete, recovering: %w", abortErr)
 		case rerrs != nil:
 			return &RecordErrors{Records: rerrs}
 		case oerr != nil:
