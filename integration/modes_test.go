@@ -40,33 +40,16 @@ import (
 // header, key and value, and every other row arrives exactly once. There is
 // no transaction, so read_committed and read_uncommitted see the same.
 func TestAtLeastOnceCrashAfterAckDuplicatesOnlyTheUnmarkedBatch(t *testing.T) {
-	db := testenv.NewDB(t)
-	topic := testenv.RandomName("payments-")
-	k := testenv.NewKafka(t, 3, topic)
-	const batchSize = 25
-	ids := db.Insert(t, topic, 4*batchSize, faultsKeys)
-	cfg := testenv.RelayConfig(db, k)
-	cfg.Delivery = string(txn.AtLeastOnce)
-	cfg.BatchSize = batchSize
-
-	crashAfterThirdAck, crashedBatch := modesCrashAt(relay.FailAfterCommit, 3)
-	first := testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)), relay.WithFailpoint(crashAfterThirdAck))
-	if err := first.Wait(t, 30*time.Second); !errors.Is(err, errSimulatedCrash) {
-		t.Fatalf("first relay: Run returned %v, want the simulated crash", err)
-	}
-	dup := crashedBatch()
-	if want := ids[2*batchSize : 3*batchSize]; !slices.Equal(dup, want) {
-		t.Fatalf("the crashed batch is %v, want the 3rd batch %v", dup, want)
-	}
-	if n := db.Unpublished(t); n != 2*batchSize {
-		t.Fatalf("after the crash %d rows are unmarked, want %d (the acknowledged 3rd batch and the unread 4th)", n, 2*batchSize)
+	db, k, topic, cfg, ids, dup := modesCrashThirdBatch(t, txn.AtLeastOnce, relay.FailAfterCommit)
+	if n := db.Unpublished(t); n != 2*modesBatchSize {
+		t.Fatalf("after the crash %d rows are unmarked, want %d (the acknowledged 3rd batch and the unread 4th)", n, 2*modesBatchSize)
 	}
 
 	reg := prometheus.NewRegistry()
 	testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)), relay.WithRegisterer(reg))
 	// Counted after the mark: once counted, every row is marked.
 	faultsEventually(t, 30*time.Second, "the second relay publishes the unmarked batch again, and the 4th", func() bool {
-		return faultsMetric(t, reg, "outbox_relay_published_records_total") >= 2*batchSize
+		return faultsMetric(t, reg, "outbox_relay_published_records_total") >= 2*modesBatchSize
 	})
 	if n := db.Unpublished(t); n != 0 {
 		t.Errorf("%d rows unmarked after the second relay published", n)
@@ -78,8 +61,8 @@ func TestAtLeastOnceCrashAfterAckDuplicatesOnlyTheUnmarkedBatch(t *testing.T) {
 	modesCheckDuplicates(t, "read_committed", ids, dup, rows, committed)
 	uncommitted := modesRead(t, k.Brokers, topic, kgo.ReadUncommitted(), want, 15*time.Second)
 	modesCheckDuplicates(t, "read_uncommitted", ids, dup, rows, uncommitted)
-	if got := faultsMetric(t, reg, "outbox_relay_published_records_total"); got != 2*batchSize {
-		t.Errorf("the second relay published %v records, want %d (the unmarked batch again, and the 4th)", got, 2*batchSize)
+	if got := faultsMetric(t, reg, "outbox_relay_published_records_total"); got != 2*modesBatchSize {
+		t.Errorf("the second relay published %v records, want %d (the unmarked batch again, and the 4th)", got, 2*modesBatchSize)
 	}
 }
 
@@ -91,28 +74,11 @@ func TestAtLeastOnceCrashAfterAckDuplicatesOnlyTheUnmarkedBatch(t *testing.T) {
 // twice.
 func TestAtMostOnceCrashAfterMarkLosesOnlyThatBatchAndReportsIt(t *testing.T) {
 	ctx := context.Background()
-	db := testenv.NewDB(t)
-	topic := testenv.RandomName("payments-")
-	k := testenv.NewKafka(t, 3, topic)
-	const batchSize = 25
-	ids := db.Insert(t, topic, 4*batchSize, faultsKeys)
-	cfg := testenv.RelayConfig(db, k)
-	cfg.Delivery = string(txn.AtMostOnce)
-	cfg.BatchSize = batchSize
-
-	crashAfterThirdMark, crashedBatch := modesCrashAt(relay.FailAfterMark, 3)
-	first := testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)), relay.WithFailpoint(crashAfterThirdMark))
-	if err := first.Wait(t, 30*time.Second); !errors.Is(err, errSimulatedCrash) {
-		t.Fatalf("first relay: Run returned %v, want the simulated crash", err)
-	}
-	lost := crashedBatch()
-	if want := ids[2*batchSize : 3*batchSize]; !slices.Equal(lost, want) {
-		t.Fatalf("the crashed batch is %v, want the 3rd batch %v", lost, want)
-	}
+	db, k, topic, cfg, ids, lost := modesCrashThirdBatch(t, txn.AtMostOnce, relay.FailAfterMark)
 	// Marked before producing, and recorded as in flight in the same
 	// transaction.
-	if n := db.Unpublished(t); n != batchSize {
-		t.Fatalf("after the crash %d rows are unmarked, want %d (only the unread 4th batch)", n, batchSize)
+	if n := db.Unpublished(t); n != modesBatchSize {
+		t.Fatalf("after the crash %d rows are unmarked, want %d (only the unread 4th batch)", n, modesBatchSize)
 	}
 	var inflight []int64
 	if err := db.Pool.QueryRow(ctx, `SELECT ids FROM outbox_inflight WHERE shard = 0`).Scan(&inflight); err != nil || !slices.Equal(inflight, lost) {
@@ -124,20 +90,20 @@ func TestAtMostOnceCrashAfterMarkLosesOnlyThatBatchAndReportsIt(t *testing.T) {
 	testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, logs)), relay.WithRegisterer(reg))
 	// Counted after the send and the in-flight record's removal.
 	faultsEventually(t, 30*time.Second, "the second relay sends the 4th batch", func() bool {
-		return faultsMetric(t, reg, "outbox_relay_published_records_total") >= batchSize
+		return faultsMetric(t, reg, "outbox_relay_published_records_total") >= modesBatchSize
 	})
 	if n := db.Unpublished(t); n != 0 {
 		t.Errorf("%d rows unmarked after the second relay sent the 4th batch", n)
 	}
-	if got := faultsMetric(t, reg, "outbox_relay_at_most_once_lost_rows_total"); got != batchSize {
-		t.Errorf("outbox_relay_at_most_once_lost_rows_total = %v, want %d", got, batchSize)
+	if got := faultsMetric(t, reg, "outbox_relay_at_most_once_lost_rows_total"); got != modesBatchSize {
+		t.Errorf("outbox_relay_at_most_once_lost_rows_total = %v, want %d", got, modesBatchSize)
 	}
 	idList, _ := json.Marshal(lost)
 	if !faultsLogHas(logs.String(), `"level":"ERROR"`, "at-most-once", `"ids":`+string(idList)) {
 		t.Errorf("no ERROR line reports the lost ids %s", idList)
 	}
-	if got := faultsMetric(t, reg, "outbox_relay_published_records_total"); got != batchSize {
-		t.Errorf("the second relay published %v records, want %d (the 4th batch only)", got, batchSize)
+	if got := faultsMetric(t, reg, "outbox_relay_published_records_total"); got != modesBatchSize {
+		t.Errorf("the second relay published %v records, want %d (the 4th batch only)", got, modesBatchSize)
 	}
 	var left int
 	if err := db.Pool.QueryRow(ctx, `SELECT count(*) FROM outbox_inflight`).Scan(&left); err != nil || left != 0 {
@@ -321,4 +287,32 @@ func modesCrashAt(point string, n int32) (relay.Failpoint, func() []int64) {
 		defer mu.Unlock()
 		return crashed
 	}
+}
+
+// modesBatchSize is the batch size of the mode crash tests.
+const modesBatchSize = 25
+
+// modesCrashThirdBatch writes four batches of rows, runs a relay in mode
+// that crashes at point in its third batch, and returns the set-up, all ids
+// and the crashed batch's ids (checked to be the third batch).
+func modesCrashThirdBatch(t *testing.T, mode txn.Mode, point string) (*testenv.DB, *testenv.Kafka, string, relay.Config, []int64, []int64) {
+	t.Helper()
+	db := testenv.NewDB(t)
+	topic := testenv.RandomName("payments-")
+	k := testenv.NewKafka(t, 3, topic)
+	ids := db.Insert(t, topic, 4*modesBatchSize, faultsKeys)
+	cfg := testenv.RelayConfig(db, k)
+	cfg.Delivery = string(mode)
+	cfg.BatchSize = modesBatchSize
+
+	fp, crashedBatch := modesCrashAt(point, 3)
+	first := testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)), relay.WithFailpoint(fp))
+	if err := first.Wait(t, 30*time.Second); !errors.Is(err, errSimulatedCrash) {
+		t.Fatalf("first relay: Run returned %v, want the simulated crash", err)
+	}
+	crashed := crashedBatch()
+	if want := ids[2*modesBatchSize : 3*modesBatchSize]; !slices.Equal(crashed, want) {
+		t.Fatalf("the crashed batch is %v, want the 3rd batch %v", crashed, want)
+	}
+	return db, k, topic, cfg, ids, crashed
 }

@@ -22,7 +22,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 )
 
 //go:embed sql/*.sql
@@ -342,11 +341,4 @@ func (m *Migrator) appliedElsewhere(ctx context.Context) (bool, error) {
 		return false, fmt.Errorf("check schema: %w", err)
 	}
 	return ok, nil
-}
-
-// IsUndefinedTable reports whether err is PostgreSQL's "relation does not
-// exist", the usual sign of a database that was never migrated.
-func IsUndefinedTable(err error) bool {
-	var pgErr *pgconn.PgError
-	return errors.As(err, &pgErr) && pgErr.Code == "42P01"
 }

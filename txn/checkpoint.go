@@ -38,6 +38,16 @@ type Checkpoint struct {
 // partition per shard) if it does not exist, and checks that an existing one
 // has a partition for every shard.
 func EnsureCheckpointTopic(ctx context.Context, cfg Config, shards int) error {
+	return checkpointTopic(ctx, cfg, shards, false)
+}
+
+// GrowCheckpointTopic is EnsureCheckpointTopic that adds partitions to an
+// existing topic until it has one per shard (for a reshard to more shards).
+func GrowCheckpointTopic(ctx context.Context, cfg Config, shards int) error {
+	return checkpointTopic(ctx, cfg, shards, true)
+}
+
+func checkpointTopic(ctx context.Context, cfg Config, shards int, grow bool) error {
 	cl, err := kgo.NewClient(append([]kgo.Opt{kgo.SeedBrokers(cfg.Brokers...), kgo.WithLogger(KafkaLogger(cfg.Logger, kgo.LogLevelWarn))}, cfg.Extra...)...)
 	if err != nil {
 		return fmt.Errorf("checkpoint topic: %w", err)
@@ -49,8 +59,19 @@ func EnsureCheckpointTopic(ctx context.Context, cfg Config, shards int) error {
 		return fmt.Errorf("checkpoint topic %q: list: %w", cfg.CheckpointTopic, err)
 	}
 	if t, ok := topics[cfg.CheckpointTopic]; ok && t.Err == nil {
-		if n := len(t.Partitions); n < shards {
+		n := len(t.Partitions)
+		switch {
+		case n >= shards:
+			return nil
+		case !grow:
 			return fmt.Errorf("checkpoint topic %q has %d partitions but OUTBOX_SHARDS is %d: run `outbox-relay reshard` with the new OUTBOX_SHARDS (it adds them)", cfg.CheckpointTopic, n, shards)
+		}
+		resp, err := adm.UpdatePartitions(ctx, shards, cfg.CheckpointTopic)
+		if err == nil {
+			err = resp.Error()
+		}
+		if err != nil {
+			return fmt.Errorf("grow checkpoint topic %q to %d partitions: %w", cfg.CheckpointTopic, shards, err)
 		}
 		return nil
 	}
@@ -67,32 +88,6 @@ func EnsureCheckpointTopic(ctx context.Context, cfg Config, shards int) error {
 	}
 	if resp.Err != nil && !errors.Is(resp.Err, kerr.TopicAlreadyExists) {
 		return fmt.Errorf("create checkpoint topic %q: %w", cfg.CheckpointTopic, resp.Err)
-	}
-	return nil
-}
-
-// GrowCheckpointTopic adds partitions to the checkpoint topic until it has
-// one per shard (for a reshard to more shards).
-func GrowCheckpointTopic(ctx context.Context, cfg Config, shards int) error {
-	cl, err := kgo.NewClient(append([]kgo.Opt{kgo.SeedBrokers(cfg.Brokers...), kgo.WithLogger(KafkaLogger(cfg.Logger, kgo.LogLevelWarn))}, cfg.Extra...)...)
-	if err != nil {
-		return fmt.Errorf("checkpoint topic: %w", err)
-	}
-	defer cl.Close()
-	adm := kadm.NewClient(cl)
-	topics, err := adm.ListTopics(ctx, cfg.CheckpointTopic)
-	if err != nil {
-		return fmt.Errorf("checkpoint topic %q: list: %w", cfg.CheckpointTopic, err)
-	}
-	if t, ok := topics[cfg.CheckpointTopic]; ok && t.Err == nil && len(t.Partitions) >= shards {
-		return nil
-	}
-	resp, err := adm.UpdatePartitions(ctx, shards, cfg.CheckpointTopic)
-	if err == nil {
-		err = resp.Error()
-	}
-	if err != nil {
-		return fmt.Errorf("grow checkpoint topic %q to %d partitions: %w", cfg.CheckpointTopic, shards, err)
 	}
 	return nil
 }

@@ -78,7 +78,6 @@ type Producer struct {
 	partitions map[string]int   // partition counts, for explicit partitions
 	maxBytes   map[string]int32 // the topics' max.message.bytes
 	epoch      int16
-	producerID int64
 }
 
 // NewProducer creates shard's producer. In exactly-once mode it runs
@@ -117,7 +116,7 @@ func NewProducer(ctx context.Context, cfg Config, shard int32) (*Producer, error
 		cl.Close()
 		return nil, fmt.Errorf("init producer id of %s: %w", cfg.TransactionalID(shard), classify(err))
 	}
-	p.producerID, p.epoch = id, epoch
+	p.epoch = epoch
 	log.Info("producer initialized, earlier producers fenced", "producer_id", id, "epoch", epoch)
 	return p, nil
 }
