@@ -60,6 +60,9 @@ func (t Table) DeadLetterIdent() string { return t.ident("_dead_letter") }
 // InflightIdent is the quoted name of the at-most-once in-flight table.
 func (t Table) InflightIdent() string { return t.ident("_inflight") }
 
+// OwnerIdent is the quoted name of the shard-ownership lease table.
+func (t Table) OwnerIdent() string { return t.ident("_owner") }
+
 // StateIdent is the quoted name of the relay-state table.
 func (t Table) StateIdent() string { return t.ident("_relay_state") }
 
