@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/md5"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"slices"
 	"strconv"
@@ -95,12 +94,14 @@ func (s *Store) MarkPublished(ctx context.Context, ids []int64) (int64, error) {
 }
 
 // MarkInflight is at-most-once's mark: in one transaction it marks ids
-// published and records the ones it marked as the shard's in-flight batch,
-// before the batch is produced. It returns the ids it marked: rows already
-// marked (by another relay that still thinks it owns the shard) are not.
-func (s *Store) MarkInflight(ctx context.Context, shard int, ids []int64) ([]int64, error) {
-	var marked []int64
-	err := pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+// published and records the ones it marked as an in-flight batch of the
+// shard, before the batch is produced. It returns the ids it marked (rows
+// already marked, by another relay that still thinks it owns the shard, are
+// not) and the in-flight batch to confirm once sent. Every batch is a row of
+// its own, so a batch an old owner marked and never sent is still there after
+// a new owner confirmed its own.
+func (s *Store) MarkInflight(ctx context.Context, shard int, ids []int64) (marked []int64, batch int64, err error) {
+	err = pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
 		rows, err := tx.Query(ctx, `UPDATE `+s.t.Ident()+` SET published_at = now() WHERE id = ANY($1::bigint[]) AND published_at IS NULL RETURNING id`, ids)
 		if err != nil {
 			return err
@@ -109,26 +110,35 @@ func (s *Store) MarkInflight(ctx context.Context, shard int, ids []int64) ([]int
 			return err
 		}
 		slices.Sort(marked)
-		_, err = tx.Exec(ctx, `INSERT INTO `+s.t.InflightIdent()+` (shard, ids) VALUES ($1, $2)
-ON CONFLICT (shard) DO UPDATE SET ids = excluded.ids, marked_at = now()`, shard, marked)
-		return err
+		return tx.QueryRow(ctx, `INSERT INTO `+s.t.InflightIdent()+` (shard, ids) VALUES ($1, $2) RETURNING batch`, shard, marked).Scan(&batch)
 	})
 	if err != nil {
-		return nil, fmt.Errorf("mark %d rows published before sending (at-most-once) in %s: %w", len(ids), s.t, err)
+		return nil, 0, fmt.Errorf("mark %d rows published before sending (at-most-once) in %s: %w", len(ids), s.t, err)
 	}
-	return marked, nil
+	return marked, batch, nil
 }
 
-// TakeInflight removes and returns the shard's in-flight at-most-once batch:
-// rows marked published whose send was never confirmed.
-func (s *Store) TakeInflight(ctx context.Context, shard int) ([]int64, error) {
-	var ids []int64
-	err := s.pool.QueryRow(ctx, `DELETE FROM `+s.t.InflightIdent()+` WHERE shard = $1 RETURNING ids`, shard).Scan(&ids)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return nil, nil
+// ConfirmInflight removes the in-flight record of a batch whose send has
+// ended (sent, or its loss reported).
+func (s *Store) ConfirmInflight(ctx context.Context, batch int64) error {
+	if _, err := s.pool.Exec(ctx, `DELETE FROM `+s.t.InflightIdent()+` WHERE batch = $1`, batch); err != nil {
+		return fmt.Errorf("confirm in-flight batch %d of %s: %w", batch, s.t, err)
 	}
+	return nil
+}
+
+// TakeInflight removes and returns the ids of every in-flight at-most-once
+// batch of the shard, in id order: rows marked published whose send was
+// never confirmed (recovery reports them lost).
+func (s *Store) TakeInflight(ctx context.Context, shard int) ([]int64, error) {
+	rows, err := s.pool.Query(ctx, `WITH taken AS (DELETE FROM `+s.t.InflightIdent()+` WHERE shard = $1 RETURNING ids)
+SELECT id FROM taken, unnest(taken.ids) AS id ORDER BY id`, shard)
 	if err != nil {
-		return nil, fmt.Errorf("read in-flight batch of shard %d of %s: %w", shard, s.t, err)
+		return nil, fmt.Errorf("read in-flight batches of shard %d of %s: %w", shard, s.t, err)
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	if err != nil {
+		return nil, fmt.Errorf("read in-flight batches of shard %d of %s: %w", shard, s.t, err)
 	}
 	return ids, nil
 }

@@ -17,11 +17,14 @@ func TestMarkInflightReturnsOnlyWhatItMarked(t *testing.T) {
 	db := testenv.NewDB(t)
 	ids := db.Insert(t, "t", 4, nil)
 	st := outbox.NewStore(db.Pool, db.Table)
-	first, err := st.MarkInflight(ctx, 0, ids[:3])
+	first, batch, err := st.MarkInflight(ctx, 0, ids[:3])
 	if err != nil || !slices.Equal(first, ids[:3]) {
 		t.Fatalf("first mark: %v, %v; want %v", first, err, ids[:3])
 	}
-	second, err := st.MarkInflight(ctx, 0, ids)
+	if err := st.ConfirmInflight(ctx, batch); err != nil {
+		t.Fatal(err)
+	}
+	second, _, err := st.MarkInflight(ctx, 0, ids)
 	if err != nil || !slices.Equal(second, ids[3:]) {
 		t.Fatalf("second mark: %v, %v; want only %v", second, err, ids[3:])
 	}
@@ -29,7 +32,31 @@ func TestMarkInflightReturnsOnlyWhatItMarked(t *testing.T) {
 	if err != nil || !slices.Equal(inflight, ids[3:]) {
 		t.Fatalf("in-flight record: %v, %v; want %v", inflight, err, ids[3:])
 	}
-	if again, err := st.TakeInflight(ctx, 0); err != nil || again != nil {
+	if again, err := st.TakeInflight(ctx, 0); err != nil || len(again) != 0 {
 		t.Fatalf("in-flight record after take: %v, %v", again, err)
+	}
+}
+
+// TestEveryUnconfirmedAtMostOnceBatchIsReported: an old owner marks batch A
+// and dies before sending it; meanwhile the new owner marks and confirms its
+// own batch B. The next recovery must still find A to report it lost.
+func TestEveryUnconfirmedAtMostOnceBatchIsReported(t *testing.T) {
+	ctx := context.Background()
+	db := testenv.NewDB(t)
+	ids := db.Insert(t, "t", 6, nil)
+	st := outbox.NewStore(db.Pool, db.Table)
+	if _, _, err := st.MarkInflight(ctx, 0, ids[:3]); err != nil { // the old owner, which then dies
+		t.Fatal(err)
+	}
+	_, batch, err := st.MarkInflight(ctx, 0, ids[3:]) // the new owner
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.ConfirmInflight(ctx, batch); err != nil { // the new owner confirms its send
+		t.Fatal(err)
+	}
+	lost, err := st.TakeInflight(ctx, 0) // the next recovery
+	if err != nil || !slices.Equal(lost, ids[:3]) {
+		t.Fatalf("after the new owner confirmed its batch, recovery finds %v (%v) in flight, want the old owner's unsent batch %v", lost, err, ids[:3])
 	}
 }

@@ -469,7 +469,7 @@ func (r *Relay) publishAtMostOnce(ctx context.Context, s int32, p *txn.Producer,
 	}
 	// Only the rows this mark changed are sent: another relay that still
 	// believes it owns the shard may have marked (and sent) the others.
-	marked, err := r.store.MarkInflight(ctx, int(s), ids)
+	marked, batch, err := r.store.MarkInflight(ctx, int(s), ids)
 	if err != nil {
 		return err
 	}
@@ -490,7 +490,7 @@ func (r *Relay) publishAtMostOnce(ctx context.Context, s int32, p *txn.Producer,
 		}
 		log.Error("at-most-once: rows marked published were not sent; they are lost", "rows", lost, "err", first)
 	}
-	if _, err := r.store.TakeInflight(ctx, int(s)); err != nil {
+	if err := r.store.ConfirmInflight(ctx, batch); err != nil {
 		return err
 	}
 	r.m.TxnDuration.Observe(time.Since(start).Seconds())
