@@ -40,7 +40,7 @@ func TestNewerCheckpointFormatStopsTheRelay(t *testing.T) {
 	if err := cl.BeginTransaction(); err != nil {
 		t.Fatal(err)
 	}
-	if err := cl.ProduceSync(ctx, &kgo.Record{Partition: 0, Value: []byte(`{"v":2,"ids":[1]}`)}).FirstErr(); err != nil {
+	if err := cl.ProduceSync(ctx, &kgo.Record{Partition: 0, Value: []byte(`{"v":3,"relay":"x","ids":[1]}`)}).FirstErr(); err != nil {
 		t.Fatal(err)
 	}
 	if err := cl.EndTransaction(ctx, kgo.TryCommit); err != nil {

@@ -40,6 +40,15 @@ type Config struct {
 	Shards int `env:"OUTBOX_SHARDS" envDefault:"1"`
 	// BatchSize is the most rows one Kafka transaction carries.
 	BatchSize int `env:"OUTBOX_BATCH_SIZE" envDefault:"500"`
+	// RecoveryWindow is how many of a shard's most recent batches every
+	// checkpoint lists, so that recovery re-applies their marks: losing the
+	// marks of up to that many batches (a database crash with unflushed
+	// commits, a fail-over to an asynchronous standby) republishes nothing.
+	RecoveryWindow int `env:"OUTBOX_RECOVERY_WINDOW" envDefault:"8"`
+	// StatementTimeout and LockTimeout bound every query of the relay
+	// (PostgreSQL's statement_timeout and lock_timeout).
+	StatementTimeout time.Duration `env:"OUTBOX_STATEMENT_TIMEOUT" envDefault:"30s"`
+	LockTimeout      time.Duration `env:"OUTBOX_LOCK_TIMEOUT" envDefault:"5s"`
 	// PollInterval is the longest an idle relay sleeps before polling when
 	// no wake-up notification arrives.
 	PollInterval time.Duration `env:"OUTBOX_POLL_INTERVAL" envDefault:"1s"`
@@ -104,6 +113,10 @@ type Config struct {
 
 // MaxBatchSize is the largest OUTBOX_BATCH_SIZE.
 const MaxBatchSize = 10000
+
+// checkpointRowBytes bounds what one row costs in a checkpoint record: two
+// varints of at most 10 bytes, in base64.
+const checkpointRowBytes = 27
 
 // DefaultMetricsAddr is where the HTTP endpoints listen when
 // OUTBOX_METRICS_ADDR is not set.
@@ -240,16 +253,20 @@ func (c Config) Validate() error {
 	if c.Shards < 1 || c.Shards > 1024 {
 		add("OUTBOX_SHARDS is %d: expected 1 to 1024", c.Shards)
 	}
-	// The checkpoint record lists a batch's ids (about 11 bytes each): 10000
-	// keeps it far below Kafka's default max.message.bytes of 1 MiB.
+	// The checkpoint record lists at least the batch's rows (at most 27
+	// bytes each, about 6 in practice): 10000 keeps it far below Kafka's
+	// default max.message.bytes of 1 MiB.
 	if c.BatchSize < 1 || c.BatchSize > MaxBatchSize {
 		add("OUTBOX_BATCH_SIZE is %d: expected 1 to %d", c.BatchSize, MaxBatchSize)
+	}
+	if c.RecoveryWindow < 1 || c.RecoveryWindow > 1000 {
+		add("OUTBOX_RECOVERY_WINDOW is %d: expected 1 to 1000 batches", c.RecoveryWindow)
 	}
 	for _, d := range []struct {
 		name string
 		v    time.Duration
 	}{{"OUTBOX_POLL_INTERVAL", c.PollInterval}, {"OUTBOX_REBALANCE_INTERVAL", c.RebalanceInterval},
-		{"OUTBOX_SHUTDOWN_TIMEOUT", c.ShutdownTimeout}} {
+		{"OUTBOX_SHUTDOWN_TIMEOUT", c.ShutdownTimeout}, {"OUTBOX_STATEMENT_TIMEOUT", c.StatementTimeout}, {"OUTBOX_LOCK_TIMEOUT", c.LockTimeout}} {
 		if d.v <= 0 {
 			add("%s is %v: expected a positive duration", d.name, d.v)
 		}
@@ -275,7 +292,7 @@ func (c Config) Validate() error {
 	}
 	if s, _, err := c.Settings(); err != nil {
 		add("%v", err)
-	} else if need := c.BatchSize*21 + 1024; s.Mode.Transactional() && need > int(s.BatchMaxBytes) {
+	} else if need := c.BatchSize*checkpointRowBytes + 1024; s.Mode.Transactional() && need > int(s.BatchMaxBytes) {
 		add("OUTBOX_BATCH_SIZE=%d needs checkpoint records of up to %d bytes, more than OUTBOX_KAFKA_BATCH_SIZE=%d (batch.size): lower OUTBOX_BATCH_SIZE or raise OUTBOX_KAFKA_BATCH_SIZE",
 			c.BatchSize, need, s.BatchMaxBytes)
 	}

@@ -20,6 +20,7 @@ type Metrics struct {
 	Recoveries      *prometheus.CounterVec
 	RecoveredMarked *prometheus.CounterVec
 	PossiblyLost    *prometheus.CounterVec
+	Rewinds         *prometheus.CounterVec
 	OwnedShards     prometheus.Gauge
 	Shards          prometheus.Gauge
 	Deleted         prometheus.Counter
@@ -56,6 +57,8 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Rows found committed in Kafka but unmarked, marked by recovery from the checkpoint."}, shard),
 		PossiblyLost: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "at_most_once_lost_rows_total",
 			Help: "At-most-once only: rows marked published whose send failed or was never confirmed (the previous owner crashed)."}, shard),
+		Rewinds: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "table_rewinds_total",
+			Help: "Recoveries that found the outbox table gone back in time (restored, RESTART IDENTITY, lost WAL): the checkpoint names ids the sequence has not reached, or ids now held by other rows."}, shard),
 		OwnedShards: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "owned_shards",
 			Help: "Shards this instance owns."}),
 		Shards: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "shards",
@@ -64,7 +67,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Published rows deleted by retention."}),
 	}
 	reg.MustRegister(m.Backlog, m.OldestAge, m.Published, m.PublishedBytes, m.BatchSize, m.TxnDuration, m.EndToEnd,
-		m.Aborts, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.PossiblyLost, m.OwnedShards, m.Shards, m.Deleted)
+		m.Aborts, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.PossiblyLost, m.Rewinds, m.OwnedShards, m.Shards, m.Deleted)
 	return m
 }
 
@@ -74,7 +77,7 @@ var abortReasons = []string{"aborted", "record_error", "commit_unknown", "send_f
 // shardTaken creates the shard's series at zero, so that increase() and
 // rate() see their first event.
 func (m *Metrics) shardTaken(label string) {
-	for _, c := range []*prometheus.CounterVec{m.Published, m.PublishedBytes, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.PossiblyLost} {
+	for _, c := range []*prometheus.CounterVec{m.Published, m.PublishedBytes, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.PossiblyLost, m.Rewinds} {
 		c.WithLabelValues(label)
 	}
 	for _, reason := range abortReasons {

@@ -82,20 +82,29 @@ type Relay struct {
 	stopping    atomic.Bool
 }
 
-// New checks the configuration and prepares a relay on pool. Run starts it.
+// New checks the configuration and prepares a relay on the database pool
+// reaches. The relay opens its own connections, configured from pool's, with
+// the session settings it needs (durableSession); pool itself is not used.
+// Run (or Reshard) starts it, once, and closes those connections when it
+// returns.
 func New(cfg Config, pool *pgxpool.Pool, opts ...Option) (*Relay, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("configuration: %w", err)
 	}
-	r := &Relay{cfg: cfg, pool: pool, log: slog.New(slog.DiscardHandler), reg: prometheus.NewRegistry()}
+	r := &Relay{cfg: cfg, log: slog.New(slog.DiscardHandler), reg: prometheus.NewRegistry()}
 	for _, o := range opts {
 		o(r)
 	}
 	t := outbox.Table{Schema: cfg.Schema, Name: cfg.Table}
-	r.store = outbox.NewStore(pool, t)
+	r.log = r.log.With("table", t.String(), "relay", cfg.RelayName)
+	own, err := ownPool(pool, cfg, r.log)
+	if err != nil {
+		return nil, err
+	}
+	r.pool = own
+	r.store = outbox.NewStore(r.pool, t)
 	r.m = NewMetrics(r.reg)
 	r.m.Shards.Set(float64(cfg.Shards))
-	r.log = r.log.With("table", t.String(), "relay", cfg.RelayName)
 	settings, warnings, err := cfg.Settings()
 	if err != nil {
 		return nil, fmt.Errorf("configuration: %w", err)
@@ -115,7 +124,7 @@ func New(cfg Config, pool *pgxpool.Pool, opts ...Option) (*Relay, error) {
 			return r.failpoint(ctx, FailBeforeCommit, shard, ids)
 		}
 	}
-	r.wake = newWaker(pool.Config().ConnConfig, t, r.log)
+	r.wake = newWaker(r.pool.Config().ConnConfig, t, r.log)
 	return r, nil
 }
 
@@ -145,6 +154,7 @@ func (r *Relay) failpoint(ctx context.Context, name string, shard int32, ids []i
 // relay cannot start (schema missing, checkpoint mismatch, Kafka denied) or
 // a failpoint stopped it.
 func (r *Relay) Run(ctx context.Context) error {
+	defer r.pool.Close()
 	if err := r.start(ctx); err != nil {
 		return err
 	}

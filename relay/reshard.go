@@ -27,6 +27,7 @@ var ErrRelaysRunning = errors.New("relays of this table are running")
 // the new shards with nothing committed left unmarked, so none is published
 // twice. It returns the old count.
 func (r *Relay) Reshard(ctx context.Context) (int, error) {
+	defer r.pool.Close()
 	key := r.store.Table().String()
 	conn, err := pgx.ConnectConfig(ctx, r.pool.Config().ConnConfig)
 	if err != nil {

@@ -30,7 +30,7 @@ var errCheckpointMismatch = errors.New("checkpoint belongs to another outbox tab
 func stopsRelay(err error) bool {
 	var crash errCrash
 	return errors.As(err, &crash) || errors.Is(err, txn.ErrFatal) ||
-		errors.Is(err, errCheckpointMismatch) || errors.Is(err, txn.ErrCheckpointFormat)
+		errors.Is(err, errCheckpointMismatch) || errors.Is(err, txn.ErrCheckpointFormat) || errors.Is(err, txn.ErrCheckpointForeign)
 }
 
 // runShard owns shard s until ctx ends or the shard is lost: recovery, then
@@ -120,7 +120,8 @@ func jittered(d time.Duration) time.Duration {
 //  1. NewProducer runs InitProducerID with the shard's transactional id,
 //     fencing every earlier producer and settling its open transaction;
 //  2. ReadCheckpoint reads the newest committed checkpoint (read_committed);
-//  3. the ids it lists are marked published (idempotent).
+//  3. the rows of its recovery window are marked published, each only if it
+//     is provably the row recorded (applyCheckpoint; idempotent).
 //
 // I3: the publish loop reads no row before these three steps are done.
 func (r *Relay) recoverShard(ctx context.Context, s int32, log *slog.Logger) (*txn.Producer, error) {
@@ -156,6 +157,7 @@ func (r *Relay) recoverShard(ctx context.Context, s int32, log *slog.Logger) (*t
 		p.Close()
 		return nil, fmt.Errorf("recover shard %d: %w", s, err)
 	}
+	w := txn.Window{Limit: r.cfg.RecoveryWindow, MaxBytes: r.windowBytes()}
 	var marked int64
 	if cp != nil {
 		if cp.Incarnation != r.incarnation || cp.Relay != r.cfg.RelayName || cp.Shard != s || cp.Table != r.store.Table().String() {
@@ -164,32 +166,92 @@ func (r *Relay) recoverShard(ctx context.Context, s int32, log *slog.Logger) (*t
 				"was the table dropped and created again, or does another relay share the topic? Use a new OUTBOX_CHECKPOINT_TOPIC",
 				s, errCheckpointMismatch, r.cfg.CheckpointTopic, s, cp.Relay, cp.Table, cp.Incarnation, r.cfg.RelayName, r.store.Table(), r.incarnation)
 		}
-		// The window "committed in Kafka, not marked in Postgres" closes
-		// here: the checkpoint lists every such row (I2).
-		if marked, err = r.markRetrying(ctx, cp.IDs, log); err != nil {
+		if marked, err = r.applyCheckpoint(ctx, s, cp, &w, log); err != nil {
 			p.Close()
 			return nil, fmt.Errorf("recover shard %d: %w", s, err)
 		}
 		r.m.RecoveredMarked.WithLabelValues(label).Add(float64(marked))
 	}
-	ids := 0
-	if cp != nil {
-		ids = len(cp.IDs)
-	}
-	log.Info("shard recovered", "epoch", p.Epoch(), "checkpoint_ids", ids, "marked", marked)
+	p.StartWindow(w)
+	log.Info("shard recovered", "epoch", p.Epoch(), "window_batches", w.Batches(), "window_rows", len(w.Rows()), "marked", marked)
 	return p, nil
 }
 
-// markRetrying marks ids published, retrying while the database is away. It
-// gives up only when ctx ends; recovery then marks them from the checkpoint.
-func (r *Relay) markRetrying(ctx context.Context, ids []int64, log *slog.Logger) (int64, error) {
+// applyCheckpoint is recovery step 3. The window "committed in Kafka, not
+// marked in PostgreSQL" closes here: the checkpoint lists the rows of the
+// shard's last batches (I2), and they are marked published, each only if it
+// is provably the row the checkpoint recorded: same id and same creation
+// time (I5). Marks lost for up to OUTBOX_RECOVERY_WINDOW batches (a database
+// crash, a fail-over to an asynchronous standby) are re-applied, so nothing
+// is published twice. A table gone back in time (restore, RESTART IDENTITY)
+// is reported, and its new rows that reuse recorded ids stay unmarked, to be
+// published: nothing new is marked without being published. On return, w is
+// the window the shard's next checkpoints carry on.
+func (r *Relay) applyCheckpoint(ctx context.Context, s int32, cp *txn.Checkpoint, w *txn.Window, log *slog.Logger) (int64, error) {
+	from, err := cp.RecoveryWindow(r.cfg.RecoveryWindow)
+	if err != nil {
+		return 0, err
+	}
+	rows := from.Rows()
+	ids := make([]int64, len(rows))
+	created := make([]time.Time, len(rows))
+	for i, row := range rows {
+		ids[i], created[i] = row.ID, row.Created
+	}
+	var marked int64
+	if cp.Version == 1 {
+		// Written before the upgrade: ids without fingerprints. A row
+		// created after the checkpoint cannot be one it recorded. The
+		// window starts empty: these marks are durable before any new
+		// checkpoint is written.
+		created = nil
+		marked, err = r.markRetrying(ctx, len(ids), log, func(ctx context.Context) (int64, error) {
+			return r.store.MarkCommittedBefore(ctx, ids, cp.Written)
+		})
+	} else {
+		*w = from
+		w.MaxBytes = r.windowBytes()
+		marked, err = r.markRetrying(ctx, len(ids), log, func(ctx context.Context) (int64, error) {
+			return r.store.MarkCommitted(ctx, ids, created)
+		})
+	}
+	if err != nil {
+		return 0, err
+	}
+	rw, err := r.store.Rewound(ctx, ids, created)
+	if err != nil {
+		return marked, err
+	}
+	if rw.Detected() {
+		r.m.Rewinds.WithLabelValues(strconv.Itoa(int(s))).Inc()
+		maxID := slices.Max(ids)
+		log.Error("the outbox table went back in time (a restore, TRUNCATE ... RESTART IDENTITY, or a fail-over that lost WAL): "+
+			"the checkpoint records rows already published to Kafka that the table no longer holds. Rows that reuse their ids are not marked and will be published, "+
+			"with outbox-id headers that repeat ids already in Kafka: move the sequence past them, e.g. SELECT setval(pg_get_serial_sequence('"+r.store.Table().Ident()+"', 'id'), "+strconv.FormatInt(maxID, 10)+"), and see the README's restore section",
+			"checkpoint_max_id", maxID, "sequence_last_value", rw.SequenceLast, "ahead_of_sequence", rw.AheadOfSequence,
+			"ids_reused", len(rw.Replaced), "reused_ids", head(rw.Replaced, 20))
+	}
+	return marked, nil
+}
+
+// windowBytes bounds the recovery window in a checkpoint record: half the
+// producer's batch.size, so the record always fits with its envelope.
+func (r *Relay) windowBytes() int { return int(r.tcfg.Settings.BatchMaxBytes) / 2 }
+
+// head returns the first n ids.
+func head(ids []int64, n int) []int64 { return ids[:min(n, len(ids))] }
+
+// markRetrying runs mark (a mark of rows rows) until it succeeds, retrying
+// while the database is away. It gives up only when ctx ends; recovery then
+// marks the rows from the checkpoint.
+func (r *Relay) markRetrying(ctx context.Context, rows int, log *slog.Logger, mark func(context.Context) (int64, error)) (int64, error) {
 	backoff := 50 * time.Millisecond
 	for {
-		n, err := r.store.MarkPublished(ctx, ids)
+		n, err := mark(ctx)
 		if err == nil {
 			return n, nil
 		}
-		log.Warn("mark published failed, retrying", "err", err, "rows", len(ids))
+		log.Warn("mark published failed, retrying", "err", err, "rows", rows)
 		select {
 		case <-ctx.Done():
 			return 0, fmt.Errorf("mark published: %w", err)
@@ -279,6 +341,7 @@ func (r *Relay) publishRows(ctx context.Context, s int32, p *txn.Producer, rows 
 			dead = append(dead, outbox.DeadLetter{ID: row.ID, Error: err.Error()})
 			continue
 		}
+		rec.Created = row.CreatedAt
 		recs = append(recs, rec)
 		created = append(created, row.CreatedAt)
 	}
@@ -323,8 +386,7 @@ func (r *Relay) publish(ctx context.Context, s int32, p *txn.Producer, recs []tx
 	for i, rec := range recs {
 		ids[i] = rec.ID
 	}
-	cp := txn.Checkpoint{Version: txn.CheckpointVersion, Relay: r.cfg.RelayName, Shard: s,
-		Table: r.store.Table().String(), Incarnation: r.incarnation, IDs: ids, Written: time.Now().UTC()}
+	cp := txn.Checkpoint{Relay: r.cfg.RelayName, Shard: s, Table: r.store.Table().String(), Incarnation: r.incarnation}
 
 	start := time.Now()
 	tctx, cancel := context.WithTimeout(ctx, r.txnBudget())
@@ -353,12 +415,15 @@ func (r *Relay) publish(ctx context.Context, s int32, p *txn.Producer, recs []tx
 	r.m.TxnDuration.Observe(commit.Sub(start).Seconds())
 
 	// Crash window: committed in Kafka, not marked. Closed by recovery,
-	// which marks the ids of the latest checkpoint (I2).
+	// which marks the rows of the latest checkpoint's window (I2).
 	if err := r.failpoint(ctx, FailAfterCommit, s, ids); err != nil {
 		return err
 	}
 	// I1: marked only now that the transaction holding them committed.
-	if _, err := r.markRetrying(ctx, ids, log); err != nil {
+	// Marked by id and creation time, as recovery marks them.
+	if _, err := r.markRetrying(ctx, len(ids), log, func(ctx context.Context) (int64, error) {
+		return r.store.MarkCommitted(ctx, ids, created)
+	}); err != nil {
 		return err
 	}
 	if err := r.failpoint(ctx, FailAfterMark, s, ids); err != nil {
@@ -417,7 +482,9 @@ func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, p *txn.Producer
 	if err := r.failpoint(ctx, FailAfterCommit, s, acked); err != nil {
 		return err
 	}
-	if _, err := r.markRetrying(ctx, acked, log); err != nil {
+	if _, err := r.markRetrying(ctx, len(acked), log, func(ctx context.Context) (int64, error) {
+		return r.store.MarkPublished(ctx, acked)
+	}); err != nil {
 		return err
 	}
 	if err := r.failpoint(ctx, FailAfterMark, s, acked); err != nil {

@@ -13,24 +13,35 @@ import (
 	"github.com/twmb/franz-go/pkg/kmsg"
 )
 
-// CheckpointVersion is the format version of checkpoint records.
-const CheckpointVersion = 1
+// CheckpointVersion is the format version of checkpoint records this relay
+// writes. Version 2 carries the recovery window (the rows of the last
+// batches, each with its fingerprint); version 1 listed the ids of the last
+// batch only, and is still read.
+const CheckpointVersion = 2
 
 // ErrCheckpointFormat: the shard's latest checkpoint is in a format this
 // relay does not read (written by a newer relay). Applying it blindly could
 // mark rows never published, so the relay stops.
 var ErrCheckpointFormat = errors.New("checkpoint format not understood")
 
+// ErrCheckpointForeign: the newest committed record of the shard's
+// checkpoint partition is not a checkpoint (a tombstone written to "reset"
+// the key, a record of another program). Recovery cannot know what the shard
+// committed, so the shard stops instead of guessing or retrying forever.
+var ErrCheckpointForeign = errors.New("checkpoint partition holds a record that is not a checkpoint")
+
 // Checkpoint is the record written to partition s of the checkpoint topic
-// inside every transaction of shard s. It lists the outbox ids that this
-// transaction holds and whose database mark may not be durable yet (I2).
+// inside every transaction of shard s. Its window lists the rows this
+// transaction and the shard's previous ones hold, whose database mark may be
+// missing or not durable (I2, I5).
 type Checkpoint struct {
 	Version     int       `json:"v"`
 	Relay       string    `json:"relay"`
 	Shard       int32     `json:"shard"`
 	Table       string    `json:"table"`
 	Incarnation string    `json:"incarnation"` // identity of the outbox table
-	IDs         []int64   `json:"ids"`
+	IDs         []int64   `json:"ids,omitempty"`    // version 1: the last batch's ids
+	Window      []byte    `json:"window,omitempty"` // version 2: the recovery window, see Window
 	Written     time.Time `json:"written"`
 }
 
@@ -93,7 +104,9 @@ func checkpointTopic(ctx context.Context, cfg Config, shards int, grow bool) err
 }
 
 // ReadCheckpoint returns the latest committed checkpoint of the producer's
-// shard, or nil when the shard has never committed (recovery step 2).
+// shard, or nil when the shard has never committed (recovery step 2). A
+// newest record that is not a checkpoint is ErrCheckpointForeign; one in a
+// newer format is ErrCheckpointFormat.
 //
 // It reads with read_committed up to the last stable offset. Call it only
 // after NewProducer: InitProducerID has then settled every transaction of the
@@ -126,11 +139,20 @@ func (p *Producer) ReadCheckpoint(ctx context.Context) (*Checkpoint, error) {
 		}
 		if rec != nil {
 			var cp Checkpoint
-			if err := json.Unmarshal(rec.Value, &cp); err != nil {
-				return nil, fmt.Errorf("decode checkpoint at %s/%d@%d: %w", topic, p.shard, rec.Offset, err)
-			}
-			if cp.Version != CheckpointVersion {
+			decodeErr := json.Unmarshal(rec.Value, &cp)
+			if rec.Value != nil && decodeErr == nil && cp.Version > CheckpointVersion {
 				return nil, fmt.Errorf("%w: checkpoint at %s/%d@%d has format version %d, this relay reads %d: upgrade the relay", ErrCheckpointFormat, topic, p.shard, rec.Offset, cp.Version, CheckpointVersion)
+			}
+			if rec.Value == nil || decodeErr != nil || cp.Version < 1 || cp.Relay == "" {
+				what := "a record that does not decode as a checkpoint"
+				if rec.Value == nil {
+					what = "a tombstone (null value)"
+				}
+				return nil, fmt.Errorf("%w: the newest committed record of %s partition %d, at offset %d, is %s (key %q). "+
+					"Only the relay's own transactions may write there: recovery cannot tell which rows this shard committed, so the shard stays stopped. "+
+					"Way out: stop every relay of this table, set a new OUTBOX_CHECKPOINT_TOPIC (recorded with `outbox-relay reshard`); "+
+					"the relay then starts with no checkpoint, so rows committed to Kafka but not yet marked in the table are published again once",
+					ErrCheckpointForeign, topic, p.shard, rec.Offset, what, rec.Key)
 			}
 			return &cp, nil
 		}

@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kerr"
@@ -53,7 +54,8 @@ type Record struct {
 	Key       []byte
 	Value     []byte // nil: a tombstone
 	Headers   []kgo.RecordHeader
-	Partition int32 // -1: Kafka's murmur2 on the key
+	Partition int32     // -1: Kafka's murmur2 on the key
+	Created   time.Time // the row's created_at: its fingerprint in the checkpoint
 }
 
 // Size is the record's payload in bytes, for metrics.
@@ -78,7 +80,15 @@ type Producer struct {
 	partitions map[string]int   // partition counts, for explicit partitions
 	maxBytes   map[string]int32 // the topics' max.message.bytes
 	epoch      int16
+
+	// window holds the rows of the shard's last committed batches; every
+	// checkpoint carries it with the new batch added (I2, I5).
+	window Window
 }
+
+// StartWindow sets the recovery window recovery found (or an empty one):
+// the next checkpoints carry it on.
+func (p *Producer) StartWindow(w Window) { p.window = w }
 
 // NewProducer creates shard's producer. In exactly-once mode it runs
 // InitProducerID with the shard's transactional id (recovery step 1). That
@@ -142,13 +152,16 @@ func (p *Producer) Abort(ctx context.Context) error {
 
 // Publish writes one batch of the shard in one Kafka transaction: every
 // record (header "outbox-id" = row id, then the row's headers), plus the
-// checkpoint record listing cp.IDs to the shard's checkpoint partition.
+// checkpoint record cp to the shard's checkpoint partition. Publish fills in
+// cp's window: the rows of this batch (id and creation time) and of the
+// shard's last committed batches, up to the window's limit.
 //
 // I1: the caller marks the rows published only after Publish returns nil:
 // then, and only then, a committed transaction holds every record.
-// I2: cp.IDs must list every row of the batch and every earlier row whose
-// database mark is not yet durable, so a crash after the commit and before
-// the mark is repaired by recovery from the checkpoint.
+// I2: the checkpoint lists every row of the batch and of the batches before
+// it within the window, so a crash after the commit and before the mark, or
+// marks lost afterwards for up to the window's batches, are repaired by
+// recovery from the checkpoint.
 //
 // Errors: ErrFenced (stop), ErrCommitUnknown (close, recover), ErrFatal,
 // *RecordErrors (records Kafka refused; transaction aborted), or ErrAborted
@@ -157,6 +170,14 @@ func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint) er
 	if bad := p.checkRecords(ctx, recs); len(bad) > 0 {
 		return &RecordErrors{Records: bad}
 	}
+	ids := make([]int64, len(recs))
+	batch := make([]Committed, len(recs))
+	for i, r := range recs {
+		ids[i], batch[i] = r.ID, Committed{ID: r.ID, Created: r.Created}
+	}
+	next := p.window.With(batch)
+	cp.SetWindow(&next)
+	cp.Written = time.Now().UTC()
 	cpValue, err := json.Marshal(cp)
 	if err != nil {
 		return fmt.Errorf("encode checkpoint: %w", err)
@@ -181,8 +202,8 @@ func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint) er
 			case id < 0 && isRecordFatal(err):
 				// The checkpoint record itself was refused: no batch can
 				// ever commit; stop with the settings to change.
-				otherErr = fmt.Errorf("%w: the checkpoint record (%d ids) was refused: %w; lower OUTBOX_BATCH_SIZE, or raise the checkpoint topic's max.message.bytes and OUTBOX_KAFKA_BATCH_SIZE",
-					ErrFatal, len(cp.IDs), err)
+				otherErr = fmt.Errorf("%w: the checkpoint record (%d bytes, %d rows in its window) was refused: %w; lower OUTBOX_BATCH_SIZE or OUTBOX_RECOVERY_WINDOW, or raise the checkpoint topic's max.message.bytes and OUTBOX_KAFKA_BATCH_SIZE",
+					ErrFatal, len(cpValue), len(next.Rows()), err)
 			case isRecordFatal(err):
 				recordErrs = append(recordErrs, &RecordError{ID: id, Err: err})
 			case otherErr == nil:
@@ -231,7 +252,7 @@ func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint) er
 	}
 
 	if p.cfg.BeforeCommit != nil {
-		if err := p.cfg.BeforeCommit(ctx, p.shard, cp.IDs); err != nil {
+		if err := p.cfg.BeforeCommit(ctx, p.shard, ids); err != nil {
 			return err
 		}
 	}
@@ -240,6 +261,7 @@ func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint) er
 	err = p.cl.EndTransaction(ctx, kgo.TryCommit)
 	switch {
 	case err == nil:
+		p.window = next
 		return nil
 	case isFenced(err):
 		// A newer producer of this shard ran InitProducerID: it aborted

@@ -1,0 +1,112 @@
+package outbox
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// MarkCommitted marks published the rows a committed Kafka transaction holds,
+// each identified by its id AND its creation time, and returns how many it
+// marked. A row whose id matches but whose created_at does not is another
+// row that reuses the id (after a point-in-time restore, TRUNCATE ...
+// RESTART IDENTITY, or a fail-over that lost the sequence's latest WAL): it
+// was never published, and is left unmarked (I5). Idempotent: recovery
+// applies a checkpoint's window any number of times.
+func (s *Store) MarkCommitted(ctx context.Context, ids []int64, created []time.Time) (int64, error) {
+	if len(ids) == 0 {
+		return 0, nil
+	}
+	tag, err := s.pool.Exec(ctx, `UPDATE `+s.t.Ident()+` o SET published_at = now()
+FROM unnest($1::bigint[], $2::timestamptz[]) AS c(id, created)
+WHERE o.id = c.id AND o.created_at = c.created AND o.published_at IS NULL`, ids, created)
+	if err != nil {
+		return 0, fmt.Errorf("mark %d rows published in %s: %w", len(ids), s.t, err)
+	}
+	return tag.RowsAffected(), nil
+}
+
+// MarkCommittedBefore marks published the rows with the given ids that were
+// created no later than written. It applies checkpoints of format version 1,
+// which carry ids without fingerprints: a row created after the checkpoint
+// was written cannot be the row it recorded. Left unmarked by mistake, a row
+// is published again (a duplicate), never lost.
+func (s *Store) MarkCommittedBefore(ctx context.Context, ids []int64, written time.Time) (int64, error) {
+	if len(ids) == 0 {
+		return 0, nil
+	}
+	tag, err := s.pool.Exec(ctx, `UPDATE `+s.t.Ident()+` SET published_at = now()
+WHERE id = ANY($1::bigint[]) AND created_at <= $2 AND published_at IS NULL`, ids, written)
+	if err != nil {
+		return 0, fmt.Errorf("mark %d rows published in %s: %w", len(ids), s.t, err)
+	}
+	return tag.RowsAffected(), nil
+}
+
+// Rewind is what recovery found when it compared a checkpoint with the
+// table: evidence that the table went back in time.
+type Rewind struct {
+	// SequenceLast is the last id the table's identity sequence handed out
+	// (0 when it handed out none, or when the relay may not read the
+	// sequence: then AheadOfSequence stays false).
+	SequenceLast int64
+	// AheadOfSequence: the checkpoint names ids the sequence has not
+	// reached, so the table was restored to a point before they existed.
+	AheadOfSequence bool
+	// Replaced are ids of the checkpoint held now by other rows (another
+	// created_at): new rows that reuse ids already published.
+	Replaced []int64
+}
+
+// Rewound reports whether the table went back in time relative to a
+// checkpoint that recorded these rows (ids with their creation times;
+// created may be nil for a checkpoint without fingerprints, then only the
+// sequence is compared). It reads the sequence through pg_sequences, which
+// shows NULL instead of failing when the role may not read the sequence.
+func (s *Store) Rewound(ctx context.Context, ids []int64, created []time.Time) (Rewind, error) {
+	var rw Rewind
+	if len(ids) == 0 {
+		return rw, nil
+	}
+	var last *int64
+	err := s.pool.QueryRow(ctx, `SELECT s.last_value FROM pg_sequences s
+WHERE format('%I.%I', s.schemaname, s.sequencename) = pg_get_serial_sequence($1, 'id')`, s.t.Ident()).Scan(&last)
+	if err != nil && err != pgx.ErrNoRows {
+		return rw, fmt.Errorf("read the id sequence of %s: %w", s.t, err)
+	}
+	maxID := ids[0]
+	for _, id := range ids {
+		maxID = max(maxID, id)
+	}
+	if last != nil {
+		rw.SequenceLast = *last
+	}
+	if err == nil && (last == nil || *last < maxID) {
+		// last_value is NULL for a sequence that never handed out an id,
+		// and for a role that may not read it; has_sequence_privilege
+		// tells the two apart.
+		var readable bool
+		if err := s.pool.QueryRow(ctx, `SELECT has_sequence_privilege(pg_get_serial_sequence($1, 'id'), 'SELECT')
+    OR has_sequence_privilege(pg_get_serial_sequence($1, 'id'), 'USAGE')`, s.t.Ident()).Scan(&readable); err != nil {
+			return rw, fmt.Errorf("check privileges on the id sequence of %s: %w", s.t, err)
+		}
+		rw.AheadOfSequence = readable
+	}
+	if created != nil {
+		rows, err := s.pool.Query(ctx, `SELECT o.id FROM `+s.t.Ident()+` o
+JOIN unnest($1::bigint[], $2::timestamptz[]) AS c(id, created) ON o.id = c.id
+WHERE o.created_at <> c.created ORDER BY o.id`, ids, created)
+		if err != nil {
+			return rw, fmt.Errorf("compare checkpoint rows with %s: %w", s.t, err)
+		}
+		if rw.Replaced, err = pgx.CollectRows(rows, pgx.RowTo[int64]); err != nil {
+			return rw, fmt.Errorf("compare checkpoint rows with %s: %w", s.t, err)
+		}
+	}
+	return rw, nil
+}
+
+// Detected reports whether the comparison found the table gone back in time.
+func (rw Rewind) Detected() bool { return rw.AheadOfSequence || len(rw.Replaced) > 0 }

@@ -1,0 +1,72 @@
+package relay
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// durableSession sets up every connection the relay opens (its pool and its
+// dedicated connections):
+//
+//   - commits are durable at least to a local WAL flush. With
+//     synchronous_commit=off (for the role, the database or the server: a
+//     common throughput setting) PostgreSQL acknowledges a commit before it is
+//     flushed, so a crash after the relay marked a batch loses the mark and
+//     the batch is published again. The relay raises "off" to "local" and
+//     keeps any stronger level the operator set (on, remote_write,
+//     remote_apply), which fail-over to a synchronous standby needs (I5).
+//   - every statement runs under statement_timeout and lock_timeout, so an
+//     outside lock on the outbox table or a stuck query shows up as a failed
+//     batch (logged, counted, retried) instead of a silent hang.
+//
+// An operator's own statement_timeout or lock_timeout in the connection
+// string wins over the relay's.
+func durableSession(cc *pgx.ConnConfig, cfg Config, log *slog.Logger) {
+	for name, v := range map[string]time.Duration{"statement_timeout": cfg.StatementTimeout, "lock_timeout": cfg.LockTimeout} {
+		if _, set := cc.RuntimeParams[name]; !set && v > 0 {
+			cc.RuntimeParams[name] = strconv.FormatInt(v.Milliseconds(), 10)
+		}
+	}
+	var once sync.Once
+	prev := cc.AfterConnect
+	cc.AfterConnect = func(ctx context.Context, pc *pgconn.PgConn) error {
+		if prev != nil {
+			if err := prev(ctx, pc); err != nil {
+				return err
+			}
+		}
+		res, err := pc.Exec(ctx, `SHOW synchronous_commit`).ReadAll()
+		if err != nil {
+			return fmt.Errorf("read synchronous_commit: %w", err)
+		}
+		if len(res) == 1 && len(res[0].Rows) == 1 && string(res[0].Rows[0][0]) == "off" {
+			if _, err := pc.Exec(ctx, `SET synchronous_commit = local`).ReadAll(); err != nil {
+				return fmt.Errorf("raise synchronous_commit from off to local: %w", err)
+			}
+			once.Do(func() {
+				log.Warn("synchronous_commit is off for the relay's role or database: the relay's connections use local, so that a mark it relies on survives a crash")
+			})
+		}
+		return nil
+	}
+}
+
+// ownPool returns a pool like pool whose connections get durableSession. It
+// connects lazily, so creating it costs nothing until it is used.
+func ownPool(pool *pgxpool.Pool, cfg Config, log *slog.Logger) (*pgxpool.Pool, error) {
+	pcfg := pool.Config() // a copy
+	durableSession(pcfg.ConnConfig, cfg, log)
+	p, err := pgxpool.NewWithConfig(context.Background(), pcfg)
+	if err != nil {
+		return nil, fmt.Errorf("relay connection pool: %w", err)
+	}
+	return p, nil
+}
