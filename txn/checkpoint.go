@@ -39,7 +39,7 @@ type Checkpoint struct {
 	Relay       string    `json:"relay"`
 	Shard       int32     `json:"shard"`
 	Table       string    `json:"table"`
-	Incarnation string    `json:"incarnation"` // identity of the outbox table
+	Incarnation string    `json:"incarnation"`      // identity of the outbox table
 	IDs         []int64   `json:"ids,omitempty"`    // version 1: the last batch's ids
 	Window      []byte    `json:"window,omitempty"` // version 2: the recovery window, see Window
 	Written     time.Time `json:"written"`
