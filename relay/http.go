@@ -8,7 +8,8 @@ import (
 )
 
 // Handler serves /metrics from gatherer, /healthz (the process is alive) and
-// /readyz (the relay has started and is not shutting down).
+// /readyz (the relay has started, is not shutting down and runs every shard
+// it holds; otherwise 503 and the reason).
 func (r *Relay) Handler(gatherer prometheus.Gatherer) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(gatherer, promhttp.HandlerOpts{}))
@@ -16,8 +17,8 @@ func (r *Relay) Handler(gatherer prometheus.Gatherer) http.Handler {
 		_, _ = w.Write([]byte("ok\n"))
 	})
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !r.Ready() {
-			http.Error(w, "not ready\n", http.StatusServiceUnavailable)
+		if why := r.NotReady(); why != "" {
+			http.Error(w, "not ready: "+why+"\n", http.StatusServiceUnavailable)
 			return
 		}
 		_, _ = w.Write([]byte("ready\n"))

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -80,6 +81,12 @@ type Relay struct {
 	incarnation string
 	ready       atomic.Bool
 	stopping    atomic.Bool
+
+	// halted are the shards stopped for a reason no retry mends (a
+	// checkpoint partition holding a record that is not a checkpoint): held,
+	// not run, reported by /readyz.
+	haltedMu sync.Mutex
+	halted   map[int32]error
 }
 
 // New checks the configuration and prepares a relay on the database pool
@@ -128,9 +135,43 @@ func New(cfg Config, pool *pgxpool.Pool, opts ...Option) (*Relay, error) {
 	return r, nil
 }
 
-// Ready reports whether the relay has started: schema checked, checkpoint
-// topic present, ownership running.
-func (r *Relay) Ready() bool { return r.ready.Load() && !r.stopping.Load() }
+// Ready reports whether the relay has started (schema checked, checkpoint
+// topic present, ownership running), is not shutting down, and runs every
+// shard it holds.
+func (r *Relay) Ready() bool { return r.NotReady() == "" }
+
+// NotReady says why the relay is not ready, or "" when it is.
+func (r *Relay) NotReady() string {
+	switch {
+	case r.stopping.Load():
+		return "shutting down"
+	case !r.ready.Load():
+		return "starting"
+	}
+	r.haltedMu.Lock()
+	defer r.haltedMu.Unlock()
+	var why []string
+	for s, err := range r.halted {
+		why = append(why, fmt.Sprintf("shard %d stopped: %v", s, err))
+	}
+	slices.Sort(why)
+	return strings.Join(why, "\n")
+}
+
+// halt records that shard s stopped for good (err), or that it runs again
+// (nil).
+func (r *Relay) halt(s int32, err error) {
+	r.haltedMu.Lock()
+	defer r.haltedMu.Unlock()
+	if err == nil {
+		delete(r.halted, s)
+		return
+	}
+	if r.halted == nil {
+		r.halted = map[int32]error{}
+	}
+	r.halted[s] = err
+}
 
 // errCrash marks an error returned by a failpoint: Run returns it at once.
 type errCrash struct{ err error }
@@ -309,6 +350,9 @@ func (r *Relay) own(ctx context.Context) error {
 	}
 	// stopWorker cancels a worker and waits until it has finished its open
 	// batch; only then is the shard's lock released.
+	// held are shards whose worker stopped for good: their locks stay
+	// taken (so no other instance loops on them) until the connection goes.
+	held := map[int32]bool{}
 	stopWorker := func(s int32) error {
 		w := workers[s]
 		w.cancel()
@@ -327,6 +371,10 @@ func (r *Relay) own(ctx context.Context) error {
 		}
 		for s := range workers {
 			stopWorker(s) //nolint:errcheck // shutting down or connection lost
+		}
+		for s := range held {
+			delete(held, s)
+			r.halt(s, nil)
 		}
 		if conn != nil {
 			conn.Close(context.Background())
@@ -374,9 +422,9 @@ func (r *Relay) own(ctx context.Context) error {
 				continue
 			}
 			fair := (r.cfg.Shards + max(members, 1) - 1) / max(members, 1)
-			for i := 0; i < r.cfg.Shards && len(workers) < fair; i++ {
+			for i := 0; i < r.cfg.Shards && len(workers)+len(held) < fair; i++ {
 				s := int32((offset + i) % r.cfg.Shards)
-				if workers[s] != nil {
+				if workers[s] != nil || held[s] {
 					continue
 				}
 				var got bool
@@ -425,6 +473,11 @@ func (r *Relay) own(ctx context.Context) error {
 				continue
 			}
 			err := stopWorker(s)
+			if haltsShard(err) {
+				held[s] = true
+				r.halt(s, err)
+				continue
+			}
 			unlock(s)
 			if stopsRelay(err) {
 				return err

@@ -30,8 +30,14 @@ var errCheckpointMismatch = errors.New("checkpoint belongs to another outbox tab
 func stopsRelay(err error) bool {
 	var crash errCrash
 	return errors.As(err, &crash) || errors.Is(err, txn.ErrFatal) ||
-		errors.Is(err, errCheckpointMismatch) || errors.Is(err, txn.ErrCheckpointFormat) || errors.Is(err, txn.ErrCheckpointForeign)
+		errors.Is(err, errCheckpointMismatch) || errors.Is(err, txn.ErrCheckpointFormat)
 }
+
+// haltsShard reports whether err stops one shard for good while the relay
+// goes on with the others: its checkpoint partition holds a record that is
+// not a checkpoint. Retrying would loop forever; guessing could mark rows
+// never published.
+func haltsShard(err error) bool { return errors.Is(err, txn.ErrCheckpointForeign) }
 
 // runShard owns shard s until ctx ends or the shard is lost: recovery, then
 // the publish loop, again after every unknown commit outcome.
@@ -56,6 +62,9 @@ func (r *Relay) runShard(ctx context.Context, s int32) error {
 			return nil
 		case stopsRelay(err):
 			log.Error("shard stopped", "err", err)
+			return err
+		case haltsShard(err):
+			log.Error("shard stopped until an operator acts; the relay goes on with its other shards", "err", err)
 			return err
 		case errors.Is(err, txn.ErrFenced):
 			// Ownership in Kafka says another relay writes this shard.
