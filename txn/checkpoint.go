@@ -10,7 +10,6 @@ import (
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
-	"github.com/twmb/franz-go/pkg/kmsg"
 )
 
 // CheckpointVersion is the format version of checkpoint records this relay
@@ -163,97 +162,9 @@ func (p *Producer) ReadCheckpoint(ctx context.Context) (*Checkpoint, error) {
 }
 
 // lastCommitted fetches [from, end) of the shard's checkpoint partition with
-// read_committed and returns its last committed data record, or nil. It
-// fetches by hand, so that it knows exactly when it has passed end whatever
-// lies there (aborted batches, control records, offsets removed by
-// compaction).
+// read_committed and returns its last committed data record, or nil.
 func (p *Producer) lastCommitted(ctx context.Context, from, end int64) (*kgo.Record, error) {
-	topic := p.cfg.CheckpointTopic
 	var last *kgo.Record
-	for offset, attempt := from, 0; offset < end; {
-		td, err := p.adm.ListTopics(ctx, topic)
-		if err != nil {
-			return nil, fmt.Errorf("checkpoint metadata: %w", err)
-		}
-		t, ok := td[topic]
-		if !ok || t.Err != nil {
-			return nil, fmt.Errorf("checkpoint topic %q metadata: %v", topic, t.Err)
-		}
-		pd, ok := t.Partitions[p.shard]
-		if !ok {
-			return nil, fmt.Errorf("checkpoint topic %q has no partition %d", topic, p.shard)
-		}
-
-		req := kmsg.NewPtrFetchRequest()
-		req.ReplicaID = -1
-		req.MaxWaitMillis = 100
-		req.MaxBytes = 16 << 20
-		req.IsolationLevel = 1 // read_committed
-		rt := kmsg.NewFetchRequestTopic()
-		rt.Topic = topic
-		rt.TopicID = t.ID
-		rp := kmsg.NewFetchRequestTopicPartition()
-		rp.Partition = p.shard
-		rp.FetchOffset = offset
-		rp.PartitionMaxBytes = 8 << 20
-		rp.CurrentLeaderEpoch = -1
-		rp.LogStartOffset = -1
-		rt.Partitions = append(rt.Partitions, rp)
-		req.Topics = append(req.Topics, rt)
-
-		resp, err := req.RequestWith(ctx, p.cl.Broker(int(pd.Leader)))
-		if err == nil && (len(resp.Topics) != 1 || len(resp.Topics[0].Partitions) != 1) {
-			err = fmt.Errorf("unexpected fetch response shape")
-		}
-		if err == nil {
-			err = kerr.ErrorForCode(resp.ErrorCode)
-		}
-		var part *kmsg.FetchResponseTopicPartition
-		if err == nil {
-			part = &resp.Topics[0].Partitions[0]
-			err = kerr.ErrorForCode(part.ErrorCode)
-		}
-		if err != nil {
-			if attempt++; attempt > 20 || ctx.Err() != nil {
-				return nil, fmt.Errorf("fetch checkpoint %s/%d@%d: %w", topic, p.shard, offset, err)
-			}
-			// A leader move or a broker restart: look the leader up again.
-			p.log.Warn("checkpoint fetch failed, retrying", "offset", offset, "err", err)
-			select {
-			case <-ctx.Done():
-				return nil, ctx.Err()
-			case <-time.After(time.Duration(attempt) * 100 * time.Millisecond):
-			}
-			continue
-		}
-		fp, next := kgo.ProcessFetchPartition(kgo.ProcessFetchPartitionOpts{
-			Offset:         offset,
-			IsolationLevel: kgo.ReadCommitted(),
-			Topic:          topic,
-			Partition:      p.shard,
-		}, part, kgo.DefaultDecompressor(), nil)
-		if fp.Err != nil {
-			return nil, fmt.Errorf("decode checkpoint %s/%d@%d: %w", topic, p.shard, offset, fp.Err)
-		}
-		for _, r := range fp.Records {
-			if r.Offset < end && !r.Attrs.IsControl() {
-				last = r
-			}
-		}
-		if next <= offset {
-			// Nothing was returned below the last stable offset yet
-			// (replication lag on a follower-led partition); wait a bit.
-			if attempt++; attempt > 100 {
-				return nil, fmt.Errorf("fetch checkpoint %s/%d: stuck at offset %d below end %d", topic, p.shard, offset, end)
-			}
-			select {
-			case <-ctx.Done():
-				return nil, ctx.Err()
-			case <-time.After(50 * time.Millisecond):
-			}
-			continue
-		}
-		offset, attempt = next, 0
-	}
-	return last, nil
+	err := ReadCommitted(ctx, p.cl, p.cfg.CheckpointTopic, p.shard, from, end, p.log, func(r *kgo.Record) { last = r })
+	return last, err
 }

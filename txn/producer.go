@@ -529,3 +529,12 @@ func (k kgoLogger) Log(level kgo.LogLevel, msg string, kv ...any) {
 	}
 	k.l.Log(context.Background(), lvl, "kafka: "+msg, kv...)
 }
+
+// PartitionOf is the partition the relay gives a row's record on a topic of n
+// partitions: its explicit partition (partition >= 0), else Kafka's murmur2
+// of the key, else (keyless) a hash of the outbox id.
+func PartitionOf(key []byte, id int64, partition int32, n int) int32 {
+	rec := &kgo.Record{Key: key, Partition: partition,
+		Headers: []kgo.RecordHeader{{Key: HeaderOutboxID, Value: strconv.AppendInt(nil, id, 10)}}}
+	return int32(rowPartitioner{}.ForTopic("").Partition(rec, n))
+}
