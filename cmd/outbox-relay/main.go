@@ -6,6 +6,7 @@
 //	outbox-relay status               backlog, dead letters, schema
 //	outbox-relay reshard              change the shard count safely
 //	outbox-relay dlq list|requeue ID...
+//	outbox-relay verify [-since 24h | -from-id N -to-id M] [-json]
 //	outbox-relay demo [-events N]     embedded Kafka, payments simulator, checker
 //	outbox-relay version
 package main
@@ -43,6 +44,8 @@ Usage:
   outbox-relay reshard                  change the shard count to OUTBOX_SHARDS (every relay stopped)
   outbox-relay dlq list [-limit N]      list dead letters
   outbox-relay dlq requeue ID...        move dead letters back into the outbox
+  outbox-relay verify [-since 24h | -from-id N -to-id M] [-json]
+                                        reconcile Kafka with the table (exit 0 clean, 1 discrepancies, 2 could not check)
   outbox-relay demo [-events N]         embedded Kafka + payments simulator + exactly-once checker
   outbox-relay version                  print the version
 
@@ -73,6 +76,8 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		err = runReshard(ctx, environ, stdout, stderr)
 	case "dlq":
 		err = runDLQ(ctx, args[1:], environ, stdout)
+	case "verify":
+		return runVerify(ctx, args[1:], environ, stdout, stderr)
 	case "demo":
 		err = runDemo(ctx, args[1:], environ, stdout, stderr)
 	case "version":

@@ -1,0 +1,87 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/verify"
+)
+
+// Exit codes of `outbox-relay verify`.
+const (
+	verifyClean         = 0
+	verifyDiscrepancies = 1
+	verifyCannotCheck   = 2
+)
+
+// runVerify is `outbox-relay verify`: the relay's configuration, a window of
+// rows, a report; the exit code says clean (0), discrepancies (1) or could
+// not check (2).
+func runVerify(ctx context.Context, args, environ []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("verify", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	since := fs.Duration("since", 24*time.Hour, "verify the rows created this long ago or later")
+	fromID := fs.Int64("from-id", 0, "verify the rows with ids from this one (with -to-id; replaces -since)")
+	toID := fs.Int64("to-id", 0, "... to this one, inclusive")
+	stale := fs.Duration("stale", 5*time.Minute, "report rows unpublished for longer than this")
+	margin := fs.Duration("margin", 10*time.Minute, "start reading Kafka this much before the window's oldest row (clock skew)")
+	limit := fs.Int("limit", 20, "findings to list (all are counted)")
+	asJSON := fs.Bool("json", false, "print the report as JSON")
+	if err := fs.Parse(args); err != nil {
+		return verifyCannotCheck
+	}
+	fail := func(err error) int {
+		fmt.Fprintf(stderr, "outbox-relay verify: could not check: %v\n", err)
+		return verifyCannotCheck
+	}
+	switch {
+	case (*fromID > 0) != (*toID > 0):
+		return fail(errors.New("-from-id and -to-id go together: give both, or neither (then -since)"))
+	case *toID > 0 && *toID < *fromID:
+		return fail(fmt.Errorf("-to-id %d is below -from-id %d", *toID, *fromID))
+	case *since <= 0:
+		return fail(fmt.Errorf("-since %v: expected a positive duration such as 24h", *since))
+	}
+	cfg, err := relay.LoadConfig(environ)
+	if err != nil {
+		return fail(fmt.Errorf("configuration: %w", err))
+	}
+	kopts, err := relay.KafkaOptions(cfg)
+	if err != nil {
+		return fail(fmt.Errorf("configuration: %w", err))
+	}
+	pool, err := openPool(ctx, cfg.DatabaseURL, 2)
+	if err != nil {
+		return fail(err)
+	}
+	defer pool.Close()
+	rep, err := verify.Run(ctx, verify.Config{
+		Pool: pool, Table: outbox.Table{Schema: cfg.Schema, Name: cfg.Table},
+		Brokers: cfg.KafkaBrokers, KafkaOptions: kopts, CheckpointTopic: cfg.CheckpointTopic,
+		Since: *since, FromID: *fromID, ToID: *toID, Stale: *stale, Margin: *margin, Limit: *limit,
+		Logger: newLogger(stderr, "warn"),
+	})
+	if rep != nil {
+		if *asJSON {
+			enc := json.NewEncoder(stdout)
+			enc.SetIndent("", "  ")
+			_ = enc.Encode(rep)
+		} else {
+			_ = rep.WriteText(stdout)
+		}
+	}
+	switch {
+	case err != nil:
+		return fail(err)
+	case !rep.Clean():
+		return verifyDiscrepancies
+	}
+	return verifyClean
+}

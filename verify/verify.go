@@ -1,0 +1,629 @@
+// Package verify reconciles Kafka with the outbox table: it proves, for a
+// window of rows, that every published row reached Kafka exactly once and
+// intact, and finds what did not (missing, duplicated, altered records,
+// records of no row, keys out of order, rows waiting too long).
+//
+// It reads only: one read-only repeatable-read transaction on the table, and
+// a read_committed fetch of the topics the window's rows name, from the
+// offsets at the window's start (Kafka's ListOffsets by timestamp, less a
+// margin) to the last stable offsets taken after the table was read. So
+// every row marked published when the table was read is in Kafka below
+// those offsets (I1). Memory is one small entry per row of the window (about
+// 64 bytes) and one per key and partition for the order check; records are
+// streamed, never held.
+package verify
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"io"
+	"log/slog"
+	"maps"
+	"slices"
+	"sort"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/txn"
+)
+
+// Config says what to verify and how to reach it.
+type Config struct {
+	// Pool reaches the database; verify runs one read-only transaction.
+	Pool *pgxpool.Pool
+	// Table is the outbox table (its dead-letter table is read too).
+	Table outbox.Table
+	// Brokers and KafkaOptions reach Kafka (TLS, SASL).
+	Brokers      []string
+	KafkaOptions []kgo.Opt
+	// CheckpointTopic is never read as a row topic.
+	CheckpointTopic string
+	// The window: rows with FromID <= id <= ToID when ToID > 0, else rows
+	// created in the last Since.
+	Since        time.Duration
+	FromID, ToID int64
+	// Margin is subtracted from the window's oldest created_at to find
+	// the start offsets, for clock skew between the database and the
+	// relay (default 10 minutes).
+	Margin time.Duration
+	// Stale: an unpublished row older than this is a finding (0: 5 minutes).
+	Stale time.Duration
+	// Limit is how many findings the report lists (0: 20); all are counted.
+	Limit int
+	// Logger receives progress and retries (default: discard).
+	Logger *slog.Logger
+}
+
+// Kinds of findings.
+const (
+	Missing          = "missing"              // marked published, not in Kafka
+	Duplicate        = "duplicate"            // in Kafka more than once
+	Differ           = "differ"               // key, value, headers or partition differ from the row
+	Phantom          = "phantom"              // an outbox-id of the window matching no row nor dead letter
+	DeadInKafka      = "dead_letter_in_kafka" // dead-lettered, yet committed in Kafka
+	OutOfOrder       = "out_of_order"         // a warning: a key's records not in id order on their partition
+	StaleUnpublished = "stale_unpublished"    // unpublished for longer than Stale
+)
+
+// Finding is one discrepancy.
+type Finding struct {
+	Kind      string  `json:"kind"`
+	ID        int64   `json:"id"`
+	Topic     string  `json:"topic,omitempty"`
+	Partition int32   `json:"partition"`
+	Offsets   []int64 `json:"offsets,omitempty"`
+	Detail    string  `json:"detail"`
+}
+
+// Report is what Run found.
+type Report struct {
+	Table        string    `json:"table"`
+	FromID       int64     `json:"from_id"`
+	ToID         int64     `json:"to_id"`
+	Since        time.Time `json:"since,omitzero"`
+	Rows         int       `json:"rows"`
+	Published    int       `json:"published"`
+	Unpublished  int       `json:"unpublished"`
+	DeadLettered int       `json:"dead_lettered"`
+	Records      int       `json:"records"` // records read whose outbox-id is in the window
+	// Counts by kind; OutOfOrder is a warning and does not make the
+	// report unclean.
+	Counts   map[string]int `json:"counts"`
+	Findings []Finding      `json:"findings"`
+	Elapsed  time.Duration  `json:"elapsed_ns"`
+}
+
+// Clean reports whether nothing but warnings was found.
+func (r *Report) Clean() bool {
+	for k, n := range r.Counts {
+		if k != OutOfOrder && n > 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// ErrCannotCheck wraps every reason Run could not check the window (the
+// database or Kafka unreachable, records of the window already deleted by
+// Kafka's retention).
+var ErrCannotCheck = errors.New("could not verify")
+
+// row is what verify keeps of one row: about 64 bytes.
+type row struct {
+	id        int64
+	created   int64 // unix microseconds
+	sum       uint64
+	topic     int32 // index into topics
+	partition int32 // expected partition; -1 unknown (topic missing)
+	state     uint8
+	seen      int32
+	firstOff  int64
+}
+
+const (
+	statePublished uint8 = iota
+	stateUnpublished
+	stateDead
+)
+
+// Run verifies the window of cfg and returns the report. An error wrapping
+// ErrCannotCheck means the check could not be made.
+func Run(ctx context.Context, cfg Config) (*Report, error) {
+	start := time.Now()
+	if cfg.Margin <= 0 {
+		cfg.Margin = 10 * time.Minute
+	}
+	if cfg.Stale <= 0 {
+		cfg.Stale = 5 * time.Minute
+	}
+	if cfg.Limit <= 0 {
+		cfg.Limit = 20
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	v := &verifier{cfg: cfg, rep: &Report{Table: cfg.Table.String(), Counts: map[string]int{}}, topicIdx: map[string]int32{}}
+	for _, k := range []string{Missing, Duplicate, Differ, Phantom, DeadInKafka, OutOfOrder, StaleUnpublished} {
+		v.rep.Counts[k] = 0
+	}
+	cl, err := kgo.NewClient(append([]kgo.Opt{kgo.SeedBrokers(cfg.Brokers...), kgo.WithLogger(txn.KafkaLogger(cfg.Logger, kgo.LogLevelWarn))}, cfg.KafkaOptions...)...)
+	if err != nil {
+		return nil, fmt.Errorf("%w: kafka client: %w", ErrCannotCheck, err)
+	}
+	defer cl.Close()
+	adm := kadm.NewClient(cl)
+	if err := v.readTable(ctx, adm); err != nil {
+		return nil, fmt.Errorf("%w: read %s: %w", ErrCannotCheck, cfg.Table, err)
+	}
+	if err := v.readKafka(ctx, cl, adm); err != nil {
+		return nil, fmt.Errorf("%w: read Kafka: %w", ErrCannotCheck, err)
+	}
+	if err := v.phantoms(ctx); err != nil {
+		return nil, fmt.Errorf("%w: read %s: %w", ErrCannotCheck, cfg.Table, err)
+	}
+	v.conclude()
+	if len(v.truncated) > 0 && v.rep.Counts[Missing] > 0 {
+		return v.rep, fmt.Errorf("%w: Kafka's retention has deleted records of the window on %v, so rows reported missing may have been there: verify a narrower window (-since or -from-id)", ErrCannotCheck, v.truncated)
+	}
+	v.rep.Elapsed = time.Since(start)
+	return v.rep, nil
+}
+
+type verifier struct {
+	cfg          Config
+	rep          *Report
+	rows         []row // sorted by id
+	minID, maxID int64
+	topics       []string
+	partitions   []int // by topic index; 0: the topic does not exist
+	topicIdx     map[string]int32
+	oldest       time.Time
+	now          time.Time
+	truncated    []string  // partitions whose retention cut into the window
+	orphans      []Finding // records of ids in the window's range without a row of the window
+
+	mu       sync.Mutex
+	findings []Finding
+}
+
+// readTable reads the window's rows and dead letters in one read-only,
+// repeatable-read transaction (one snapshot for both tables). It learns the
+// partition counts of the rows' topics first, so that each row's expected
+// partition is computed as the relay computes it, while its key is at hand.
+func (v *verifier) readTable(ctx context.Context, adm *kadm.Client) error {
+	tx, err := v.cfg.Pool.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // read-only
+	if err := tx.QueryRow(ctx, `SELECT now()`).Scan(&v.now); err != nil {
+		return err
+	}
+	where, args := `id BETWEEN $1 AND $2`, []any{v.cfg.FromID, v.cfg.ToID}
+	v.rep.FromID, v.rep.ToID = v.cfg.FromID, v.cfg.ToID
+	if v.cfg.ToID <= 0 {
+		v.rep.Since = v.now.Add(-v.cfg.Since)
+		where, args = `created_at >= $1`, []any{v.rep.Since}
+	}
+	sources := []struct {
+		table, published string
+		state            uint8
+	}{
+		{v.cfg.Table.Ident(), "published_at IS NOT NULL", statePublished},
+		{v.cfg.Table.DeadLetterIdent(), "false", stateDead},
+	}
+	topicRows, err := tx.Query(ctx, `SELECT DISTINCT topic FROM `+sources[0].table+` WHERE `+where+
+		` UNION SELECT DISTINCT topic FROM `+sources[1].table+` WHERE `+where, args...)
+	if err != nil {
+		return err
+	}
+	names, err := pgx.CollectRows(topicRows, pgx.RowTo[string])
+	if err != nil {
+		return err
+	}
+	if err := v.learnTopics(ctx, adm, names); err != nil {
+		return err
+	}
+	for _, src := range sources {
+		rows, err := tx.Query(ctx, `SELECT id, topic, key, value, headers::text, partition, created_at, `+src.published+
+			` FROM `+src.table+` WHERE `+where, args...)
+		if err != nil {
+			return err
+		}
+		var (
+			id        int64
+			topic     string
+			key, val  []byte
+			headers   *string
+			partition *int32
+			created   time.Time
+			published bool
+		)
+		_, err = pgx.ForEachRow(rows, []any{&id, &topic, &key, &val, &headers, &partition, &created, &published}, func() error {
+			r := row{id: id, created: created.UnixMicro(), topic: v.topicIdx[topic], partition: -1, firstOff: -1, state: src.state}
+			if src.state != stateDead && !published {
+				r.state = stateUnpublished
+			}
+			var h map[string]string
+			if headers != nil {
+				_ = json.Unmarshal([]byte(*headers), &h) // not string to string: the relay dead-lettered it
+			}
+			r.sum = recordSum(key, val, h)
+			if n := v.partitions[r.topic]; n > 0 {
+				p := int32(-1)
+				if partition != nil {
+					p = *partition
+				}
+				r.partition = txn.PartitionOf(key, id, p, n)
+			}
+			v.rows = append(v.rows, r)
+			if v.oldest.IsZero() || created.Before(v.oldest) {
+				v.oldest = created
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	slices.SortFunc(v.rows, func(a, b row) int { return cmpInt(a.id, b.id) })
+	for _, r := range v.rows {
+		switch r.state {
+		case statePublished:
+			v.rep.Published++
+		case stateUnpublished:
+			v.rep.Unpublished++
+		case stateDead:
+			v.rep.DeadLettered++
+		}
+	}
+	v.rep.Rows = len(v.rows)
+	if len(v.rows) > 0 {
+		v.minID, v.maxID = v.rows[0].id, v.rows[len(v.rows)-1].id
+		if v.cfg.ToID <= 0 {
+			v.rep.FromID, v.rep.ToID = v.minID, v.maxID
+		}
+	}
+	return nil
+}
+
+// learnTopics records the topics' indexes and partition counts; a topic
+// that does not exist has none (its rows cannot be in Kafka).
+func (v *verifier) learnTopics(ctx context.Context, adm *kadm.Client, names []string) error {
+	v.partitions = make([]int, len(names))
+	v.topics = names
+	for i, n := range names {
+		v.topicIdx[n] = int32(i)
+	}
+	if len(names) == 0 {
+		return nil
+	}
+	td, err := adm.ListTopics(ctx, names...)
+	if err != nil {
+		return fmt.Errorf("topic metadata: %w", err)
+	}
+	for i, n := range names {
+		if t, ok := td[n]; ok && t.Err == nil {
+			v.partitions[i] = len(t.Partitions)
+		}
+	}
+	return nil
+}
+
+func cmpInt(a, b int64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// recordSum is a 64-bit FNV-1a digest of what a record must carry for its
+// row: key, value (nil and empty differ) and the row's headers (sorted;
+// outbox-id is not one of them).
+func recordSum(key, value []byte, headers map[string]string) uint64 {
+	h := fnv.New64a()
+	field := func(b []byte, isNil bool) {
+		var n [9]byte
+		if isNil {
+			n[0] = 1
+		}
+		l := len(b)
+		for i := 1; i < 9; i++ {
+			n[i] = byte(l >> (8 * (i - 1)))
+		}
+		h.Write(n[:])
+		h.Write(b)
+	}
+	field(key, key == nil)
+	field(value, value == nil)
+	for _, k := range slices.Sorted(maps.Keys(headers)) {
+		field([]byte(k), false)
+		field([]byte(headers[k]), false)
+	}
+	return h.Sum64()
+}
+
+// find returns the index of id's row, or -1.
+func (v *verifier) find(id int64) int {
+	i := sort.Search(len(v.rows), func(i int) bool { return v.rows[i].id >= id })
+	if i < len(v.rows) && v.rows[i].id == id {
+		return i
+	}
+	return -1
+}
+
+func (v *verifier) add(f Finding) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.rep.Counts[f.Kind]++
+	if len(v.findings) < v.cfg.Limit*4 {
+		v.findings = append(v.findings, f)
+	}
+}
+
+// readKafka reads every partition of the window's topics with
+// read_committed, from the offsets at the window's start to the last stable
+// offsets, and checks each record against its row.
+func (v *verifier) readKafka(ctx context.Context, cl *kgo.Client, adm *kadm.Client) error {
+	var topics []string
+	for i, t := range v.topics {
+		if v.partitions[i] > 0 && t != v.cfg.CheckpointTopic {
+			topics = append(topics, t)
+		}
+	}
+	if len(topics) == 0 || len(v.rows) == 0 {
+		return nil
+	}
+	from := v.oldest.Add(-v.cfg.Margin)
+	starts, err := adm.ListOffsetsAfterMilli(ctx, from.UnixMilli(), topics...)
+	if err != nil {
+		return fmt.Errorf("offsets at %s: %w", from.Format(time.RFC3339), err)
+	}
+	logStarts, err := adm.ListStartOffsets(ctx, topics...)
+	if err != nil {
+		return fmt.Errorf("log start offsets: %w", err)
+	}
+	ends, err := adm.ListCommittedOffsets(ctx, topics...)
+	if err != nil {
+		return fmt.Errorf("last stable offsets: %w", err)
+	}
+	type part struct {
+		topic     string
+		partition int32
+		from, end int64
+		truncated bool
+	}
+	var parts []part
+	var ferr error
+	ends.Each(func(o kadm.ListedOffset) {
+		if o.Err != nil {
+			ferr = errors.Join(ferr, fmt.Errorf("last stable offset of %s/%d: %w", o.Topic, o.Partition, o.Err))
+			return
+		}
+		s, ok := starts.Lookup(o.Topic, o.Partition)
+		if !ok || s.Err != nil {
+			ferr = errors.Join(ferr, fmt.Errorf("offset by time of %s/%d: %v", o.Topic, o.Partition, s.Err))
+			return
+		}
+		ls, _ := logStarts.Lookup(o.Topic, o.Partition)
+		p := part{topic: o.Topic, partition: o.Partition, from: s.Offset, end: o.Offset}
+		if p.from < 0 || p.from > p.end { // no record after the time: nothing to read
+			p.from = p.end
+		}
+		// The first retained record is newer than the window's start and
+		// earlier ones were deleted: the window reaches past Kafka's
+		// retention.
+		p.truncated = ls.Err == nil && ls.Offset > 0 && p.from == ls.Offset
+		parts = append(parts, p)
+	})
+	if ferr != nil {
+		return ferr
+	}
+	var (
+		wg    sync.WaitGroup
+		sem   = make(chan struct{}, 8)
+		errMu sync.Mutex
+		errs  error
+	)
+	for _, p := range parts {
+		if p.truncated {
+			v.truncated = append(v.truncated, fmt.Sprintf("%s/%d", p.topic, p.partition))
+		}
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			order := map[string]int64{}
+			err := txn.ReadCommitted(ctx, cl, p.topic, p.partition, p.from, p.end, v.cfg.Logger, func(r *kgo.Record) {
+				v.check(r, order)
+			})
+			if err != nil {
+				errMu.Lock()
+				errs = errors.Join(errs, err)
+				errMu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return errs
+}
+
+// check compares one record with its row.
+func (v *verifier) check(r *kgo.Record, order map[string]int64) {
+	id := int64(-1)
+	var headers map[string]string
+	for _, h := range r.Headers {
+		if h.Key == txn.HeaderOutboxID {
+			if id >= 0 {
+				v.add(Finding{Kind: Differ, ID: id, Topic: r.Topic, Partition: r.Partition, Offsets: []int64{r.Offset}, Detail: "two outbox-id headers"})
+			}
+			id, _ = strconv.ParseInt(string(h.Value), 10, 64)
+			continue
+		}
+		if headers == nil {
+			headers = map[string]string{}
+		}
+		headers[h.Key] = string(h.Value)
+	}
+	switch {
+	case id < v.minID || v.cfg.ToID > 0 && id > v.cfg.ToID:
+		return // no outbox-id, or before the window
+	case id > v.maxID:
+		// A row written after the table was read, or a phantom: looked up
+		// once Kafka is read.
+		v.orphan(r, id)
+		return
+	}
+	i := v.find(id)
+	if i < 0 {
+		// Perhaps a row created before the window with an id inside it (a
+		// long transaction): looked up once Kafka is read too.
+		v.orphan(r, id)
+		return
+	}
+	v.mu.Lock()
+	v.rep.Records++
+	row := &v.rows[i]
+	row.seen++
+	first := row.firstOff
+	if row.seen == 1 {
+		row.firstOff = r.Offset
+	}
+	seen, state, sum, partition, topic := row.seen, row.state, row.sum, row.partition, v.topics[row.topic]
+	v.mu.Unlock()
+	switch {
+	case state == stateDead:
+		v.add(Finding{Kind: DeadInKafka, ID: id, Topic: r.Topic, Partition: r.Partition, Offsets: []int64{r.Offset},
+			Detail: "the row is in the dead-letter table, yet a committed record holds it: `dlq requeue` would publish it twice"})
+	case seen == 2: // a row is one duplicate, however many times it repeats
+		v.add(Finding{Kind: Duplicate, ID: id, Topic: r.Topic, Partition: r.Partition, Offsets: []int64{first, r.Offset},
+			Detail: fmt.Sprintf("committed %d times", seen)})
+	}
+	// Order is checked on first sightings: a duplicate is behind by nature
+	// and reported as such.
+	if r.Key != nil && seen == 1 {
+		k := string(r.Key)
+		if last, ok := order[k]; ok && id < last {
+			v.add(Finding{Kind: OutOfOrder, ID: id, Topic: r.Topic, Partition: r.Partition, Offsets: []int64{r.Offset},
+				Detail: fmt.Sprintf("key %q: id %d after id %d (two transactions wrote the key without locking it; see the README's order limit)", r.Key, id, last)})
+		}
+		order[k] = max(order[k], id)
+	}
+	var diffs []string
+	if r.Topic != topic {
+		diffs = append(diffs, fmt.Sprintf("topic %q, row says %q", r.Topic, topic))
+	}
+	if partition >= 0 && r.Partition != partition {
+		diffs = append(diffs, fmt.Sprintf("partition %d, the row maps to %d", r.Partition, partition))
+	}
+	if state != stateDead && recordSum(r.Key, r.Value, headers) != sum {
+		diffs = append(diffs, "key, value or headers differ from the row")
+	}
+	if len(diffs) > 0 {
+		v.add(Finding{Kind: Differ, ID: id, Topic: r.Topic, Partition: r.Partition, Offsets: []int64{r.Offset}, Detail: fmt.Sprint(diffs)})
+	}
+}
+
+// orphan notes a record whose id has no row of the window.
+func (v *verifier) orphan(r *kgo.Record, id int64) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.orphans = append(v.orphans, Finding{Kind: Phantom, ID: id, Topic: r.Topic, Partition: r.Partition, Offsets: []int64{r.Offset},
+		Detail: "a record with this outbox-id, but no such row in the table nor in the dead-letter table"})
+}
+
+// phantoms keeps, of the records without a row of the window, those whose id
+// is neither in the table nor in the dead-letter table at all.
+func (v *verifier) phantoms(ctx context.Context) error {
+	if len(v.orphans) == 0 {
+		return nil
+	}
+	ids := make([]int64, len(v.orphans))
+	for i, f := range v.orphans {
+		ids[i] = f.ID
+	}
+	rows, err := v.cfg.Pool.Query(ctx, `SELECT id FROM `+v.cfg.Table.Ident()+` WHERE id = ANY($1)
+UNION SELECT id FROM `+v.cfg.Table.DeadLetterIdent()+` WHERE id = ANY($1)`, ids)
+	if err != nil {
+		return err
+	}
+	found, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	if err != nil {
+		return err
+	}
+	exists := map[int64]bool{}
+	for _, id := range found {
+		exists[id] = true
+	}
+	for _, f := range v.orphans {
+		if !exists[f.ID] {
+			v.add(f)
+		}
+	}
+	return nil
+}
+
+// conclude finds the rows Kafka lacks and the rows waiting too long, and
+// orders the findings (by kind, then id).
+func (v *verifier) conclude() {
+	staleBefore := v.now.Add(-v.cfg.Stale).UnixMicro()
+	for _, r := range v.rows {
+		switch {
+		case r.state == statePublished && r.seen == 0:
+			v.add(Finding{Kind: Missing, ID: r.id, Topic: v.topics[r.topic], Partition: r.partition,
+				Detail: "marked published, but no committed record holds it"})
+		case r.state == stateUnpublished && r.seen == 0 && r.created < staleBefore:
+			v.add(Finding{Kind: StaleUnpublished, ID: r.id, Topic: v.topics[r.topic], Partition: r.partition,
+				Detail: fmt.Sprintf("unpublished since %s", time.UnixMicro(r.created).UTC().Format(time.RFC3339))})
+		}
+	}
+	rank := map[string]int{Missing: 0, Duplicate: 1, Differ: 2, Phantom: 3, DeadInKafka: 4, StaleUnpublished: 5, OutOfOrder: 6}
+	slices.SortStableFunc(v.findings, func(a, b Finding) int {
+		if d := rank[a.Kind] - rank[b.Kind]; d != 0 {
+			return d
+		}
+		return cmpInt(a.ID, b.ID)
+	})
+	v.rep.Findings = v.findings[:min(len(v.findings), v.cfg.Limit)]
+	if v.rep.Findings == nil {
+		v.rep.Findings = []Finding{}
+	}
+}
+
+// WriteText writes the report for people: one summary line of counts, then
+// the first findings, one per line.
+func (r *Report) WriteText(w io.Writer) error {
+	verdict := "CLEAN"
+	if !r.Clean() {
+		verdict = "DISCREPANCIES"
+	}
+	window := fmt.Sprintf("ids %d..%d", r.FromID, r.ToID)
+	if !r.Since.IsZero() {
+		window += " (rows created since " + r.Since.UTC().Format(time.RFC3339) + ")"
+	}
+	_, err := fmt.Fprintf(w, "verify %s %s: %s rows=%d published=%d unpublished=%d dead_lettered=%d records=%d missing=%d duplicate=%d differ=%d phantom=%d dead_letter_in_kafka=%d stale_unpublished=%d out_of_order=%d (warning) in %s\n",
+		r.Table, window, verdict, r.Rows, r.Published, r.Unpublished, r.DeadLettered, r.Records,
+		r.Counts[Missing], r.Counts[Duplicate], r.Counts[Differ], r.Counts[Phantom], r.Counts[DeadInKafka], r.Counts[StaleUnpublished], r.Counts[OutOfOrder],
+		r.Elapsed.Round(time.Millisecond))
+	for _, f := range r.Findings {
+		if err != nil {
+			break
+		}
+		_, err = fmt.Fprintf(w, "%s id=%d topic=%s partition=%d offsets=%v: %s\n", f.Kind, f.ID, f.Topic, f.Partition, f.Offsets, f.Detail)
+	}
+	return err
+}
