@@ -170,7 +170,7 @@ func TestExactlyOnceModeIsTheDefault(t *testing.T) {
 		if string(r.Key) != txnID || cp.Shard != 0 || cp.Relay != cfg.RelayName {
 			t.Errorf("checkpoint record key %q shard %d relay %q, want %q, 0, %q", r.Key, cp.Shard, cp.Relay, txnID, cfg.RelayName)
 		}
-		w, err := cp.RecoveryWindow(1000)
+		w, err := cp.RecoveryWindow(1000, 0)
 		if err != nil {
 			t.Fatalf("checkpoint record %q: %v", r.Value, err)
 		}

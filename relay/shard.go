@@ -197,7 +197,7 @@ func (r *Relay) recoverShard(ctx context.Context, s int32, log *slog.Logger) (*t
 // published: nothing new is marked without being published. On return, w is
 // the window the shard's next checkpoints carry on.
 func (r *Relay) applyCheckpoint(ctx context.Context, s int32, cp *txn.Checkpoint, w *txn.Window, log *slog.Logger) (int64, error) {
-	from, err := cp.RecoveryWindow(r.cfg.RecoveryWindow)
+	from, err := cp.RecoveryWindow(r.cfg.RecoveryWindow, r.windowBytes())
 	if err != nil {
 		return 0, err
 	}
@@ -219,7 +219,6 @@ func (r *Relay) applyCheckpoint(ctx context.Context, s int32, cp *txn.Checkpoint
 		})
 	} else {
 		*w = from
-		w.MaxBytes = r.windowBytes()
 		marked, err = r.markRetrying(ctx, len(ids), log, func(ctx context.Context) (int64, error) {
 			return r.store.MarkCommitted(ctx, ids, created)
 		})

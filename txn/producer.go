@@ -176,7 +176,7 @@ func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint) er
 		ids[i], batch[i] = r.ID, Committed{ID: r.ID, Created: r.Created}
 	}
 	next := p.window.With(batch)
-	cp.SetWindow(&next)
+	cp.SetWindow(next)
 	cp.Written = time.Now().UTC()
 	cpValue, err := json.Marshal(cp)
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 )
 
@@ -32,15 +33,26 @@ type Window struct {
 	// dropped first; the newest batch is always kept.
 	MaxBytes int
 	batches  [][]Committed
+	enc      [][]byte // each batch encoded on its own, once
 }
 
 // With returns the window with batch added as the newest and the oldest
-// batches beyond Limit dropped; w itself is unchanged (the batch joins the
-// window only once its transaction committed).
+// batches beyond Limit, or beyond MaxBytes once encoded, dropped; w itself
+// is unchanged (the batch joins the window only once its transaction
+// committed). Each batch is encoded once, when it joins.
 func (w Window) With(batch []Committed) Window {
-	keep := w.batches[max(0, len(w.batches)+1-max(w.Limit, 1)):]
-	w.batches = append(append(make([][]Committed, 0, len(keep)+1), keep...), batch)
-	return w
+	enc := encodeBatch(batch)
+	keep := max(w.Limit, 1) - 1
+	size := len(enc)
+	from := len(w.batches)
+	for from > 0 && len(w.batches)-from < keep && (w.MaxBytes <= 0 || size+len(w.enc[from-1]) <= w.MaxBytes) {
+		from--
+		size += len(w.enc[from])
+	}
+	out := Window{Limit: w.Limit, MaxBytes: w.MaxBytes}
+	out.batches = append(append(make([][]Committed, 0, len(w.batches)-from+1), w.batches[from:]...), batch)
+	out.enc = append(append(make([][]byte, 0, len(w.enc)-from+1), w.enc[from:]...), enc)
+	return out
 }
 
 // Rows returns every row of the window, oldest batch first.
@@ -55,51 +67,36 @@ func (w *Window) Rows() []Committed {
 // Batches is the number of batches in the window.
 func (w *Window) Batches() int { return len(w.batches) }
 
-// encode writes the window as: for each batch, the row count, then per row
-// the id and the creation time in microseconds, each as a signed varint
-// delta from the previous row (ids and times of consecutive rows are close,
-// so a row costs about 4 bytes). Oldest batches are left out while the
-// result exceeds MaxBytes; the newest batch always stays.
-func (w *Window) encode() []byte {
-	for from := 0; ; from++ {
-		buf := encodeBatches(w.batches[from:])
-		if w.MaxBytes <= 0 || len(buf) <= w.MaxBytes || from == len(w.batches)-1 {
-			if from > 0 {
-				w.batches = append(w.batches[:0:0], w.batches[from:]...)
-			}
-			return buf
-		}
-	}
-}
-
-func encodeBatches(batches [][]Committed) []byte {
-	var buf []byte
+// encodeBatch writes a batch as its row count, then per row the id and the
+// creation time in microseconds, each as a signed varint delta from the
+// previous row (the first row's from zero): ids and times of consecutive rows
+// are close, so a row costs about 4 to 6 bytes.
+func encodeBatch(b []Committed) []byte {
+	buf := binary.AppendUvarint(nil, uint64(len(b)))
 	var prevID, prevAt int64
-	for _, b := range batches {
-		buf = binary.AppendUvarint(buf, uint64(len(b)))
-		for _, r := range b {
-			at := r.Created.UnixMicro()
-			buf = binary.AppendVarint(buf, r.ID-prevID)
-			buf = binary.AppendVarint(buf, at-prevAt)
-			prevID, prevAt = r.ID, at
-		}
+	for _, r := range b {
+		at := r.Created.UnixMicro()
+		buf = binary.AppendVarint(buf, r.ID-prevID)
+		buf = binary.AppendVarint(buf, at-prevAt)
+		prevID, prevAt = r.ID, at
 	}
 	return buf
 }
 
 var errWindowCorrupt = errors.New("recovery window is corrupt")
 
-// decodeWindow reads what encode wrote.
-func decodeWindow(buf []byte, limit int) (Window, error) {
-	w := Window{Limit: limit}
-	var prevID, prevAt int64
+// decodeWindow reads batches written by encodeBatch, one after the other.
+func decodeWindow(buf []byte, limit, maxBytes int) (Window, error) {
+	w := Window{Limit: limit, MaxBytes: maxBytes}
 	for len(buf) > 0 {
+		start := buf
 		n, k := binary.Uvarint(buf)
 		if k <= 0 || n > uint64(len(buf)) {
 			return Window{}, errWindowCorrupt
 		}
 		buf = buf[k:]
 		batch := make([]Committed, 0, n)
+		var prevID, prevAt int64
 		for range n {
 			dID, k1 := binary.Varint(buf)
 			if k1 <= 0 {
@@ -114,38 +111,35 @@ func decodeWindow(buf []byte, limit int) (Window, error) {
 			batch = append(batch, Committed{ID: prevID, Created: time.UnixMicro(prevAt).UTC()})
 		}
 		w.batches = append(w.batches, batch)
+		w.enc = append(w.enc, start[:len(start)-len(buf)])
 	}
 	return w, nil
 }
 
 // SetWindow stores w, encoded, in the checkpoint (format version 2).
-func (cp *Checkpoint) SetWindow(w *Window) {
+func (cp *Checkpoint) SetWindow(w Window) {
 	cp.Version = CheckpointVersion
-	cp.Window = w.encode()
+	cp.Window = slices.Concat(w.enc...)
 }
 
 // RecoveryWindow returns the window the checkpoint carries, with at most
-// limit batches kept from here on. A version 1 checkpoint (written before the
+// limit batches (and maxBytes encoded, if positive) kept from here on. A version 1 checkpoint (written before the
 // upgrade) lists ids without fingerprints: its rows come back with a zero
 // Created time, and the caller must prove them otherwise.
-func (cp *Checkpoint) RecoveryWindow(limit int) (Window, error) {
+func (cp *Checkpoint) RecoveryWindow(limit, maxBytes int) (Window, error) {
 	if cp.Version == 1 {
 		rows := make([]Committed, len(cp.IDs))
 		for i, id := range cp.IDs {
 			rows[i] = Committed{ID: id}
 		}
-		w := Window{Limit: limit}
-		if len(rows) > 0 {
-			w = w.With(rows)
-		}
-		return w, nil
+		return Window{Limit: limit, MaxBytes: maxBytes, batches: [][]Committed{rows}}, nil
 	}
-	w, err := decodeWindow(cp.Window, limit)
+	w, err := decodeWindow(cp.Window, limit, maxBytes)
 	if err != nil {
 		return Window{}, fmt.Errorf("decode checkpoint of shard %d: %w", cp.Shard, err)
 	}
 	if over := len(w.batches) - max(limit, 1); over > 0 {
-		w.batches = w.batches[over:]
+		w.batches, w.enc = w.batches[over:], w.enc[over:]
 	}
 	return w, nil
 }
