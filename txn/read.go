@@ -38,7 +38,7 @@ func ReadCommitted(ctx context.Context, cl *kgo.Client, topic string, partition 
 		req := kmsg.NewPtrFetchRequest()
 		req.ReplicaID = -1
 		req.MaxWaitMillis = 100
-		req.MaxBytes = 16 << 20
+		req.MaxBytes = 4 << 20
 		req.IsolationLevel = 1 // read_committed
 		rt := kmsg.NewFetchRequestTopic()
 		rt.Topic = topic
@@ -46,7 +46,7 @@ func ReadCommitted(ctx context.Context, cl *kgo.Client, topic string, partition 
 		rp := kmsg.NewFetchRequestTopicPartition()
 		rp.Partition = partition
 		rp.FetchOffset = offset
-		rp.PartitionMaxBytes = 8 << 20
+		rp.PartitionMaxBytes = 2 << 20
 		rp.CurrentLeaderEpoch = -1
 		rp.LogStartOffset = -1
 		rt.Partitions = append(rt.Partitions, rp)

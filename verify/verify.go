@@ -8,8 +8,9 @@
 // offsets at the window's start (Kafka's ListOffsets by timestamp, less a
 // margin) to the last stable offsets taken after the table was read. So
 // every row marked published when the table was read is in Kafka below
-// those offsets (I1). Memory is one small entry per row of the window (about
-// 64 bytes) and one per key and partition for the order check; records are
+// those offsets (I1). Memory is one 48-byte entry per row of the window,
+// allocated once, one per key and partition for the order check, and the
+// fetch buffers (2 MiB a partition, 8 partitions at a time); records are
 // streamed, never held.
 package verify
 
@@ -222,18 +223,29 @@ func (v *verifier) readTable(ctx context.Context, adm *kadm.Client) error {
 		{v.cfg.Table.Ident(), "published_at IS NOT NULL", statePublished},
 		{v.cfg.Table.DeadLetterIdent(), "false", stateDead},
 	}
-	topicRows, err := tx.Query(ctx, `SELECT DISTINCT topic FROM `+sources[0].table+` WHERE `+where+
-		` UNION SELECT DISTINCT topic FROM `+sources[1].table+` WHERE `+where, args...)
+	// The topics, and the number of rows: the row entries are allocated
+	// once, at their size.
+	topicRows, err := tx.Query(ctx, `SELECT topic, sum(n)::bigint FROM (
+    SELECT topic, count(*) AS n FROM `+sources[0].table+` WHERE `+where+` GROUP BY topic
+    UNION ALL SELECT topic, count(*) FROM `+sources[1].table+` WHERE `+where+` GROUP BY topic) t GROUP BY topic`, args...)
 	if err != nil {
 		return err
 	}
-	names, err := pgx.CollectRows(topicRows, pgx.RowTo[string])
-	if err != nil {
+	var names []string
+	total := 0
+	var name string
+	var n int64
+	if _, err := pgx.ForEachRow(topicRows, []any{&name, &n}, func() error {
+		names = append(names, name)
+		total += int(n)
+		return nil
+	}); err != nil {
 		return err
 	}
 	if err := v.learnTopics(ctx, adm, names); err != nil {
 		return err
 	}
+	v.rows = make([]row, 0, total)
 	for _, src := range sources {
 		rows, err := tx.Query(ctx, `SELECT id, topic, key, value, headers::text, partition, created_at, `+src.published+
 			` FROM `+src.table+` WHERE `+where, args...)
