@@ -4,6 +4,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/txn"
 )
 
 func base() []string {
@@ -78,5 +81,13 @@ func TestMetricsAddrEmptyDisables(t *testing.T) {
 	cfg, err = LoadConfig(base())
 	if err != nil || cfg.MetricsAddr != DefaultMetricsAddr {
 		t.Fatalf("unset OUTBOX_METRICS_ADDR gave %q, %v", cfg.MetricsAddr, err)
+	}
+}
+
+// TestReservedHeaderIsTheRelaysOutboxID: the header outbox.Message refuses
+// is the one the producer sets.
+func TestReservedHeaderIsTheRelaysOutboxID(t *testing.T) {
+	if outbox.ReservedHeader != txn.HeaderOutboxID {
+		t.Fatalf("outbox.ReservedHeader = %q, txn.HeaderOutboxID = %q", outbox.ReservedHeader, txn.HeaderOutboxID)
 	}
 }

@@ -554,6 +554,11 @@ func toRecord(row outbox.Row) (txn.Record, error) {
 		}
 		// Headers go out sorted by name, so their order is stable.
 		for _, k := range slices.Sorted(maps.Keys(h)) {
+			if k == txn.HeaderOutboxID {
+				// A second outbox-id would make consumers that read the
+				// last one (Java's lastHeader) take this row for another.
+				return rec, fmt.Errorf("column headers sets %q, which is reserved: the relay sends the row id in it; rename the header (e.g. to %q)", k, "app-"+k)
+			}
 			v, ok := h[k].(string)
 			if !ok {
 				return rec, fmt.Errorf("column headers: value of %q is %s, must be a string", k, jsonKind(h[k]))
