@@ -40,6 +40,12 @@ type Config struct {
 	Shards int `env:"OUTBOX_SHARDS" envDefault:"1"`
 	// BatchSize is the most rows one Kafka transaction carries.
 	BatchSize int `env:"OUTBOX_BATCH_SIZE" envDefault:"500"`
+	// ReadMaxBytes bounds one read of the outbox in bytes (key, value and
+	// headers of its rows): rows are read in id order until the next would
+	// pass it, and always at least one, so a single larger row is still
+	// read (and refused against max.message.bytes). 0 means
+	// DefaultReadMaxBytes.
+	ReadMaxBytes int64 `env:"OUTBOX_BATCH_MAX_BYTES" envDefault:"16777216"`
 	// PollInterval is the longest an idle relay sleeps before polling when
 	// no wake-up notification arrives.
 	PollInterval time.Duration `env:"OUTBOX_POLL_INTERVAL" envDefault:"1s"`
@@ -104,6 +110,17 @@ type Config struct {
 
 // MaxBatchSize is the largest OUTBOX_BATCH_SIZE.
 const MaxBatchSize = 10000
+
+// DefaultReadMaxBytes is OUTBOX_BATCH_MAX_BYTES when it is not set: 16 MiB.
+const DefaultReadMaxBytes = 16 << 20
+
+// readMaxBytes is the byte bound of one read of the outbox.
+func (c Config) readMaxBytes() int64 {
+	if c.ReadMaxBytes == 0 {
+		return DefaultReadMaxBytes
+	}
+	return c.ReadMaxBytes
+}
 
 // DefaultMetricsAddr is where the HTTP endpoints listen when
 // OUTBOX_METRICS_ADDR is not set.
@@ -198,7 +215,7 @@ func expected(t reflect.Type) string {
 	switch {
 	case t == reflect.TypeFor[time.Duration]():
 		return "a duration such as 500ms, 2s or 1m"
-	case t.Kind() == reflect.Int:
+	case t.Kind() >= reflect.Int && t.Kind() <= reflect.Int64:
 		return "an integer"
 	case t.Kind() == reflect.Bool:
 		return "true or false"
@@ -244,6 +261,9 @@ func (c Config) Validate() error {
 	// keeps it far below Kafka's default max.message.bytes of 1 MiB.
 	if c.BatchSize < 1 || c.BatchSize > MaxBatchSize {
 		add("OUTBOX_BATCH_SIZE is %d: expected 1 to %d", c.BatchSize, MaxBatchSize)
+	}
+	if c.ReadMaxBytes < 0 {
+		add("OUTBOX_BATCH_MAX_BYTES is %d: expected a positive number of bytes (default %d, 16 MiB)", c.ReadMaxBytes, DefaultReadMaxBytes)
 	}
 	for _, d := range []struct {
 		name string

@@ -19,7 +19,7 @@ func TestConfigDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	if cfg.Table != "outbox" || cfg.Schema != "public" || cfg.BatchSize != 500 || cfg.PollInterval != time.Second ||
-		cfg.Shards != 1 || len(cfg.KafkaBrokers) != 2 || cfg.MetricsAddr != ":9090" {
+		cfg.Shards != 1 || len(cfg.KafkaBrokers) != 2 || cfg.MetricsAddr != ":9090" || cfg.ReadMaxBytes != 16<<20 {
 		t.Fatalf("defaults: %+v", cfg)
 	}
 }
@@ -35,6 +35,8 @@ func TestConfigErrorsNameTheVariable(t *testing.T) {
 		{append(base(), "OUTBOX_BATCH_SIZE=lots"), []string{"OUTBOX_BATCH_SIZE is malformed: expected an integer"}},
 		{append(base(), "OUTBOX_BATCH_SIZE=0"), []string{"OUTBOX_BATCH_SIZE is 0: expected 1 to 10000"}},
 		{append(base(), "OUTBOX_BATCH_SIZE=20000"), []string{"OUTBOX_BATCH_SIZE is 20000: expected 1 to 10000"}},
+		{append(base(), "OUTBOX_BATCH_MAX_BYTES=lots"), []string{"OUTBOX_BATCH_MAX_BYTES is malformed: expected an integer"}},
+		{append(base(), "OUTBOX_BATCH_MAX_BYTES=-1"), []string{"OUTBOX_BATCH_MAX_BYTES is -1: expected a positive number of bytes"}},
 		{append(base(), "OUTBOX_POLL_INTERVAL=5"), []string{"OUTBOX_POLL_INTERVAL is malformed: expected a duration"}},
 		{append(base(), "OUTBOX_POLL_INTERVAL=-1s"), []string{"OUTBOX_POLL_INTERVAL is -1s: expected a positive duration"}},
 		{append(base(), "OUTBOX_CHECKPOINT_TOPIC=bad topic"), []string{"OUTBOX_CHECKPOINT_TOPIC"}},

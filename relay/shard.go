@@ -216,7 +216,7 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *
 			return nil
 		}
 		wake := r.wake.wait()
-		rows, err := r.store.ReadBatch(ctx, int(s), r.cfg.Shards, r.cfg.BatchSize)
+		rows, err := r.store.ReadBatch(ctx, int(s), r.cfg.Shards, r.cfg.BatchSize, r.cfg.readMaxBytes())
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil

@@ -1,0 +1,79 @@
+package integration
+
+// Bounds that keep one shard alive: reads bounded in bytes, so a few huge
+// rows cannot run the relay out of memory.
+
+import (
+	"context"
+	"crypto/rand"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/outbox-relay/outbox-relay/integration/testenv"
+	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/relay"
+)
+
+// TestLargeRowsAreReadInBatchesBoundedInBytes: with
+// OUTBOX_BATCH_MAX_BYTES=500000, rows of 200 kB are read two at a time (a
+// third would pass the bound) and a 600 kB row, larger than the bound by
+// itself, is read alone: a read never holds more than the bound unless it
+// is one row. Every row reaches a read_committed consumer exactly once, in
+// order per key.
+func TestLargeRowsAreReadInBatchesBoundedInBytes(t *testing.T) {
+	ctx := context.Background()
+	db := testenv.NewDB(t)
+	topic := testenv.RandomName("documents-")
+	k := testenv.NewKafka(t, 3, topic)
+	const limit = 500000
+	sizes := []int{200000, 200000, 200000, 200000, 600000, 200000, 200000, 200000, 200000}
+	var msgs []outbox.Message
+	for i, n := range sizes {
+		v := make([]byte, n)
+		_, _ = rand.Read(v)
+		msgs = append(msgs, outbox.Message{Topic: topic, Key: []byte{byte('a' + i%2)}, Value: v})
+	}
+	if err := db.Table.Write(ctx, db.Pool, msgs...); err != nil {
+		t.Fatal(err)
+	}
+	ids := make([]int64, len(sizes))
+	for i := range ids {
+		ids[i] = int64(i + 1)
+	}
+
+	var (
+		mu      sync.Mutex
+		batches [][]int64
+	)
+	record := func(_ context.Context, name string, _ int32, batch []int64) error {
+		if name == relay.FailAfterMark {
+			mu.Lock()
+			batches = append(batches, slices.Clone(batch))
+			mu.Unlock()
+		}
+		return nil
+	}
+	cfg := testenv.RelayConfig(db, k)
+	cfg.ReadMaxBytes = limit
+	testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)), relay.WithFailpoint(record))
+	testenv.CheckExactlyOnce(t, ids, k.NewConsumer(t, topic).WaitFor(t, len(ids), 60*time.Second))
+	faultsEventually(t, 10*time.Second, "every row marked", func() bool { return db.Unpublished(t) == 0 })
+
+	mu.Lock()
+	defer mu.Unlock()
+	want := [][]int64{{1, 2}, {3, 4}, {5}, {6, 7}, {8, 9}}
+	if !slices.EqualFunc(batches, want, slices.Equal[[]int64]) {
+		t.Errorf("batches %v, want %v (at most %d bytes of key and value each, or one row)", batches, want, limit)
+	}
+	for _, b := range batches {
+		sum := 0
+		for _, id := range b {
+			sum += sizes[id-1] + 1 // the value and its 1-byte key
+		}
+		if sum > limit && len(b) > 1 {
+			t.Errorf("batch %v holds %d bytes, more than OUTBOX_BATCH_MAX_BYTES=%d", b, sum, limit)
+		}
+	}
+}
