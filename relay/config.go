@@ -46,6 +46,19 @@ type Config struct {
 	// read (and refused against max.message.bytes). 0 means
 	// DefaultReadMaxBytes.
 	ReadMaxBytes int64 `env:"OUTBOX_BATCH_MAX_BYTES" envDefault:"16777216"`
+	// CreateTopics lets the relay create a topic that a row names and the
+	// cluster does not have, with CreateTopicPartitions and
+	// CreateTopicReplicationFactor. Off (the default), such a row is moved
+	// to the dead-letter table, unless the brokers auto-create topics
+	// (auto.create.topics.enable), which the relay honours.
+	CreateTopics bool `env:"OUTBOX_CREATE_TOPICS" envDefault:"false"`
+	// CreateTopicPartitions is the partition count of topics the relay
+	// creates; -1 (or 0) takes the brokers' num.partitions.
+	CreateTopicPartitions int `env:"OUTBOX_CREATE_TOPIC_PARTITIONS" envDefault:"-1"`
+	// CreateTopicReplicationFactor is the replication factor of topics the
+	// relay creates; -1 (or 0) takes the brokers'
+	// default.replication.factor.
+	CreateTopicReplicationFactor int `env:"OUTBOX_CREATE_TOPIC_REPLICATION_FACTOR" envDefault:"-1"`
 	// PollInterval is the longest an idle relay sleeps before polling when
 	// no wake-up notification arrives.
 	PollInterval time.Duration `env:"OUTBOX_POLL_INTERVAL" envDefault:"1s"`
@@ -120,6 +133,20 @@ func (c Config) readMaxBytes() int64 {
 		return DefaultReadMaxBytes
 	}
 	return c.ReadMaxBytes
+}
+
+// createTopic returns the partition count and replication factor of the
+// topics the relay creates, -1 for the brokers' defaults (Kafka 2.4 and
+// later, KIP-464).
+func (c Config) createTopic() (partitions int32, replicationFactor int16) {
+	partitions, replicationFactor = -1, -1
+	if c.CreateTopicPartitions > 0 {
+		partitions = int32(c.CreateTopicPartitions)
+	}
+	if c.CreateTopicReplicationFactor > 0 {
+		replicationFactor = int16(c.CreateTopicReplicationFactor)
+	}
+	return partitions, replicationFactor
 }
 
 // DefaultMetricsAddr is where the HTTP endpoints listen when
@@ -264,6 +291,12 @@ func (c Config) Validate() error {
 	}
 	if c.ReadMaxBytes < 0 {
 		add("OUTBOX_BATCH_MAX_BYTES is %d: expected a positive number of bytes (default %d, 16 MiB)", c.ReadMaxBytes, DefaultReadMaxBytes)
+	}
+	if c.CreateTopicPartitions < -1 || c.CreateTopicPartitions > 1000000 {
+		add("OUTBOX_CREATE_TOPIC_PARTITIONS is %d: expected -1 (the brokers' num.partitions) or a partition count from 1 to 1000000", c.CreateTopicPartitions)
+	}
+	if c.CreateTopicReplicationFactor < -1 || c.CreateTopicReplicationFactor > 32767 {
+		add("OUTBOX_CREATE_TOPIC_REPLICATION_FACTOR is %d: expected -1 (the brokers' default.replication.factor) or a replication factor from 1 to 32767", c.CreateTopicReplicationFactor)
 	}
 	for _, d := range []struct {
 		name string

@@ -282,9 +282,21 @@ func (r *Relay) publishRows(ctx context.Context, s int32, p *txn.Producer, rows 
 		recs = append(recs, rec)
 		created = append(created, row.CreatedAt)
 	}
+	// Rows Kafka would refuse on their own account (a topic that does not
+	// exist, a partition it does not have, too large) go to the dead-letter
+	// table now, before anything is sent: they do not hold the batch, and in
+	// at-most-once mode they are not marked and lost.
+	refused, err := p.Check(ctx, recs)
+	if err != nil {
+		return err
+	}
+	for _, re := range refused {
+		dead = append(dead, outbox.DeadLetter{ID: re.ID, Error: re.Err.Error()})
+	}
 	if err := r.deadLetter(ctx, s, dead, log); err != nil {
 		return err
 	}
+	recs, created = without(recs, created, dead)
 	return r.publish(ctx, s, p, recs, created, log)
 }
 
@@ -452,17 +464,8 @@ func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, p *txn.Producer
 // is a loss too, reported at once.
 func (r *Relay) publishAtMostOnce(ctx context.Context, s int32, p *txn.Producer, recs []txn.Record, created []time.Time, log *slog.Logger) error {
 	label := strconv.Itoa(int(s))
-	// Rows Kafka would refuse go to the dead-letter table, not to the floor.
-	if refused := p.Check(ctx, recs); len(refused) > 0 {
-		dead := make([]outbox.DeadLetter, len(refused))
-		for i, re := range refused {
-			dead[i] = outbox.DeadLetter{ID: re.ID, Error: re.Err.Error()}
-		}
-		if err := r.deadLetter(ctx, s, dead, log); err != nil {
-			return err
-		}
-		recs, created = without(recs, created, dead)
-	}
+	// Rows Kafka would refuse were dead-lettered before (publishRows runs
+	// Producer.Check), not marked here and lost.
 	ids := make([]int64, len(recs))
 	for i, rec := range recs {
 		ids[i] = rec.ID
