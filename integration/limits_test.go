@@ -1,15 +1,22 @@
 package integration
 
-// Bounds that keep one shard alive: reads bounded in bytes, so a few huge
-// rows cannot run the relay out of memory.
+// Bounds that keep one shard alive and visible: reads bounded in bytes, so a
+// few huge rows cannot run the relay out of memory, and a gauge of the
+// consecutive failures of a shard whose batches fail for a reason that is
+// not a row's (NOT_ENOUGH_REPLICAS, an offline partition, a broker down).
 
 import (
 	"context"
 	"crypto/rand"
 	"slices"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/outbox-relay/outbox-relay/integration/testenv"
 	"github.com/outbox-relay/outbox-relay/outbox"
@@ -76,4 +83,48 @@ func TestLargeRowsAreReadInBatchesBoundedInBytes(t *testing.T) {
 			t.Errorf("batch %v holds %d bytes, more than OUTBOX_BATCH_MAX_BYTES=%d", b, sum, limit)
 		}
 	}
+}
+
+// TestPersistentBatchFailureIsCountedPerShardUntilRecovered: every produce
+// to the rows' topic is answered NOT_ENOUGH_REPLICAS, a failure no row is to
+// blame for. Nothing is dead-lettered or published; the shard's
+// outbox_relay_shard_consecutive_failures gauge climbs with each failed
+// batch or recovery, so the alert can fire. Once the fault stops, the rows
+// are published exactly once and the gauge returns to 0.
+func TestPersistentBatchFailureIsCountedPerShardUntilRecovered(t *testing.T) {
+	modesNeedControl(t, "NOT_ENOUGH_REPLICAS on Produce")
+	db := testenv.NewDB(t)
+	topic := testenv.RandomName("payments-")
+	k := testenv.NewKafka(t, 3, topic)
+	ids := db.Insert(t, topic, 30, faultsKeys)
+	fault := modesInject(t, k, kmsg.Produce, -1, modesProduceFailing(t, k, topic, kerr.NotEnoughReplicas))
+	cfg := testenv.RelayConfig(db, k)
+	// The producer retries NOT_ENOUGH_REPLICAS until the batch's budget
+	// (9/10 of the transaction timeout) runs out: short, to fail fast.
+	cfg.TransactionTimeout = 2 * time.Second
+	reg := prometheus.NewRegistry()
+	testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)), relay.WithRegisterer(reg))
+
+	gauge := func() float64 {
+		return faultsMetric(t, reg, "outbox_relay_shard_consecutive_failures", "shard", "0")
+	}
+	faultsEventually(t, 60*time.Second, "the shard's consecutive failures climb to 3", func() bool { return gauge() >= 3 })
+	if fault.Fired() == 0 {
+		t.Fatal("the fault never fired")
+	}
+	if n := db.Unpublished(t); n != len(ids) {
+		t.Fatalf("%d rows marked while every produce failed", len(ids)-n)
+	}
+	if got := faultsMetric(t, reg, "outbox_relay_dead_letters_total"); got != 0 {
+		t.Fatalf("%v rows dead-lettered for NOT_ENOUGH_REPLICAS, which is no row's fault", got)
+	}
+	climbed := gauge()
+
+	fault.Stop()
+	faultsEventually(t, 60*time.Second, "every row marked after the fault stopped", func() bool { return db.Unpublished(t) == 0 })
+	testenv.CheckExactlyOnce(t, ids, k.NewConsumer(t, topic).WaitFor(t, len(ids), 30*time.Second))
+	if got := gauge(); got != 0 {
+		t.Errorf("consecutive failures = %v after the shard published again, want 0", got)
+	}
+	t.Logf("consecutive failures climbed to %v, then returned to 0; NOT_ENOUGH_REPLICAS answered %s times", climbed, strconv.Itoa(fault.Fired()))
 }

@@ -35,15 +35,29 @@ func stopsRelay(err error) bool {
 
 // runShard owns shard s until ctx ends or the shard is lost: recovery, then
 // the publish loop, again after every unknown commit outcome.
+//
+// A batch or recovery that fails for a reason no row is to blame for
+// (NOT_ENOUGH_REPLICAS, an offline partition, a broker or the database away)
+// is retried here with backoff, for as long as it takes: each failure in a
+// row is counted in outbox_relay_shard_consecutive_failures, which the first
+// success resets, so that a shard stuck this way is visible.
 func (r *Relay) runShard(ctx context.Context, s int32) error {
 	log := r.log.With("shard", s)
 	label := strconv.Itoa(int(s))
 	backoff := 100 * time.Millisecond
+	failures, failed := 0, r.m.ConsecutiveFailures.WithLabelValues(label)
+	healthy := func() {
+		if failures > 0 {
+			log.Info("shard healthy again", "failures", failures)
+			failures = 0
+			failed.Set(0)
+		}
+	}
 	for ctx.Err() == nil {
 		p, err := r.recoverShard(ctx, s, log)
 		if err == nil {
 			backoff = 100 * time.Millisecond
-			err = r.publishLoop(ctx, s, p, log)
+			err = r.publishLoop(ctx, s, p, log, healthy)
 			p.Close()
 		}
 		wait := jittered(backoff)
@@ -63,7 +77,9 @@ func (r *Relay) runShard(ctx context.Context, s int32) error {
 			log.Error("fenced: another relay took this shard's transactional id; this relay stops writing it", "err", err)
 			return err
 		default:
-			log.Warn("shard recovering after error", "err", err, "retry_in", wait)
+			failures++
+			failed.Set(float64(failures))
+			log.Warn("shard recovering after error", "err", err, "retry_in", wait, "consecutive_failures", failures)
 		}
 		select {
 		case <-ctx.Done():
@@ -206,8 +222,9 @@ const (
 )
 
 // publishLoop reads, publishes and marks batches until ctx ends or a batch
-// fails in a way that needs recovery.
-func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *slog.Logger) error {
+// fails in a way that needs recovery. It calls healthy after every batch
+// that succeeded and every read that found the shard empty.
+func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *slog.Logger, healthy func()) error {
 	idleWait := time.Duration(0)
 	r.wake.setIdle(s, false)
 	defer r.wake.setIdle(s, true)
@@ -224,6 +241,7 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *
 			return err
 		}
 		if len(rows) == 0 {
+			healthy()
 			// Out of rows. First poll again after 2, 4, 8, 16 ms while
 			// still holding the wake-up lock (writers do not notify):
 			// under steady load the next commit is found this way and
@@ -258,6 +276,7 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *
 		if err != nil {
 			return err
 		}
+		healthy()
 		// A full batch polls again at once; a short one too, cheaply.
 	}
 }
