@@ -20,6 +20,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/outbox-relay/outbox-relay/integration/testenv"
 	"github.com/outbox-relay/outbox-relay/outbox"
@@ -45,25 +47,44 @@ func topicsInsert(t *testing.T, db *testenv.DB, topic, other string) (good []int
 	return good, odd
 }
 
-// topicsBrokerAutoCreates reports whether the real cluster k has
-// auto.create.topics.enable=true (its brokers' configuration). kfake
-// clusters are built knowing it.
+// topicsBrokerAutoCreates reports whether the real cluster k auto-creates
+// topics: its brokers' auto.create.topics.enable when they report it, else
+// what a metadata request asking for a new topic does (the probe topic is
+// deleted again).
 func topicsBrokerAutoCreates(t *testing.T, k *testenv.Kafka) bool {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	rcs, err := k.Admin(t).DescribeBrokerConfigs(ctx)
-	if err != nil {
-		t.Fatalf("describe broker configs: %v", err)
-	}
-	for _, rc := range rcs {
-		for _, c := range rc.Configs {
-			if c.Key == "auto.create.topics.enable" && c.Value != nil {
-				return *c.Value == "true"
+	adm := k.Admin(t)
+	if rcs, err := adm.DescribeBrokerConfigs(ctx); err == nil {
+		for _, rc := range rcs {
+			for _, c := range rc.Configs {
+				if c.Key == "auto.create.topics.enable" && c.Value != nil {
+					return *c.Value == "true"
+				}
 			}
 		}
 	}
-	return true // Kafka's default
+	probe := testenv.RandomName("autocreate-probe-")
+	req := kmsg.NewPtrMetadataRequest()
+	req.AllowAutoTopicCreation = true
+	rt := kmsg.NewMetadataRequestTopic()
+	rt.Topic = kmsg.StringPtr(probe)
+	req.Topics = append(req.Topics, rt)
+	cl, err := kgo.NewClient(kgo.SeedBrokers(k.Brokers...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	if _, err := req.RequestWith(ctx, cl); err != nil {
+		t.Fatalf("auto-creation probe: %v", err)
+	}
+	time.Sleep(time.Second) // a creation may take the controller a moment
+	created := topicsPartitions(t, k, probe) >= 0
+	if created {
+		_, _ = adm.DeleteTopics(ctx, probe)
+	}
+	return created
 }
 
 // topicsKafka returns a cluster whose brokers auto-create topics when
