@@ -293,3 +293,41 @@ func TestCreateTopicsSettingCreatesTheMissingTopic(t *testing.T) {
 		})
 	}
 }
+
+// TestTopicDeletedAfterItWasCheckedDoesNotStallTheShard: a topic the relay
+// has published to (and knows) is deleted; rows for it written afterwards
+// are dead-lettered with an error naming the topic, and the rows of the
+// other topic beside them are published exactly once: the shard does not
+// retry the gone topic forever.
+func TestTopicDeletedAfterItWasCheckedDoesNotStallTheShard(t *testing.T) {
+	ctx := context.Background()
+	db := testenv.NewDB(t)
+	topic, doomed := testenv.RandomName("payments-"), testenv.RandomName("doomed-")
+	k := topicsKafka(t, false, topic, doomed)
+	first := db.Insert(t, doomed, 10, faultsKeys)
+	cfg := testenv.RelayConfig(db, k)
+	cfg.BatchSize = topicsBatch
+	testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)))
+	testenv.CheckExactlyOnce(t, first, k.NewConsumer(t, doomed).WaitFor(t, len(first), 30*time.Second))
+	faultsEventually(t, 10*time.Second, "the first rows marked", func() bool { return db.Unpublished(t) == 0 })
+
+	if _, err := k.Admin(t).DeleteTopics(ctx, doomed); err != nil {
+		t.Fatal(err)
+	}
+	faultsEventually(t, 10*time.Second, "the topic is gone", func() bool { return topicsPartitions(t, k, doomed) < 0 })
+	good, bad := topicsInsert(t, db, topic, doomed)
+	start := time.Now()
+	took := topicsWaitSettled(t, db, start)
+	t.Logf("%d rows published and 1 dead-lettered %v after they were written", len(good), took.Round(time.Millisecond))
+	dead, err := outbox.NewStore(db.Pool, db.Table).ListDeadLetters(ctx, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(dead) != 1 || dead[0].ID != bad || !strings.Contains(dead[0].Error, doomed) {
+		t.Fatalf("dead letters = %+v, want only row %d with an error naming %s", dead, bad, doomed)
+	}
+	testenv.CheckExactlyOnce(t, good, k.NewConsumer(t, topic).WaitFor(t, len(good), 30*time.Second))
+	if took > topicsFastBound {
+		t.Errorf("the other %d rows took %v, more than %v: the gone topic held the batch", len(good), took.Round(time.Millisecond), topicsFastBound)
+	}
+}

@@ -363,6 +363,18 @@ func (r *Relay) publish(ctx context.Context, s int32, p *txn.Producer, recs []tx
 	cancel()
 	var rerrs *txn.RecordErrors
 	switch {
+	case errors.As(err, &rerrs) && rerrs.BeforeSend:
+		// Refused before sending (a topic gone since publishRows checked
+		// it): these rows alone are at fault, the rest goes on as it is.
+		dead := make([]outbox.DeadLetter, len(rerrs.Records))
+		for i, re := range rerrs.Records {
+			dead[i] = outbox.DeadLetter{ID: re.ID, Error: re.Err.Error()}
+		}
+		if err := r.deadLetter(ctx, s, dead, log); err != nil {
+			return err
+		}
+		recs, created = without(recs, created, dead)
+		return r.publish(ctx, s, p, recs, created, log)
 	case errors.As(err, &rerrs):
 		r.m.Aborts.WithLabelValues(label, "record_error").Inc()
 		if len(recs) == 1 {

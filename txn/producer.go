@@ -176,7 +176,7 @@ func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint) er
 		return fmt.Errorf("check records: %w", classify(err))
 	}
 	if len(bad) > 0 {
-		return &RecordErrors{Records: bad}
+		return &RecordErrors{Records: bad, BeforeSend: true}
 	}
 	cpValue, err := json.Marshal(cp)
 	if err != nil {
@@ -191,7 +191,7 @@ func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint) er
 		recordErrs []*RecordError
 		otherErr   error
 	)
-	promise := func(id int64) func(*kgo.Record, error) {
+	promise := func(id int64, topic string) func(*kgo.Record, error) {
 		return func(_ *kgo.Record, err error) {
 			if err == nil {
 				return
@@ -205,6 +205,7 @@ func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint) er
 				otherErr = fmt.Errorf("%w: the checkpoint record (%d ids) was refused: %w; lower OUTBOX_BATCH_SIZE, or raise the checkpoint topic's max.message.bytes and OUTBOX_KAFKA_BATCH_SIZE",
 					ErrFatal, len(cp.IDs), err)
 			case isRecordFatal(err):
+				p.forgetIfGone(topic, err)
 				recordErrs = append(recordErrs, &RecordError{ID: id, Err: err})
 			case otherErr == nil:
 				otherErr = err
@@ -212,14 +213,14 @@ func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint) er
 		}
 	}
 	for _, r := range recs {
-		p.cl.Produce(ctx, p.kafkaRecord(r), promise(r.ID))
+		p.cl.Produce(ctx, p.kafkaRecord(r), promise(r.ID, r.Topic))
 	}
 	p.cl.Produce(ctx, &kgo.Record{
 		Topic:     p.cfg.CheckpointTopic,
 		Partition: p.shard,
 		Key:       []byte(p.cfg.TransactionalID(p.shard)),
 		Value:     cpValue,
-	}, promise(-1))
+	}, promise(-1, p.cfg.CheckpointTopic))
 
 	// Flush waits for every produce answer (kgo retries lost acks itself;
 	// the idempotent sequence numbers make the broker drop the duplicate,
@@ -412,6 +413,15 @@ func (p *Producer) known(topic string) bool {
 	defer p.mu.Unlock()
 	_, ok := p.partitions[topic]
 	return ok
+}
+
+// forgetIfGone forgets topic when a produce to it failed because the
+// cluster no longer has it (deleted after the check), so that the next check
+// asks again and refuses its records at once.
+func (p *Producer) forgetIfGone(topic string, err error) {
+	if errors.Is(err, kerr.UnknownTopicOrPartition) || errors.Is(err, kerr.UnknownTopicID) {
+		p.forget(topic)
+	}
 }
 
 // forget drops what is cached about topic.
@@ -685,6 +695,7 @@ func (p *Producer) Send(ctx context.Context, recs []Record) (acked []int64, refu
 			case err == nil:
 				ok[i] = true
 			case isRecordFatal(err):
+				p.forgetIfGone(r.Topic, err)
 				refused = append(refused, &RecordError{ID: r.ID, Err: err})
 			case otherErr == nil:
 				otherErr = err
