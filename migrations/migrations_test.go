@@ -93,7 +93,7 @@ func TestCustomNamesAreQuotedIdentifiers(t *testing.T) {
 	if err := tbl.Write(ctx, p, outbox.Message{Topic: "t", Value: []byte("v")}); err != nil {
 		t.Fatal(err)
 	}
-	rows, err := outbox.NewStore(p, tbl).ReadBatch(ctx, 0, 1, 10)
+	rows, err := outbox.NewStore(p, tbl).ReadBatch(ctx, 0, 1, 10, 1<<20)
 	if err != nil || len(rows) != 1 {
 		t.Fatalf("read back: %v %v", rows, err)
 	}

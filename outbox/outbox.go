@@ -32,7 +32,7 @@ type Message struct {
 	// Value is the record value; nil publishes a tombstone (a null value).
 	Value []byte
 	// Headers become Kafka record headers, next to the relay's own
-	// "outbox-id" header.
+	// "outbox-id" header, which is reserved (ReservedHeader).
 	Headers map[string]string
 	// Partition, when set, is the Kafka partition; nil lets the relay choose
 	// by Kafka's default murmur2 hash of the key.
@@ -93,6 +93,11 @@ type CopyExecer interface {
 // a multi-row INSERT.
 const CopyThreshold = 64
 
+// ReservedHeader is the record header the relay sets to the row id (the
+// "outbox-id" consumers deduplicate by). A row may not set it: the relay
+// dead-letters such a row, and Write refuses such a Message.
+const ReservedHeader = "outbox-id"
+
 // Validate reports the first problem with m that the relay would refuse, with
 // the field and the fix.
 func (m Message) Validate() error {
@@ -101,6 +106,9 @@ func (m Message) Validate() error {
 	}
 	if m.Partition != nil && *m.Partition < 0 {
 		return fmt.Errorf("outbox message: Partition is %d: must be >= 0, or nil to hash the key", *m.Partition)
+	}
+	if _, ok := m.Headers[ReservedHeader]; ok {
+		return fmt.Errorf("outbox message: Headers sets %q, which is reserved: the relay sends the row id in it; rename the header", ReservedHeader)
 	}
 	return nil
 }

@@ -27,6 +27,10 @@ func TestMessageValidateNamesTheField(t *testing.T) {
 	if err := (Message{}).Validate(); err == nil || !strings.Contains(err.Error(), "topic") {
 		t.Fatalf("err = %v", err)
 	}
+	err = Message{Topic: "t", Headers: map[string]string{"outbox-id": "42"}}.Validate()
+	if err == nil || !strings.Contains(err.Error(), `Headers sets "outbox-id", which is reserved`) {
+		t.Fatalf("a message setting the reserved outbox-id header: err = %v", err)
+	}
 }
 
 func TestIdentifiersAreQuoted(t *testing.T) {

@@ -55,12 +55,31 @@ func shardFilter(shard, shards int, argN int) (string, []any) {
 		[]any{int64(shards), int64(shard)}
 }
 
-// ReadBatch returns up to limit unpublished rows of one shard, in id order.
-func (s *Store) ReadBatch(ctx context.Context, shard, shards, limit int) ([]Row, error) {
+// ReadBatch returns unpublished rows of one shard in id order: at most limit
+// rows, and, when maxBytes > 0, no more than maxBytes of key, value and
+// headers (as JSON text) in all, but always at least the first row, so that a
+// single row larger than maxBytes is still read, on its own.
+//
+// It is one query: the sizes are octet_length of the candidate rows' columns,
+// which PostgreSQL reads from a stored value's header without fetching
+// (detoasting) it, and only the rows before the cut are sent.
+func (s *Store) ReadBatch(ctx context.Context, shard, shards, limit int, maxBytes int64) ([]Row, error) {
+	args := []any{limit}
 	filter, fargs := shardFilter(shard, shards, 2)
 	q := `SELECT id, topic, key, value, headers::text, partition, created_at FROM ` + s.t.Ident() +
 		` WHERE published_at IS NULL` + filter + ` ORDER BY id LIMIT $1`
-	rows, err := s.pool.Query(ctx, q, append([]any{limit}, fargs...)...)
+	if maxBytes > 0 {
+		args = append(args, maxBytes)
+		filter, fargs = shardFilter(shard, shards, 3)
+		q = `SELECT id, topic, key, value, headers, partition, created_at FROM (
+    SELECT *, row_number() OVER w AS n,
+        sum(coalesce(octet_length(key), 0) + coalesce(octet_length(value), 0) + coalesce(octet_length(headers), 0)) OVER w AS upto
+    FROM (SELECT id, topic, key, value, headers::text AS headers, partition, created_at FROM ` + s.t.Ident() +
+			` WHERE published_at IS NULL` + filter + ` ORDER BY id LIMIT $1) AS candidates
+    WINDOW w AS (ORDER BY id ROWS UNBOUNDED PRECEDING)
+) AS batch WHERE n = 1 OR upto <= $2 ORDER BY id`
+	}
+	rows, err := s.pool.Query(ctx, q, append(args, fargs...)...)
 	if err != nil {
 		return nil, fmt.Errorf("read unpublished rows of %s: %w", s.t, err)
 	}

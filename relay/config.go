@@ -49,6 +49,25 @@ type Config struct {
 	// (PostgreSQL's statement_timeout and lock_timeout).
 	StatementTimeout time.Duration `env:"OUTBOX_STATEMENT_TIMEOUT" envDefault:"30s"`
 	LockTimeout      time.Duration `env:"OUTBOX_LOCK_TIMEOUT" envDefault:"5s"`
+	// ReadMaxBytes bounds one read of the outbox in bytes (key, value and
+	// headers of its rows): rows are read in id order until the next would
+	// pass it, and always at least one, so a single larger row is still
+	// read (and refused against max.message.bytes). 0 means
+	// DefaultReadMaxBytes.
+	ReadMaxBytes int64 `env:"OUTBOX_BATCH_MAX_BYTES" envDefault:"16777216"`
+	// CreateTopics lets the relay create a topic that a row names and the
+	// cluster does not have, with CreateTopicPartitions and
+	// CreateTopicReplicationFactor. Off (the default), such a row is moved
+	// to the dead-letter table, unless the brokers auto-create topics
+	// (auto.create.topics.enable), which the relay honours.
+	CreateTopics bool `env:"OUTBOX_CREATE_TOPICS" envDefault:"false"`
+	// CreateTopicPartitions is the partition count of topics the relay
+	// creates; -1 (or 0) takes the brokers' num.partitions.
+	CreateTopicPartitions int `env:"OUTBOX_CREATE_TOPIC_PARTITIONS" envDefault:"-1"`
+	// CreateTopicReplicationFactor is the replication factor of topics the
+	// relay creates; -1 (or 0) takes the brokers'
+	// default.replication.factor.
+	CreateTopicReplicationFactor int `env:"OUTBOX_CREATE_TOPIC_REPLICATION_FACTOR" envDefault:"-1"`
 	// PollInterval is the longest an idle relay sleeps before polling when
 	// no wake-up notification arrives.
 	PollInterval time.Duration `env:"OUTBOX_POLL_INTERVAL" envDefault:"1s"`
@@ -117,6 +136,31 @@ const MaxBatchSize = 10000
 // checkpointRowBytes bounds what one row costs in a checkpoint record: two
 // varints of at most 10 bytes, in base64.
 const checkpointRowBytes = 27
+
+// DefaultReadMaxBytes is OUTBOX_BATCH_MAX_BYTES when it is not set: 16 MiB.
+const DefaultReadMaxBytes = 16 << 20
+
+// readMaxBytes is the byte bound of one read of the outbox.
+func (c Config) readMaxBytes() int64 {
+	if c.ReadMaxBytes == 0 {
+		return DefaultReadMaxBytes
+	}
+	return c.ReadMaxBytes
+}
+
+// createTopic returns the partition count and replication factor of the
+// topics the relay creates, -1 for the brokers' defaults (Kafka 2.4 and
+// later, KIP-464).
+func (c Config) createTopic() (partitions int32, replicationFactor int16) {
+	partitions, replicationFactor = -1, -1
+	if c.CreateTopicPartitions > 0 {
+		partitions = int32(c.CreateTopicPartitions)
+	}
+	if c.CreateTopicReplicationFactor > 0 {
+		replicationFactor = int16(c.CreateTopicReplicationFactor)
+	}
+	return partitions, replicationFactor
+}
 
 // DefaultMetricsAddr is where the HTTP endpoints listen when
 // OUTBOX_METRICS_ADDR is not set.
@@ -211,7 +255,7 @@ func expected(t reflect.Type) string {
 	switch {
 	case t == reflect.TypeFor[time.Duration]():
 		return "a duration such as 500ms, 2s or 1m"
-	case t.Kind() == reflect.Int:
+	case t.Kind() >= reflect.Int && t.Kind() <= reflect.Int64:
 		return "an integer"
 	case t.Kind() == reflect.Bool:
 		return "true or false"
@@ -261,6 +305,15 @@ func (c Config) Validate() error {
 	}
 	if c.RecoveryWindow < 1 || c.RecoveryWindow > 1000 {
 		add("OUTBOX_RECOVERY_WINDOW is %d: expected 1 to 1000 batches", c.RecoveryWindow)
+	}
+	if c.ReadMaxBytes < 0 {
+		add("OUTBOX_BATCH_MAX_BYTES is %d: expected a positive number of bytes (default %d, 16 MiB)", c.ReadMaxBytes, DefaultReadMaxBytes)
+	}
+	if c.CreateTopicPartitions < -1 || c.CreateTopicPartitions > 1000000 {
+		add("OUTBOX_CREATE_TOPIC_PARTITIONS is %d: expected -1 (the brokers' num.partitions) or a partition count from 1 to 1000000", c.CreateTopicPartitions)
+	}
+	if c.CreateTopicReplicationFactor < -1 || c.CreateTopicReplicationFactor > 32767 {
+		add("OUTBOX_CREATE_TOPIC_REPLICATION_FACTOR is %d: expected -1 (the brokers' default.replication.factor) or a replication factor from 1 to 32767", c.CreateTopicReplicationFactor)
 	}
 	for _, d := range []struct {
 		name string

@@ -4,6 +4,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/txn"
 )
 
 func base() []string {
@@ -16,7 +19,8 @@ func TestConfigDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	if cfg.Table != "outbox" || cfg.Schema != "public" || cfg.BatchSize != 500 || cfg.PollInterval != time.Second ||
-		cfg.Shards != 1 || len(cfg.KafkaBrokers) != 2 || cfg.MetricsAddr != ":9090" {
+		cfg.Shards != 1 || len(cfg.KafkaBrokers) != 2 || cfg.MetricsAddr != ":9090" || cfg.ReadMaxBytes != 16<<20 ||
+		cfg.CreateTopics || cfg.CreateTopicPartitions != -1 || cfg.CreateTopicReplicationFactor != -1 {
 		t.Fatalf("defaults: %+v", cfg)
 	}
 }
@@ -32,6 +36,12 @@ func TestConfigErrorsNameTheVariable(t *testing.T) {
 		{append(base(), "OUTBOX_BATCH_SIZE=lots"), []string{"OUTBOX_BATCH_SIZE is malformed: expected an integer"}},
 		{append(base(), "OUTBOX_BATCH_SIZE=0"), []string{"OUTBOX_BATCH_SIZE is 0: expected 1 to 10000"}},
 		{append(base(), "OUTBOX_BATCH_SIZE=20000"), []string{"OUTBOX_BATCH_SIZE is 20000: expected 1 to 10000"}},
+		{append(base(), "OUTBOX_BATCH_MAX_BYTES=lots"), []string{"OUTBOX_BATCH_MAX_BYTES is malformed: expected an integer"}},
+		{append(base(), "OUTBOX_BATCH_MAX_BYTES=-1"), []string{"OUTBOX_BATCH_MAX_BYTES is -1: expected a positive number of bytes"}},
+		{append(base(), "OUTBOX_CREATE_TOPICS=maybe"), []string{"OUTBOX_CREATE_TOPICS is malformed: expected true or false"}},
+		{append(base(), "OUTBOX_CREATE_TOPIC_PARTITIONS=-2"), []string{"OUTBOX_CREATE_TOPIC_PARTITIONS is -2: expected -1 (the brokers' num.partitions) or a partition count"}},
+		{append(base(), "OUTBOX_CREATE_TOPIC_PARTITIONS=many"), []string{"OUTBOX_CREATE_TOPIC_PARTITIONS is malformed: expected an integer"}},
+		{append(base(), "OUTBOX_CREATE_TOPIC_REPLICATION_FACTOR=40000"), []string{"OUTBOX_CREATE_TOPIC_REPLICATION_FACTOR is 40000: expected -1 (the brokers' default.replication.factor) or a replication factor from 1 to 32767"}},
 		{append(base(), "OUTBOX_POLL_INTERVAL=5"), []string{"OUTBOX_POLL_INTERVAL is malformed: expected a duration"}},
 		{append(base(), "OUTBOX_POLL_INTERVAL=-1s"), []string{"OUTBOX_POLL_INTERVAL is -1s: expected a positive duration"}},
 		{append(base(), "OUTBOX_CHECKPOINT_TOPIC=bad topic"), []string{"OUTBOX_CHECKPOINT_TOPIC"}},
@@ -78,5 +88,29 @@ func TestMetricsAddrEmptyDisables(t *testing.T) {
 	cfg, err = LoadConfig(base())
 	if err != nil || cfg.MetricsAddr != DefaultMetricsAddr {
 		t.Fatalf("unset OUTBOX_METRICS_ADDR gave %q, %v", cfg.MetricsAddr, err)
+	}
+}
+
+// TestReservedHeaderIsTheRelaysOutboxID: the header outbox.Message refuses
+// is the one the producer sets.
+func TestReservedHeaderIsTheRelaysOutboxID(t *testing.T) {
+	if outbox.ReservedHeader != txn.HeaderOutboxID {
+		t.Fatalf("outbox.ReservedHeader = %q, txn.HeaderOutboxID = %q", outbox.ReservedHeader, txn.HeaderOutboxID)
+	}
+}
+
+// TestCreateTopicSettings: the partitions and replication factor of topics
+// the relay creates are the configured ones, -1 (the brokers' defaults) when
+// unset or 0.
+func TestCreateTopicSettings(t *testing.T) {
+	cfg, err := LoadConfig(append(base(), "OUTBOX_CREATE_TOPICS=true", "OUTBOX_CREATE_TOPIC_PARTITIONS=12", "OUTBOX_CREATE_TOPIC_REPLICATION_FACTOR=3"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p, rf := cfg.createTopic(); !cfg.CreateTopics || p != 12 || rf != 3 {
+		t.Fatalf("create topics %v with %d partitions, replication %d; want true, 12, 3", cfg.CreateTopics, p, rf)
+	}
+	if p, rf := (Config{}).createTopic(); p != -1 || rf != -1 {
+		t.Fatalf("unset: %d partitions, replication %d; want the brokers' defaults, -1 and -1", p, rf)
 	}
 }

@@ -21,9 +21,12 @@ type Metrics struct {
 	RecoveredMarked *prometheus.CounterVec
 	PossiblyLost    *prometheus.CounterVec
 	Rewinds         *prometheus.CounterVec
-	OwnedShards     prometheus.Gauge
-	Shards          prometheus.Gauge
-	Deleted         prometheus.Counter
+	// ConsecutiveFailures counts, per owned shard, the batches and
+	// recoveries that failed in a row; the first success resets it.
+	ConsecutiveFailures *prometheus.GaugeVec
+	OwnedShards         prometheus.Gauge
+	Shards              prometheus.Gauge
+	Deleted             prometheus.Counter
 }
 
 // NewMetrics creates the metrics and registers them on reg.
@@ -59,6 +62,8 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "At-most-once only: rows marked published whose send failed or was never confirmed (the previous owner crashed)."}, shard),
 		Rewinds: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "table_rewinds_total",
 			Help: "Recoveries that found the outbox table gone back in time (restored, RESTART IDENTITY, lost WAL): the checkpoint names ids the sequence has not reached, or ids now held by other rows."}, shard),
+		ConsecutiveFailures: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "shard_consecutive_failures",
+			Help: "Batches or recoveries of an owned shard that failed in a row for a reason that is not a row's (NOT_ENOUGH_REPLICAS, an offline partition, a broker or the database away); 0 again after the first success."}, shard),
 		OwnedShards: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "owned_shards",
 			Help: "Shards this instance owns."}),
 		Shards: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "shards",
@@ -67,7 +72,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Published rows deleted by retention."}),
 	}
 	reg.MustRegister(m.Backlog, m.OldestAge, m.Published, m.PublishedBytes, m.BatchSize, m.TxnDuration, m.EndToEnd,
-		m.Aborts, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.PossiblyLost, m.Rewinds, m.OwnedShards, m.Shards, m.Deleted)
+		m.Aborts, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.PossiblyLost, m.Rewinds, m.ConsecutiveFailures, m.OwnedShards, m.Shards, m.Deleted)
 	return m
 }
 
@@ -83,11 +88,13 @@ func (m *Metrics) shardTaken(label string) {
 	for _, reason := range abortReasons {
 		m.Aborts.WithLabelValues(label, reason)
 	}
+	m.ConsecutiveFailures.WithLabelValues(label).Set(0)
 }
 
 // shardReleased drops the gauges of a shard this instance no longer owns,
-// so its backlog is reported once, by its owner.
+// so its backlog and failures are reported once, by its owner.
 func (m *Metrics) shardReleased(label string) {
 	m.Backlog.DeleteLabelValues(label)
 	m.OldestAge.DeleteLabelValues(label)
+	m.ConsecutiveFailures.DeleteLabelValues(label)
 }

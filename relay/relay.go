@@ -125,7 +125,9 @@ func New(cfg Config, pool *pgxpool.Pool, opts ...Option) (*Relay, error) {
 		Settings:        settings,
 		Extra:           r.kopts,
 		Logger:          r.log,
+		CreateTopics:    cfg.CreateTopics,
 	}
+	r.tcfg.CreateTopicPartitions, r.tcfg.CreateTopicReplicationFactor = cfg.createTopic()
 	if r.fail != nil {
 		r.tcfg.BeforeCommit = func(ctx context.Context, shard int32, ids []int64) error {
 			return r.failpoint(ctx, FailBeforeCommit, shard, ids)

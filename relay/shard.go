@@ -41,15 +41,29 @@ func haltsShard(err error) bool { return errors.Is(err, txn.ErrCheckpointForeign
 
 // runShard owns shard s until ctx ends or the shard is lost: recovery, then
 // the publish loop, again after every unknown commit outcome.
+//
+// A batch or recovery that fails for a reason no row is to blame for
+// (NOT_ENOUGH_REPLICAS, an offline partition, a broker or the database away)
+// is retried here with backoff, for as long as it takes: each failure in a
+// row is counted in outbox_relay_shard_consecutive_failures, which the first
+// success resets, so that a shard stuck this way is visible.
 func (r *Relay) runShard(ctx context.Context, s int32) error {
 	log := r.log.With("shard", s)
 	label := strconv.Itoa(int(s))
 	backoff := 100 * time.Millisecond
+	failures, failed := 0, r.m.ConsecutiveFailures.WithLabelValues(label)
+	healthy := func() {
+		if failures > 0 {
+			log.Info("shard healthy again", "failures", failures)
+			failures = 0
+			failed.Set(0)
+		}
+	}
 	for ctx.Err() == nil {
 		p, err := r.recoverShard(ctx, s, log)
 		if err == nil {
 			backoff = 100 * time.Millisecond
-			err = r.publishLoop(ctx, s, p, log)
+			err = r.publishLoop(ctx, s, p, log, healthy)
 			p.Close()
 		}
 		wait := jittered(backoff)
@@ -72,7 +86,9 @@ func (r *Relay) runShard(ctx context.Context, s int32) error {
 			log.Error("fenced: another relay took this shard's transactional id; this relay stops writing it", "err", err)
 			return err
 		default:
-			log.Warn("shard recovering after error", "err", err, "retry_in", wait)
+			failures++
+			failed.Set(float64(failures))
+			log.Warn("shard recovering after error", "err", err, "retry_in", wait, "consecutive_failures", failures)
 		}
 		select {
 		case <-ctx.Done():
@@ -276,8 +292,9 @@ const (
 )
 
 // publishLoop reads, publishes and marks batches until ctx ends or a batch
-// fails in a way that needs recovery.
-func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *slog.Logger) error {
+// fails in a way that needs recovery. It calls healthy after every batch
+// that succeeded and every read that found the shard empty.
+func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *slog.Logger, healthy func()) error {
 	idleWait := time.Duration(0)
 	r.wake.setIdle(s, false)
 	defer r.wake.setIdle(s, true)
@@ -286,7 +303,7 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *
 			return nil
 		}
 		wake := r.wake.wait()
-		rows, err := r.store.ReadBatch(ctx, int(s), r.cfg.Shards, r.cfg.BatchSize)
+		rows, err := r.store.ReadBatch(ctx, int(s), r.cfg.Shards, r.cfg.BatchSize, r.cfg.readMaxBytes())
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
@@ -294,6 +311,7 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *
 			return err
 		}
 		if len(rows) == 0 {
+			healthy()
 			// Out of rows. First poll again after 2, 4, 8, 16 ms while
 			// still holding the wake-up lock (writers do not notify):
 			// under steady load the next commit is found this way and
@@ -328,6 +346,7 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *
 		if err != nil {
 			return err
 		}
+		healthy()
 		// A full batch polls again at once; a short one too, cheaply.
 	}
 }
@@ -353,9 +372,21 @@ func (r *Relay) publishRows(ctx context.Context, s int32, p *txn.Producer, rows 
 		recs = append(recs, rec)
 		created = append(created, row.CreatedAt)
 	}
+	// Rows Kafka would refuse on their own account (a topic that does not
+	// exist, a partition it does not have, too large) go to the dead-letter
+	// table now, before anything is sent: they do not hold the batch, and in
+	// at-most-once mode they are not marked and lost.
+	refused, err := p.Check(ctx, recs)
+	if err != nil {
+		return err
+	}
+	for _, re := range refused {
+		dead = append(dead, outbox.DeadLetter{ID: re.ID, Error: re.Err.Error()})
+	}
 	if err := r.deadLetter(ctx, s, dead, log); err != nil {
 		return err
 	}
+	recs, created = without(recs, created, dead)
 	return r.publish(ctx, s, p, recs, created, log)
 }
 
@@ -402,6 +433,18 @@ func (r *Relay) publish(ctx context.Context, s int32, p *txn.Producer, recs []tx
 	cancel()
 	var rerrs *txn.RecordErrors
 	switch {
+	case errors.As(err, &rerrs) && rerrs.BeforeSend:
+		// Refused before sending (a topic gone since publishRows checked
+		// it): these rows alone are at fault, the rest goes on as it is.
+		dead := make([]outbox.DeadLetter, len(rerrs.Records))
+		for i, re := range rerrs.Records {
+			dead[i] = outbox.DeadLetter{ID: re.ID, Error: re.Err.Error()}
+		}
+		if err := r.deadLetter(ctx, s, dead, log); err != nil {
+			return err
+		}
+		recs, created = without(recs, created, dead)
+		return r.publish(ctx, s, p, recs, created, log)
 	case errors.As(err, &rerrs):
 		r.m.Aborts.WithLabelValues(label, "record_error").Inc()
 		if len(recs) == 1 {
@@ -527,17 +570,8 @@ func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, p *txn.Producer
 // is a loss too, reported at once.
 func (r *Relay) publishAtMostOnce(ctx context.Context, s int32, p *txn.Producer, recs []txn.Record, created []time.Time, log *slog.Logger) error {
 	label := strconv.Itoa(int(s))
-	// Rows Kafka would refuse go to the dead-letter table, not to the floor.
-	if refused := p.Check(ctx, recs); len(refused) > 0 {
-		dead := make([]outbox.DeadLetter, len(refused))
-		for i, re := range refused {
-			dead[i] = outbox.DeadLetter{ID: re.ID, Error: re.Err.Error()}
-		}
-		if err := r.deadLetter(ctx, s, dead, log); err != nil {
-			return err
-		}
-		recs, created = without(recs, created, dead)
-	}
+	// Rows Kafka would refuse were dead-lettered before (publishRows runs
+	// Producer.Check), not marked here and lost.
 	ids := make([]int64, len(recs))
 	for i, rec := range recs {
 		ids[i] = rec.ID
@@ -629,6 +663,11 @@ func toRecord(row outbox.Row) (txn.Record, error) {
 		}
 		// Headers go out sorted by name, so their order is stable.
 		for _, k := range slices.Sorted(maps.Keys(h)) {
+			if k == txn.HeaderOutboxID {
+				// A second outbox-id would make consumers that read the
+				// last one (Java's lastHeader) take this row for another.
+				return rec, fmt.Errorf("column headers sets %q, which is reserved: the relay sends the row id in it; rename the header (e.g. to %q)", k, "app-"+k)
+			}
 			v, ok := h[k].(string)
 			if !ok {
 				return rec, fmt.Errorf("column headers: value of %q is %s, must be a string", k, jsonKind(h[k]))

@@ -44,10 +44,14 @@ func (e *RecordError) Error() string { return fmt.Sprintf("outbox row %d: %v", e
 func (e *RecordError) Unwrap() error { return e.Err }
 
 // RecordErrors is the set of records a batch failed on. The transaction was
-// aborted; other records of the batch may have failed only because they
-// shared it.
+// aborted (or, with BeforeSend, never begun); other records of the batch may
+// have failed only because they shared it.
 type RecordErrors struct {
 	Records []*RecordError
+	// BeforeSend: the records were refused before anything was produced,
+	// each on its own account (see Producer.Check); the rest of the batch
+	// can be published without them.
+	BeforeSend bool
 }
 
 // Error counts the refused records and names the first.

@@ -11,6 +11,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -18,6 +20,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
 )
 
 // Config is what every producer of one relay shares.
@@ -33,6 +36,15 @@ type Config struct {
 	Settings Settings
 	// Extra are further franz-go options: TLS and SASL, dialers.
 	Extra []kgo.Opt
+	// CreateTopics lets the producer create a topic that a record names and
+	// the cluster does not have (after one metadata refresh, and after the
+	// brokers' own auto-creation, which every metadata request asks for),
+	// with CreateTopicPartitions partitions and CreateTopicReplicationFactor
+	// replicas (-1: the brokers' defaults). Off, the records of a missing
+	// topic are refused before anything is produced.
+	CreateTopics                 bool
+	CreateTopicPartitions        int32
+	CreateTopicReplicationFactor int16
 	// Logger receives franz-go's warnings and errors and the producer's own
 	// state changes.
 	Logger *slog.Logger
@@ -105,6 +117,10 @@ func NewProducer(ctx context.Context, cfg Config, shard int32) (*Producer, error
 		kgo.SeedBrokers(cfg.Brokers...),
 		kgo.RecordPartitioner(rowPartitioner{}),
 		kgo.WithLogger(KafkaLogger(log, kgo.LogLevelWarn)),
+		// Metadata requests ask for auto-creation, as the Java producer's
+		// allow.auto.create.topics=true does: brokers with
+		// auto.create.topics.enable=true create a topic a row names.
+		kgo.AllowAutoTopicCreation(),
 	}, settings...)
 	if cfg.Settings.Mode.Transactional() {
 		log = log.With("transactional_id", cfg.TransactionalID(shard))
@@ -167,8 +183,12 @@ func (p *Producer) Abort(ctx context.Context) error {
 // *RecordErrors (records Kafka refused; transaction aborted), or ErrAborted
 // (nothing committed; retry).
 func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint) error {
-	if bad := p.checkRecords(ctx, recs); len(bad) > 0 {
-		return &RecordErrors{Records: bad}
+	bad, err := p.checkRecords(ctx, recs)
+	if err != nil {
+		return fmt.Errorf("check records: %w", classify(err))
+	}
+	if len(bad) > 0 {
+		return &RecordErrors{Records: bad, BeforeSend: true}
 	}
 	ids := make([]int64, len(recs))
 	batch := make([]Committed, len(recs))
@@ -191,7 +211,7 @@ func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint) er
 		recordErrs []*RecordError
 		otherErr   error
 	)
-	promise := func(id int64) func(*kgo.Record, error) {
+	promise := func(id int64, topic string) func(*kgo.Record, error) {
 		return func(_ *kgo.Record, err error) {
 			if err == nil {
 				return
@@ -205,6 +225,7 @@ func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint) er
 				otherErr = fmt.Errorf("%w: the checkpoint record (%d bytes, %d rows in its window) was refused: %w; lower OUTBOX_BATCH_SIZE or OUTBOX_RECOVERY_WINDOW, or raise the checkpoint topic's max.message.bytes and OUTBOX_KAFKA_BATCH_SIZE",
 					ErrFatal, len(cpValue), len(next.Rows()), err)
 			case isRecordFatal(err):
+				p.forgetIfGone(topic, err)
 				recordErrs = append(recordErrs, &RecordError{ID: id, Err: err})
 			case otherErr == nil:
 				otherErr = err
@@ -212,14 +233,14 @@ func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint) er
 		}
 	}
 	for _, r := range recs {
-		p.cl.Produce(ctx, p.kafkaRecord(r), promise(r.ID))
+		p.cl.Produce(ctx, p.kafkaRecord(r), promise(r.ID, r.Topic))
 	}
 	p.cl.Produce(ctx, &kgo.Record{
 		Topic:     p.cfg.CheckpointTopic,
 		Partition: p.shard,
 		Key:       []byte(p.cfg.TransactionalID(p.shard)),
 		Value:     cpValue,
-	}, promise(-1))
+	}, promise(-1, p.cfg.CheckpointTopic))
 
 	// Flush waits for every produce answer (kgo retries lost acks itself;
 	// the idempotent sequence numbers make the broker drop the duplicate,
@@ -293,36 +314,103 @@ func (p *Producer) abortAfterFailure(ctx context.Context) error {
 const HeaderOutboxID = "outbox-id"
 
 // Check returns the records Kafka would refuse for reasons of their own
-// (see checkRecords), for modes that must know before they send.
-func (p *Producer) Check(ctx context.Context, recs []Record) []*RecordError {
+// (see checkRecords), for callers that must know before they send: every
+// record it returns is refused on its own account, never for a batch-mate's.
+// An error means the cluster could not be asked (the batch should be tried
+// again later), not that a record is bad.
+func (p *Producer) Check(ctx context.Context, recs []Record) ([]*RecordError, error) {
 	return p.checkRecords(ctx, recs)
 }
 
+// Topic look-ups before a topic the cluster does not know is called missing.
+const (
+	// topicRefreshDelay: after a metadata answer that a topic does not
+	// exist, ask once more after this long before deciding. A topic just
+	// created (by an operator, or by the brokers' auto-creation that the
+	// first request asked for) may not be in every broker's metadata yet.
+	topicRefreshDelay = 500 * time.Millisecond
+	// topicReadyTimeout bounds the wait for a topic being created to show
+	// its partitions; past it, the produce goes ahead and reports.
+	topicReadyTimeout = 10 * time.Second
+)
+
 // checkRecords refuses, before producing, records Kafka would refuse for
-// reasons of their own: an explicit partition the topic does not have, or a
-// record larger than the topic's max.message.bytes (or the producer's batch
-// limit). franz-go would fail them all the same, but with an error that does
-// not name the cause.
-func (p *Producer) checkRecords(ctx context.Context, recs []Record) []*RecordError {
-	var bad []*RecordError
-	refreshed := map[string]bool{}
+// reasons of their own: a topic that does not exist (found from metadata,
+// after one refresh, the brokers' auto-creation and, with CreateTopics, the
+// producer's own creation of it), a topic the cluster denies or calls
+// invalid, an explicit partition the topic does not have, or a record larger
+// than the topic's max.message.bytes (or the producer's batch limit).
+// franz-go would fail them all the same, but only after its retries (for a
+// missing topic, minutes: every record of the transaction waits) and with an
+// error that does not name the cause.
+//
+// It asks the cluster once per batch about the topics it has not cached, all
+// in one request. Its error means the cluster could not be asked.
+func (p *Producer) checkRecords(ctx context.Context, recs []Record) ([]*RecordError, error) {
+	var unknown []string
+	seen := map[string]bool{}
 	for _, r := range recs {
-		meta, err := p.topicMeta(ctx, r.Topic)
-		if err != nil {
-			continue // let the produce report it
-		}
-		if !refreshed[r.Topic] && p.refused(r, meta) {
-			// Partitions or max.message.bytes may have grown since they
-			// were cached: look again before refusing a row.
-			refreshed[r.Topic] = true
-			p.forget(r.Topic)
-			if meta, err = p.topicMeta(ctx, r.Topic); err != nil {
-				continue
+		if !seen[r.Topic] {
+			seen[r.Topic] = true
+			if !p.known(r.Topic) {
+				unknown = append(unknown, r.Topic)
 			}
 		}
-		if r.Partition >= 0 && int(r.Partition) >= meta.partitions {
+	}
+	refused := map[string]error{}
+	if len(unknown) > 0 {
+		var err error
+		if refused, err = p.learn(ctx, unknown); err != nil {
+			return nil, err
+		}
+	}
+	learned := map[string]bool{}
+	for _, t := range unknown {
+		learned[t] = true
+	}
+	bad, stale := p.refuse(recs, refused, learned)
+	if len(stale) > 0 {
+		// Partitions or max.message.bytes may have grown since they were
+		// cached: look again before refusing a row.
+		for _, t := range stale {
+			p.forget(t)
+			learned[t] = true
+		}
+		more, err := p.learn(ctx, stale)
+		if err != nil {
+			return nil, err
+		}
+		maps.Copy(refused, more)
+		bad, _ = p.refuse(recs, refused, learned)
+	}
+	return bad, nil
+}
+
+// refuse returns the records of recs that refused (topic errors) or the
+// cached topic facts refuse. A record the cached facts of a topic not in
+// learned would refuse is not refused: its topic is returned in stale, to be
+// looked at again.
+func (p *Producer) refuse(recs []Record, refused map[string]error, learned map[string]bool) (bad []*RecordError, stale []string) {
+	for _, r := range recs {
+		if err, ok := refused[r.Topic]; ok {
+			bad = append(bad, &RecordError{ID: r.ID, Err: err})
+			continue
+		}
+		p.mu.Lock()
+		n, ok := p.partitions[r.Topic]
+		p.mu.Unlock()
+		if !ok {
+			continue // not known yet (still being created): let the produce report it
+		}
+		if !learned[r.Topic] && p.refused(r, n) {
+			if !slices.Contains(stale, r.Topic) {
+				stale = append(stale, r.Topic)
+			}
+			continue
+		}
+		if r.Partition >= 0 && int(r.Partition) >= n {
 			bad = append(bad, &RecordError{ID: r.ID, Err: fmt.Errorf(
-				"partition %d does not exist: topic %q has %d partitions; fix the row's partition or add partitions", r.Partition, r.Topic, meta.partitions)})
+				"partition %d does not exist: topic %q has %d partitions; fix the row's partition or add partitions", r.Partition, r.Topic, n)})
 			continue
 		}
 		if size, limit := r.batchSize(), p.batchMaxBytes(r.Topic); size > int(limit) {
@@ -331,12 +419,30 @@ func (p *Producer) checkRecords(ctx context.Context, recs []Record) []*RecordErr
 				kerr.MessageTooLarge, size, limit, r.Topic)})
 		}
 	}
-	return bad
+	return bad, stale
 }
 
-// refused reports whether r fails the checks of checkRecords against meta.
-func (p *Producer) refused(r Record, meta topicMeta) bool {
-	return r.Partition >= 0 && int(r.Partition) >= meta.partitions || r.batchSize() > int(p.batchMaxBytes(r.Topic))
+// refused reports whether r fails the checks of checkRecords against a topic
+// of n partitions.
+func (p *Producer) refused(r Record, n int) bool {
+	return r.Partition >= 0 && int(r.Partition) >= n || r.batchSize() > int(p.batchMaxBytes(r.Topic))
+}
+
+// known reports whether the producer has cached topic's partition count.
+func (p *Producer) known(topic string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	_, ok := p.partitions[topic]
+	return ok
+}
+
+// forgetIfGone forgets topic when a produce to it failed because the
+// cluster no longer has it (deleted after the check), so that the next check
+// asks again and refuses its records at once.
+func (p *Producer) forgetIfGone(topic string, err error) {
+	if errors.Is(err, kerr.UnknownTopicOrPartition) || errors.Is(err, kerr.UnknownTopicID) {
+		p.forget(topic)
+	}
 }
 
 // forget drops what is cached about topic.
@@ -358,45 +464,208 @@ func (r Record) batchSize() int {
 	return n
 }
 
-type topicMeta struct{ partitions int }
+// learn asks the cluster about topics and caches the partition count and
+// max.message.bytes of those that exist. It returns the topics whose records
+// must be refused, with the error for them: a topic that still does not
+// exist after one refresh (and that it was not allowed, or failed, to
+// create), one the cluster denies or calls invalid. A topic being created
+// is waited for, up to topicReadyTimeout. Its error means the cluster could
+// not be asked, or answered with an error a retry may mend.
+func (p *Producer) learn(ctx context.Context, topics []string) (map[string]error, error) {
+	refused := map[string]error{}
+	ready := map[string]int{}
+	triage := func(parts map[string]int, errs map[string]error) (missing, pending []string, err error) {
+		for t, n := range parts {
+			ready[t] = n
+		}
+		for t, e := range errs {
+			switch {
+			case errors.Is(e, kerr.UnknownTopicOrPartition):
+				missing = append(missing, t)
+			case errors.Is(e, kerr.LeaderNotAvailable):
+				pending = append(pending, t) // being created
+			case kerr.IsRetriable(e):
+				return nil, nil, fmt.Errorf("metadata of topic %q: %w", t, e)
+			default:
+				// Denied, an invalid name, an auto-creation the brokers
+				// refused (INVALID_REPLICATION_FACTOR): no retry mends it.
+				refused[t] = fmt.Errorf("topic %q: the cluster's metadata answer is %w", t, e)
+			}
+		}
+		return missing, pending, nil
+	}
 
-// topicMeta returns the topic's partition count, and learns its
-// max.message.bytes, once per producer.
-func (p *Producer) topicMeta(ctx context.Context, topic string) (topicMeta, error) {
-	p.mu.Lock()
-	n, ok := p.partitions[topic]
-	p.mu.Unlock()
-	if ok {
-		return topicMeta{n}, nil
-	}
-	td, err := p.adm.ListTopics(ctx, topic)
+	parts, errs, err := p.describeTopics(ctx, topics)
 	if err != nil {
-		return topicMeta{}, err
+		return nil, err
 	}
-	t, ok := td[topic]
-	if !ok || t.Err != nil {
-		return topicMeta{}, fmt.Errorf("topic %q metadata unavailable", topic)
+	missing, pending, err := triage(parts, errs)
+	if err != nil {
+		return nil, err
 	}
-	n = len(t.Partitions)
-	limit := int32(0)
-	if rc, err := p.adm.DescribeTopicConfigs(ctx, topic); err == nil {
-		if c, err := rc.On(topic, nil); err == nil && c.Err == nil {
-			for _, kv := range c.Configs {
+	if len(missing) > 0 {
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(topicRefreshDelay):
+		}
+		if parts, errs, err = p.describeTopics(ctx, missing); err != nil {
+			return nil, err
+		}
+		var later []string
+		if missing, later, err = triage(parts, errs); err != nil {
+			return nil, err
+		}
+		pending = append(pending, later...)
+	}
+	if len(missing) > 0 && !p.cfg.CreateTopics {
+		for _, t := range missing {
+			refused[t] = fmt.Errorf("topic %q does not exist (the cluster said so twice, %v apart; it does not auto-create topics): create the topic, or set OUTBOX_CREATE_TOPICS=true to have the relay create missing topics; then requeue the row (outbox-relay dlq requeue) (%w)",
+				t, topicRefreshDelay, kerr.UnknownTopicOrPartition)
+		}
+	} else if len(missing) > 0 {
+		created, err := p.createTopics(ctx, missing, refused)
+		if err != nil {
+			return nil, err
+		}
+		pending = append(pending, created...)
+	}
+	if len(pending) > 0 {
+		// Created, by the brokers or by us: wait until every broker
+		// knows it, so the produce does not meet UNKNOWN_TOPIC_OR_PARTITION.
+		wait, cancel := context.WithTimeout(ctx, topicReadyTimeout)
+		for len(pending) > 0 && wait.Err() == nil {
+			parts, _, err := p.describeTopics(wait, pending)
+			if err == nil {
+				for t, n := range parts {
+					ready[t] = n
+				}
+				pending = slices.DeleteFunc(pending, func(t string) bool { _, ok := parts[t]; return ok })
+			}
+			if len(pending) > 0 {
+				select {
+				case <-wait.Done():
+				case <-time.After(100 * time.Millisecond):
+				}
+			}
+		}
+		cancel()
+		if len(pending) > 0 {
+			p.log.Warn("topics created but not yet ready; producing anyway", "topics", pending, "waited", topicReadyTimeout)
+		}
+	}
+	p.cacheTopics(ctx, ready)
+	return refused, nil
+}
+
+// createTopics creates the missing topics (CreateTopics) with the configured
+// partitions and replication factor and returns those created (or created
+// meanwhile by someone else). A topic the cluster refuses to create is put
+// in refused with the reason and the settings to fix; an error a retry may
+// mend is returned.
+func (p *Producer) createTopics(ctx context.Context, missing []string, refused map[string]error) ([]string, error) {
+	parts, rf := p.cfg.CreateTopicPartitions, p.cfg.CreateTopicReplicationFactor
+	if parts == 0 {
+		parts = -1
+	}
+	if rf == 0 {
+		rf = -1
+	}
+	resps, err := p.adm.CreateTopics(ctx, parts, rf, nil, missing...)
+	if err != nil {
+		return nil, fmt.Errorf("create topics %v: %w", missing, err)
+	}
+	var created []string
+	for _, r := range resps.Sorted() {
+		switch {
+		case r.Err == nil:
+			p.log.Info("topic created (OUTBOX_CREATE_TOPICS=true)", "topic", r.Topic, "partitions", r.NumPartitions, "replication_factor", r.ReplicationFactor)
+			created = append(created, r.Topic)
+		case errors.Is(r.Err, kerr.TopicAlreadyExists):
+			created = append(created, r.Topic)
+		case kerr.IsRetriable(r.Err):
+			return nil, fmt.Errorf("create topic %q: %w", r.Topic, r.Err)
+		default:
+			msg := ""
+			if r.ErrMessage != "" {
+				msg = " (" + r.ErrMessage + ")"
+			}
+			refused[r.Topic] = fmt.Errorf("topic %q does not exist and creating it with %d partitions and replication factor %d (-1: the brokers' default) failed: %w%s; fix OUTBOX_CREATE_TOPIC_PARTITIONS or OUTBOX_CREATE_TOPIC_REPLICATION_FACTOR, grant the relay Create on the topic, or create the topic yourself; then requeue the row (outbox-relay dlq requeue)",
+				r.Topic, parts, rf, r.Err, msg)
+		}
+	}
+	return created, nil
+}
+
+// describeTopics asks the cluster about topics in one metadata request that
+// asks for auto-creation, as the Java producer does by default
+// (allow.auto.create.topics=true): brokers with
+// auto.create.topics.enable=true create a missing topic. It returns the
+// partition count of each topic that exists with its partitions, and the
+// error of each other (UNKNOWN_TOPIC_OR_PARTITION for a topic not in the
+// answer, LEADER_NOT_AVAILABLE for one without partitions yet).
+func (p *Producer) describeTopics(ctx context.Context, topics []string) (map[string]int, map[string]error, error) {
+	req := kmsg.NewPtrMetadataRequest()
+	req.AllowAutoTopicCreation = true
+	for _, t := range topics {
+		rt := kmsg.NewMetadataRequestTopic()
+		rt.Topic = kmsg.StringPtr(t)
+		req.Topics = append(req.Topics, rt)
+	}
+	resp, err := req.RequestWith(ctx, p.cl)
+	if err != nil {
+		return nil, nil, fmt.Errorf("metadata of topics %v: %w", topics, err)
+	}
+	parts, errs := map[string]int{}, map[string]error{}
+	for _, t := range resp.Topics {
+		switch {
+		case t.Topic == nil:
+		case t.ErrorCode != 0:
+			errs[*t.Topic] = kerr.ErrorForCode(t.ErrorCode)
+		case len(t.Partitions) == 0:
+			errs[*t.Topic] = kerr.LeaderNotAvailable
+		default:
+			parts[*t.Topic] = len(t.Partitions)
+		}
+	}
+	for _, t := range topics {
+		if _, ok := parts[t]; !ok && errs[t] == nil {
+			errs[t] = kerr.UnknownTopicOrPartition
+		}
+	}
+	return parts, errs, nil
+}
+
+// cacheTopics caches the partition counts of topics that exist, and learns
+// their max.message.bytes (one DescribeConfigs request; without the
+// permission, the producer's batch limit alone applies).
+func (p *Producer) cacheTopics(ctx context.Context, parts map[string]int) {
+	if len(parts) == 0 {
+		return
+	}
+	limits := map[string]int32{}
+	if rcs, err := p.adm.DescribeTopicConfigs(ctx, slices.Collect(maps.Keys(parts))...); err == nil {
+		for _, rc := range rcs {
+			if rc.Err != nil {
+				continue
+			}
+			for _, kv := range rc.Configs {
 				if kv.Key == "max.message.bytes" && kv.Value != nil {
-					if v, err := strconv.ParseInt(*kv.Value, 10, 32); err == nil {
-						limit = int32(v)
+					if v, err := strconv.ParseInt(*kv.Value, 10, 32); err == nil && v > 0 {
+						limits[rc.Name] = int32(v)
 					}
 				}
 			}
 		}
 	}
 	p.mu.Lock()
-	p.partitions[topic] = n
-	if limit > 0 {
-		p.maxBytes[topic] = limit
+	defer p.mu.Unlock()
+	for t, n := range parts {
+		p.partitions[t] = n
+		if l, ok := limits[t]; ok {
+			p.maxBytes[t] = l
+		}
 	}
-	p.mu.Unlock()
-	return topicMeta{n}, nil
 }
 
 // batchMaxBytes is the largest record batch for topic: the producer's
@@ -421,7 +690,9 @@ func (p *Producer) batchMaxBytes(topic string) int32 {
 // records without an answer are then neither acknowledged nor refused: the
 // caller must not mark them in at-least-once mode).
 func (p *Producer) Send(ctx context.Context, recs []Record) (acked []int64, refused []*RecordError, err error) {
-	refused = p.checkRecords(ctx, recs)
+	if refused, err = p.checkRecords(ctx, recs); err != nil {
+		return nil, nil, fmt.Errorf("check records: %w", classify(err))
+	}
 	skip := map[int64]bool{}
 	for _, r := range refused {
 		skip[r.ID] = true
@@ -445,6 +716,7 @@ func (p *Producer) Send(ctx context.Context, recs []Record) (acked []int64, refu
 			case err == nil:
 				ok[i] = true
 			case isRecordFatal(err):
+				p.forgetIfGone(r.Topic, err)
 				refused = append(refused, &RecordError{ID: r.ID, Err: err})
 			case otherErr == nil:
 				otherErr = err
