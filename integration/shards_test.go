@@ -129,8 +129,8 @@ func TestShardCountChangeNeedsReshard(t *testing.T) {
 	if err := again.Wait(t, 30*time.Second); !errors.Is(err, errSimulatedCrash) {
 		t.Fatalf("relay returned %v, want the simulated crash", err)
 	}
-	if old, err := rs.Reshard(context.Background()); err != nil || old != 1 {
-		t.Fatalf("reshard: old %d, %v", old, err)
+	if old, err := rs.Reshard(context.Background()); err != nil || old.Shards != 1 {
+		t.Fatalf("reshard: old %d shards, %v", old.Shards, err)
 	}
 	if n := db.Unpublished(t); n != 0 {
 		t.Fatalf("%d rows unpublished after reshard: the old shard's checkpoint was not applied", n)

@@ -20,6 +20,8 @@ type Metrics struct {
 	Recoveries      *prometheus.CounterVec
 	RecoveredMarked *prometheus.CounterVec
 	PossiblyLost    *prometheus.CounterVec
+	Takeovers       *prometheus.CounterVec
+	ShardsLost      *prometheus.CounterVec
 	OwnedShards     prometheus.Gauge
 	Shards          prometheus.Gauge
 	Deleted         prometheus.Counter
@@ -56,6 +58,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Rows found committed in Kafka but unmarked, marked by recovery from the checkpoint."}, shard),
 		PossiblyLost: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "at_most_once_lost_rows_total",
 			Help: "At-most-once only: rows marked published whose send failed or was never confirmed (the previous owner crashed)."}, shard),
+		Takeovers: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "shard_takeovers_total",
+			Help: "Shards whose owner's lease had expired (frozen, partitioned, wedged): this instance ended the owner's session to take them over."}, shard),
+		ShardsLost: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "shards_lost_total",
+			Help: "Shards this instance lost while owning them: its ownership session ended, or another relay took the lease."}, shard),
 		OwnedShards: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "owned_shards",
 			Help: "Shards this instance owns."}),
 		Shards: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "shards",
@@ -64,7 +70,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Published rows deleted by retention."}),
 	}
 	reg.MustRegister(m.Backlog, m.OldestAge, m.Published, m.PublishedBytes, m.BatchSize, m.TxnDuration, m.EndToEnd,
-		m.Aborts, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.PossiblyLost, m.OwnedShards, m.Shards, m.Deleted)
+		m.Aborts, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.PossiblyLost, m.Takeovers, m.ShardsLost, m.OwnedShards, m.Shards, m.Deleted)
 	return m
 }
 

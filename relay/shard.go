@@ -33,22 +33,32 @@ func stopsRelay(err error) bool {
 		errors.Is(err, errCheckpointMismatch) || errors.Is(err, txn.ErrCheckpointFormat)
 }
 
-// runShard owns shard s until ctx ends or the shard is lost: recovery, then
-// the publish loop, again after every unknown commit outcome.
-func (r *Relay) runShard(ctx context.Context, s int32) error {
-	log := r.log.With("shard", s)
+// runShard owns shard l.Shard until ctx ends or the shard is lost:
+// recovery, then the publish loop, again after every unknown commit outcome.
+// Every step it takes is recorded in l (its bound), so that the lease is
+// renewed only while the worker makes progress.
+func (r *Relay) runShard(ctx context.Context, l *lease) error {
+	s := l.Shard
+	log := r.log.With("shard", s, "token", l.Token)
 	label := strconv.Itoa(int(s))
 	backoff := 100 * time.Millisecond
 	for ctx.Err() == nil {
-		p, err := r.recoverShard(ctx, s, log)
+		l.step(r.recoveryBudget())
+		p, err := r.recoverShard(ctx, s, l, log)
 		if err == nil {
 			backoff = 100 * time.Millisecond
-			err = r.publishLoop(ctx, s, p, log)
+			err = r.publishLoop(ctx, s, l, p, log)
 			p.Close()
 		}
 		wait := jittered(backoff)
 		var crash errCrash
 		switch {
+		// Reported even while the shard is being stopped, like a fencing
+		// below: the loss of the lease is what stops it.
+		case errors.Is(err, outbox.ErrLeaseLost):
+			r.m.ShardsLost.WithLabelValues(label).Inc()
+			log.Error("shard lost", "reason", "its lease was taken over: this relay changes no row of the shard", "err", err)
+			return err
 		// A fencing is reported even while the shard is being stopped: a
 		// zombie typically meets it just after it lost ownership, which
 		// is what cancelled ctx.
@@ -65,6 +75,7 @@ func (r *Relay) runShard(ctx context.Context, s int32) error {
 		default:
 			log.Warn("shard recovering after error", "err", err, "retry_in", wait)
 		}
+		l.step(wait)
 		select {
 		case <-ctx.Done():
 			return nil
@@ -123,7 +134,9 @@ func jittered(d time.Duration) time.Duration {
 //  3. the ids it lists are marked published (idempotent).
 //
 // I3: the publish loop reads no row before these three steps are done.
-func (r *Relay) recoverShard(ctx context.Context, s int32, log *slog.Logger) (*txn.Producer, error) {
+//
+// l is the shard's lease, taken before recovery: every mark carries it.
+func (r *Relay) recoverShard(ctx context.Context, s int32, l *lease, log *slog.Logger) (*txn.Producer, error) {
 	label := strconv.Itoa(int(s))
 	r.m.Recoveries.WithLabelValues(label).Inc()
 	p, err := txn.NewProducer(ctx, r.tcfg, s)
@@ -138,7 +151,7 @@ func (r *Relay) recoverShard(ctx context.Context, s int32, log *slog.Logger) (*t
 		return p, nil
 	case txn.AtMostOnce:
 		// A batch marked but perhaps never sent: report it, it is lost.
-		lost, err := r.store.TakeInflight(ctx, int(s))
+		lost, err := r.store.TakeInflight(ctx, l.Lease)
 		if err != nil {
 			p.Close()
 			return nil, fmt.Errorf("recover shard %d: %w", s, err)
@@ -166,7 +179,7 @@ func (r *Relay) recoverShard(ctx context.Context, s int32, log *slog.Logger) (*t
 		}
 		// The window "committed in Kafka, not marked in Postgres" closes
 		// here: the checkpoint lists every such row (I2).
-		if marked, err = r.markRetrying(ctx, cp.IDs, log); err != nil {
+		if marked, err = r.markRetrying(ctx, l, cp.IDs, log); err != nil {
 			p.Close()
 			return nil, fmt.Errorf("recover shard %d: %w", s, err)
 		}
@@ -181,15 +194,18 @@ func (r *Relay) recoverShard(ctx context.Context, s int32, log *slog.Logger) (*t
 }
 
 // markRetrying marks ids published, retrying while the database is away. It
-// gives up only when ctx ends; recovery then marks them from the checkpoint.
-func (r *Relay) markRetrying(ctx context.Context, ids []int64, log *slog.Logger) (int64, error) {
+// gives up only when ctx ends (recovery then marks them from the
+// checkpoint) or the lease is lost (the new owner's recovery marks them).
+func (r *Relay) markRetrying(ctx context.Context, l *lease, ids []int64, log *slog.Logger) (int64, error) {
 	backoff := 50 * time.Millisecond
 	for {
-		n, err := r.store.MarkPublished(ctx, ids)
-		if err == nil {
-			return n, nil
+		l.step(r.dbBudget())
+		n, err := r.store.MarkPublished(ctx, l.Lease, ids)
+		if err == nil || errors.Is(err, outbox.ErrLeaseLost) {
+			return n, err
 		}
 		log.Warn("mark published failed, retrying", "err", err, "rows", len(ids))
+		l.step(backoff * 6 / 5)
 		select {
 		case <-ctx.Done():
 			return 0, fmt.Errorf("mark published: %w", err)
@@ -207,7 +223,7 @@ const (
 
 // publishLoop reads, publishes and marks batches until ctx ends or a batch
 // fails in a way that needs recovery.
-func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *slog.Logger) error {
+func (r *Relay) publishLoop(ctx context.Context, s int32, l *lease, p *txn.Producer, log *slog.Logger) error {
 	idleWait := time.Duration(0)
 	r.wake.setIdle(s, false)
 	defer r.wake.setIdle(s, true)
@@ -216,6 +232,7 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *
 			return nil
 		}
 		wake := r.wake.wait()
+		l.step(r.dbBudget())
 		rows, err := r.store.ReadBatch(ctx, int(s), r.cfg.Shards, r.cfg.BatchSize)
 		if err != nil {
 			if ctx.Err() != nil {
@@ -239,6 +256,7 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *
 			if idleWait >= min(idleGrace, r.cfg.PollInterval) {
 				r.wake.setIdle(s, true)
 			}
+			l.step(idleWait)
 			select {
 			case <-ctx.Done():
 				return nil
@@ -253,7 +271,7 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *
 		// The batch runs to its end even when shutdown begins: a clean
 		// stop commits and marks what it has started.
 		bctx, cancel := graceful(ctx, r.cfg.ShutdownTimeout)
-		err = r.publishRows(bctx, s, p, rows, log)
+		err = r.publishRows(bctx, s, l, p, rows, log)
 		cancel()
 		if err != nil {
 			return err
@@ -264,7 +282,7 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *
 
 // publishRows validates rows, dead-letters the invalid ones and publishes the
 // rest.
-func (r *Relay) publishRows(ctx context.Context, s int32, p *txn.Producer, rows []outbox.Row, log *slog.Logger) error {
+func (r *Relay) publishRows(ctx context.Context, s int32, l *lease, p *txn.Producer, rows []outbox.Row, log *slog.Logger) error {
 	recs := make([]txn.Record, 0, len(rows))
 	created := make([]time.Time, 0, len(rows))
 	var dead []outbox.DeadLetter
@@ -282,17 +300,21 @@ func (r *Relay) publishRows(ctx context.Context, s int32, p *txn.Producer, rows 
 		recs = append(recs, rec)
 		created = append(created, row.CreatedAt)
 	}
-	if err := r.deadLetter(ctx, s, dead, log); err != nil {
+	if err := r.deadLetter(ctx, s, l, dead, log); err != nil {
 		return err
 	}
-	return r.publish(ctx, s, p, recs, created, log)
+	return r.publish(ctx, s, l, p, recs, created, log)
 }
 
-func (r *Relay) deadLetter(ctx context.Context, s int32, dead []outbox.DeadLetter, log *slog.Logger) error {
+// deadLetter moves rows to the dead-letter table under the shard's lease: a
+// relay that lost the shard moves nothing (the new owner may have published
+// the row).
+func (r *Relay) deadLetter(ctx context.Context, s int32, l *lease, dead []outbox.DeadLetter, log *slog.Logger) error {
 	if len(dead) == 0 {
 		return nil
 	}
-	n, err := r.store.MoveToDeadLetter(ctx, dead)
+	l.step(r.dbBudget())
+	n, err := r.store.MoveToDeadLetter(ctx, l.Lease, dead)
 	if err != nil {
 		return err
 	}
@@ -308,15 +330,15 @@ func (r *Relay) deadLetter(ctx context.Context, s int32, dead []outbox.DeadLette
 // publish sends one batch in one transaction and marks it. When Kafka refuses
 // some records for reasons of their own, it splits the batch in halves, in id
 // order, until the refused rows stand alone, and dead-letters them.
-func (r *Relay) publish(ctx context.Context, s int32, p *txn.Producer, recs []txn.Record, created []time.Time, log *slog.Logger) error {
+func (r *Relay) publish(ctx context.Context, s int32, l *lease, p *txn.Producer, recs []txn.Record, created []time.Time, log *slog.Logger) error {
 	if len(recs) == 0 {
 		return nil
 	}
 	switch r.mode {
 	case txn.AtLeastOnce:
-		return r.publishAtLeastOnce(ctx, s, p, recs, created, log)
+		return r.publishAtLeastOnce(ctx, s, l, p, recs, created, log)
 	case txn.AtMostOnce:
-		return r.publishAtMostOnce(ctx, s, p, recs, created, log)
+		return r.publishAtMostOnce(ctx, s, l, p, recs, created, log)
 	}
 	label := strconv.Itoa(int(s))
 	ids := make([]int64, len(recs))
@@ -327,21 +349,23 @@ func (r *Relay) publish(ctx context.Context, s int32, p *txn.Producer, recs []tx
 		Table: r.store.Table().String(), Incarnation: r.incarnation, IDs: ids, Written: time.Now().UTC()}
 
 	start := time.Now()
+	l.step(r.txnBudget())
 	tctx, cancel := context.WithTimeout(ctx, r.txnBudget())
 	err := p.Publish(tctx, recs, cp)
 	cancel()
+	l.step(r.dbBudget())
 	var rerrs *txn.RecordErrors
 	switch {
 	case errors.As(err, &rerrs):
 		r.m.Aborts.WithLabelValues(label, "record_error").Inc()
 		if len(recs) == 1 {
-			return r.deadLetter(ctx, s, []outbox.DeadLetter{{ID: recs[0].ID, Error: rerrs.Records[0].Err.Error()}}, log)
+			return r.deadLetter(ctx, s, l, []outbox.DeadLetter{{ID: recs[0].ID, Error: rerrs.Records[0].Err.Error()}}, log)
 		}
 		half := len(recs) / 2
-		if err := r.publish(ctx, s, p, recs[:half], created[:half], log); err != nil {
+		if err := r.publish(ctx, s, l, p, recs[:half], created[:half], log); err != nil {
 			return err
 		}
-		return r.publish(ctx, s, p, recs[half:], created[half:], log)
+		return r.publish(ctx, s, l, p, recs[half:], created[half:], log)
 	case errors.Is(err, txn.ErrCommitUnknown):
 		r.m.Aborts.WithLabelValues(label, "commit_unknown").Inc()
 		return err
@@ -358,7 +382,7 @@ func (r *Relay) publish(ctx context.Context, s int32, p *txn.Producer, recs []tx
 		return err
 	}
 	// I1: marked only now that the transaction holding them committed.
-	if _, err := r.markRetrying(ctx, ids, log); err != nil {
+	if _, err := r.markRetrying(ctx, l, ids, log); err != nil {
 		return err
 	}
 	if err := r.failpoint(ctx, FailAfterMark, s, ids); err != nil {
@@ -388,8 +412,9 @@ func (r *Relay) observeBatch(s int32, recs []txn.Record, created []time.Time, at
 // batch again: duplicates are bounded to the unmarked batch and carry the
 // same outbox-id header. Records Kafka refused are dead-lettered; records
 // without an answer stay unmarked and are sent again after recovery.
-func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, p *txn.Producer, recs []txn.Record, created []time.Time, log *slog.Logger) error {
+func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, l *lease, p *txn.Producer, recs []txn.Record, created []time.Time, log *slog.Logger) error {
 	start := time.Now()
+	l.step(r.txnBudget())
 	tctx, cancel := context.WithTimeout(ctx, r.txnBudget())
 	acked, refused, sendErr := p.Send(tctx, recs)
 	cancel()
@@ -404,6 +429,7 @@ func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, p *txn.Producer
 		slices.SortFunc(retry, func(a, b *txn.RecordError) int { return cmp.Compare(a.ID, b.ID) })
 		refused = nil
 		for _, re := range retry {
+			l.step(r.txnBudget())
 			tctx, cancel := context.WithTimeout(ctx, r.txnBudget())
 			ok, bad, err := p.Send(tctx, []txn.Record{byID[re.ID]})
 			cancel()
@@ -414,10 +440,11 @@ func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, p *txn.Producer
 			}
 		}
 	}
+	l.step(r.dbBudget())
 	if err := r.failpoint(ctx, FailAfterCommit, s, acked); err != nil {
 		return err
 	}
-	if _, err := r.markRetrying(ctx, acked, log); err != nil {
+	if _, err := r.markRetrying(ctx, l, acked, log); err != nil {
 		return err
 	}
 	if err := r.failpoint(ctx, FailAfterMark, s, acked); err != nil {
@@ -431,7 +458,7 @@ func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, p *txn.Producer
 		for i, re := range refused {
 			dead[i] = outbox.DeadLetter{ID: re.ID, Error: re.Err.Error()}
 		}
-		if err := r.deadLetter(ctx, s, dead, log); err != nil {
+		if err := r.deadLetter(ctx, s, l, dead, log); err != nil {
 			return err
 		}
 	}
@@ -450,15 +477,16 @@ func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, p *txn.Producer
 // only then sends it with acks=0. A crash between the mark and the send
 // loses the batch; the next owner reports it (log and metric). A failed send
 // is a loss too, reported at once.
-func (r *Relay) publishAtMostOnce(ctx context.Context, s int32, p *txn.Producer, recs []txn.Record, created []time.Time, log *slog.Logger) error {
+func (r *Relay) publishAtMostOnce(ctx context.Context, s int32, l *lease, p *txn.Producer, recs []txn.Record, created []time.Time, log *slog.Logger) error {
 	label := strconv.Itoa(int(s))
 	// Rows Kafka would refuse go to the dead-letter table, not to the floor.
+	l.step(r.txnBudget())
 	if refused := p.Check(ctx, recs); len(refused) > 0 {
 		dead := make([]outbox.DeadLetter, len(refused))
 		for i, re := range refused {
 			dead[i] = outbox.DeadLetter{ID: re.ID, Error: re.Err.Error()}
 		}
-		if err := r.deadLetter(ctx, s, dead, log); err != nil {
+		if err := r.deadLetter(ctx, s, l, dead, log); err != nil {
 			return err
 		}
 		recs, created = without(recs, created, dead)
@@ -469,7 +497,8 @@ func (r *Relay) publishAtMostOnce(ctx context.Context, s int32, p *txn.Producer,
 	}
 	// Only the rows this mark changed are sent: another relay that still
 	// believes it owns the shard may have marked (and sent) the others.
-	marked, batch, err := r.store.MarkInflight(ctx, int(s), ids)
+	l.step(r.dbBudget())
+	marked, batch, err := r.store.MarkInflight(ctx, l.Lease, ids)
 	if err != nil {
 		return err
 	}
@@ -479,6 +508,7 @@ func (r *Relay) publishAtMostOnce(ctx context.Context, s int32, p *txn.Producer,
 		return err
 	}
 	start := time.Now()
+	l.step(r.txnBudget())
 	tctx, cancel := context.WithTimeout(ctx, r.txnBudget())
 	acked, refused, sendErr := p.Send(tctx, recs)
 	cancel()
@@ -490,7 +520,8 @@ func (r *Relay) publishAtMostOnce(ctx context.Context, s int32, p *txn.Producer,
 		}
 		log.Error("at-most-once: rows marked published were not sent; they are lost", "rows", lost, "err", first)
 	}
-	if err := r.store.ConfirmInflight(ctx, batch); err != nil {
+	l.step(r.dbBudget())
+	if err := r.store.ConfirmInflight(ctx, l.Lease, batch); err != nil {
 		return err
 	}
 	r.m.TxnDuration.Observe(time.Since(start).Seconds())
