@@ -16,7 +16,7 @@ func TestConfigDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	if cfg.Table != "outbox" || cfg.Schema != "public" || cfg.BatchSize != 500 || cfg.PollInterval != time.Second ||
-		cfg.Shards != 1 || len(cfg.KafkaBrokers) != 2 || cfg.MetricsAddr != ":9090" {
+		cfg.Shards != 1 || len(cfg.KafkaBrokers) != 2 || cfg.MetricsAddr != ":9090" || cfg.OwnerLease != 10*time.Second {
 		t.Fatalf("defaults: %+v", cfg)
 	}
 }
@@ -40,6 +40,10 @@ func TestConfigErrorsNameTheVariable(t *testing.T) {
 		{append(base(), "OUTBOX_KAFKA_SASL_MECHANISM=GSSAPI"), []string{"OUTBOX_KAFKA_SASL_MECHANISM"}},
 		{append(base(), "OUTBOX_LOG_LEVEL=loud"), []string{"OUTBOX_LOG_LEVEL"}},
 		{[]string{"OUTBOX_DATABASE_URL=postgres://relay:s3cret-pw@db:notaport/app", "OUTBOX_KAFKA_BROKERS=k:1"}, []string{"OUTBOX_DATABASE_URL is malformed"}},
+		{append(base(), "OUTBOX_OWNER_LEASE=500ms"), []string{"OUTBOX_OWNER_LEASE is 500ms: expected at least 1s"}},
+		{append(base(), "OUTBOX_OWNER_LEASE=2s", "OUTBOX_REBALANCE_INTERVAL=2s"), []string{"OUTBOX_OWNER_LEASE is 2s", "more than OUTBOX_REBALANCE_INTERVAL (2s)"}},
+		{[]string{"OUTBOX_DATABASE_URL=postgres://relay:s3cret-pw@db1:5432,db2:5432/app", "OUTBOX_KAFKA_BROKERS=k:1"},
+			[]string{"OUTBOX_DATABASE_URL names several hosts (db1:5432, db2:5432)", "target_session_attrs=read-write"}},
 	}
 	for _, c := range cases {
 		_, err := LoadConfig(c.env)
@@ -78,5 +82,16 @@ func TestMetricsAddrEmptyDisables(t *testing.T) {
 	cfg, err = LoadConfig(base())
 	if err != nil || cfg.MetricsAddr != DefaultMetricsAddr {
 		t.Fatalf("unset OUTBOX_METRICS_ADDR gave %q, %v", cfg.MetricsAddr, err)
+	}
+}
+
+// TestSeveralHostsWithReadWriteAreAccepted: target_session_attrs=read-write
+// (or primary) makes a URL with several hosts safe.
+func TestSeveralHostsWithReadWriteAreAccepted(t *testing.T) {
+	for _, attrs := range []string{"read-write", "primary"} {
+		env := []string{"OUTBOX_DATABASE_URL=postgres://relay@db1:5432,db2:5432/app?target_session_attrs=" + attrs, "OUTBOX_KAFKA_BROKERS=k:1"}
+		if _, err := LoadConfig(env); err != nil {
+			t.Errorf("target_session_attrs=%s: %v", attrs, err)
+		}
 	}
 }

@@ -71,6 +71,9 @@ type owner struct {
 	workers map[int32]*worker
 	ended   chan struct{}
 	offset  int
+	// takeoverFailing: the last attempt to end a stale owner's session
+	// failed (logged once).
+	takeoverFailing bool
 }
 
 // own holds shard ownership until ctx ends, or returns the error that must
@@ -265,7 +268,17 @@ func (o *owner) tick(ctx context.Context, shutting bool) error {
 	}
 
 	if err := o.takeOverStale(sctx); err != nil {
-		return err
+		if o.conn.IsClosed() {
+			return err
+		}
+		// Refused (the stale owner runs as another role, or as a
+		// superuser): this instance's own shards are unaffected.
+		if !o.takeoverFailing {
+			r.log.Warn("cannot end the session of a stale shard owner; retrying every rebalance interval (run every instance as the same role, not a superuser)", "err", err)
+		}
+		o.takeoverFailing = true
+	} else {
+		o.takeoverFailing = false
 	}
 
 	active := 0

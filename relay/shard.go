@@ -56,7 +56,9 @@ func (r *Relay) runShard(ctx context.Context, l *lease) error {
 		// Reported even while the shard is being stopped, like a fencing
 		// below: the loss of the lease is what stops it.
 		case errors.Is(err, outbox.ErrLeaseLost):
-			r.m.ShardsLost.WithLabelValues(label).Inc()
+			if ctx.Err() == nil { // else the ownership loop counted it
+				r.m.ShardsLost.WithLabelValues(label).Inc()
+			}
 			log.Error("shard lost", "reason", "its lease was taken over: this relay changes no row of the shard", "err", err)
 			return err
 		// A fencing is reported even while the shard is being stopped: a
