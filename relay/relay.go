@@ -88,6 +88,11 @@ type Relay struct {
 }
 
 // New checks the configuration and prepares a relay on pool. Run starts it.
+// The relay's dedicated connections (ownership, wake-up) use pool's
+// connection configuration, prepared with the relay's keepalives and user
+// timeout; prepare pool itself with ConfigurePool (the binary does) for the
+// same on the workers' connections. The pool must reach PostgreSQL
+// directly or through a session-mode pooler.
 func New(cfg Config, pool *pgxpool.Pool, opts ...Option) (*Relay, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("configuration: %w", err)
