@@ -272,3 +272,53 @@ func TestWedgedWorkerLosesItsShardAndItsLateMarkIsRefused(t *testing.T) {
 	t.Logf("lease %v: B took over and marked A's committed batch of %d rows %v after A's worker wedged; A's late mark was refused",
 		frozenLease, len(batch), takeover.Round(time.Millisecond))
 }
+
+// TestFrozenOwnerOfSeveralShardsLosesThemAll: with four shards, A and B own
+// two each. A is frozen; it still counts as a member (its session lives),
+// so B's fair share stays two, yet B must take A's two shards as their
+// leases expire, and the rows of every key still arrive exactly once. When A
+// is resumed, the shards are shared again.
+func TestFrozenOwnerOfSeveralShardsLosesThemAll(t *testing.T) {
+	bin := buildRelayBinary(t)
+	db := testenv.NewDB(t)
+	topic := testenv.RandomName("payments-")
+	k := testenv.NewKafka(t, 4, topic)
+	env := append(relayProcessEnv(db, k, testenv.RandomName("relay-"), testenv.RandomName("checkpoints-")),
+		"OUTBOX_OWNER_LEASE="+frozenLease.String(), "OUTBOX_SHARDS=4")
+	logs := newRelayLogs(t, "frozen-shards")
+	w := startLoadWriter(t, db, topic, loadKeys(40), 2*time.Millisecond)
+	defer w.halt()
+
+	a := startRelayProcess(t, bin, env, logs)
+	waitUntil(t, 60*time.Second, a, "A recovers four shards", func() bool { return len(a.log.find("shard recovered")) >= 4 })
+	b := startRelayProcess(t, bin, env, logs)
+	waitUntil(t, 60*time.Second, b, "B takes two shards", func() bool { return len(b.log.find("shard recovered")) >= 2 })
+	waitUntil(t, 60*time.Second, a, "A hands two over", func() bool { return len(a.log.find("shard handed over for balance")) >= 2 })
+
+	a.signal(t, syscall.SIGSTOP)
+	frozen := time.Now()
+	// Ending A's session for the first stale lease frees both its shards.
+	waitUntil(t, 30*time.Second, b, "B takes A's two shards over", func() bool {
+		return len(b.log.find("taking over shard from a stale owner")) >= 1 && len(b.log.find("shard recovered")) >= 4
+	})
+	takeover := time.Since(frozen)
+	a.signal(t, syscall.SIGCONT)
+	waitUntil(t, 30*time.Second, a, `A's "shard lost"`, func() bool { return len(a.log.find("shard lost")) >= 2 })
+	time.Sleep(time.Second)
+
+	written := w.stop(t)
+	waitUntil(t, 90*time.Second, b, "the outbox to drain", func() bool { return db.Unpublished(t) == 0 })
+	ids := outboxIDs(t, db, "")
+	if int64(len(ids)) != written {
+		t.Fatalf("the writers committed %d rows, the outbox holds %d", written, len(ids))
+	}
+	testenv.CheckExactlyOnce(t, ids, k.NewConsumer(t, topic).WaitFor(t, len(ids), 60*time.Second))
+	t.Logf("4 shards, lease %v: B had taken over and recovered both of A's shards %v after A's SIGSTOP; %d rows exactly once",
+		frozenLease, takeover.Round(time.Millisecond), len(ids))
+	for _, p := range []*relayProcess{a, b} {
+		p.signal(t, syscall.SIGTERM)
+		if st := p.wait(t, 40*time.Second); st.ExitCode() != 0 {
+			t.Errorf("after SIGTERM a relay exited with %v, want 0\n%s", st, p.log.text())
+		}
+	}
+}
