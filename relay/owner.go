@@ -185,7 +185,16 @@ func (o *owner) connect(ctx context.Context) error {
 			c.Close(context.Background())
 		}
 	}()
-	if _, err := c.Exec(ctx, `SELECT pg_advisory_lock_shared($1, hashtext($2))`, migrations.LockKey+2, o.key); err != nil {
+	// The wait may last as long as a reshard: no statement_timeout or
+	// lock_timeout the connection carries may cut it. SET LOCAL ends with
+	// the transaction; the session-level lock does not.
+	if err := pgx.BeginFunc(ctx, c, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0`); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, `SELECT pg_advisory_lock_shared($1, hashtext($2))`, migrations.LockKey+2, o.key)
+		return err
+	}); err != nil {
 		return fmt.Errorf("member lock: %w", err)
 	}
 	// Behind a pooler in transaction mode the next statement may run in
