@@ -15,17 +15,11 @@ import (
 // RESTART IDENTITY, or a fail-over that lost the sequence's latest WAL): it
 // was never published, and is left unmarked (I5). Idempotent: recovery
 // applies a checkpoint's window any number of times.
-func (s *Store) MarkCommitted(ctx context.Context, ids []int64, created []time.Time) (int64, error) {
-	if len(ids) == 0 {
-		return 0, nil
-	}
-	tag, err := s.pool.Exec(ctx, `UPDATE `+s.t.Ident()+` o SET published_at = now()
-FROM unnest($1::bigint[], $2::timestamptz[]) AS c(id, created)
-WHERE o.id = c.id AND o.created_at = c.created AND o.published_at IS NULL`, ids, created)
-	if err != nil {
-		return 0, fmt.Errorf("mark %d rows published in %s: %w", len(ids), s.t, err)
-	}
-	return tag.RowsAffected(), nil
+func (s *Store) MarkCommitted(ctx context.Context, l Lease, ids []int64, created []time.Time) (int64, error) {
+	return s.markUnderLease(ctx, l, len(ids), `UPDATE `+s.t.Ident()+` o SET published_at = now()
+    FROM unnest($1::bigint[], $4::timestamptz[]) AS c(id, created)
+    WHERE o.id = c.id AND o.created_at = c.created AND o.published_at IS NULL AND EXISTS (SELECT FROM lease)
+    RETURNING 1`, ids, l.Shard, l.Token, created)
 }
 
 // MarkCommittedBefore marks published the rows with the given ids that were
@@ -33,16 +27,30 @@ WHERE o.id = c.id AND o.created_at = c.created AND o.published_at IS NULL`, ids,
 // which carry ids without fingerprints: a row created after the checkpoint
 // was written cannot be the row it recorded. Left unmarked by mistake, a row
 // is published again (a duplicate), never lost.
-func (s *Store) MarkCommittedBefore(ctx context.Context, ids []int64, written time.Time) (int64, error) {
-	if len(ids) == 0 {
+func (s *Store) MarkCommittedBefore(ctx context.Context, l Lease, ids []int64, written time.Time) (int64, error) {
+	return s.markUnderLease(ctx, l, len(ids), `UPDATE `+s.t.Ident()+` SET published_at = now()
+    WHERE id = ANY($1::bigint[]) AND created_at <= $4 AND published_at IS NULL AND EXISTS (SELECT FROM lease)
+    RETURNING 1`, ids, l.Shard, l.Token, written)
+}
+
+// markUnderLease runs update (a data-modifying statement that refers to the
+// CTE "lease", with the lease's shard and token as $2 and $3) under lease l,
+// and returns how many rows it marked, or ErrLeaseLost.
+func (s *Store) markUnderLease(ctx context.Context, l Lease, rows int, update string, args ...any) (int64, error) {
+	if rows == 0 {
 		return 0, nil
 	}
-	tag, err := s.pool.Exec(ctx, `UPDATE `+s.t.Ident()+` SET published_at = now()
-WHERE id = ANY($1::bigint[]) AND created_at <= $2 AND published_at IS NULL`, ids, written)
-	if err != nil {
-		return 0, fmt.Errorf("mark %d rows published in %s: %w", len(ids), s.t, err)
+	var held bool
+	var n int64
+	err := s.pool.QueryRow(ctx, `WITH `+s.leaseCTE(2, 3)+`, marked AS (`+update+`)
+SELECT EXISTS (SELECT FROM lease), (SELECT count(*) FROM marked)`, args...).Scan(&held, &n)
+	if err == nil && !held {
+		err = ErrLeaseLost
 	}
-	return tag.RowsAffected(), nil
+	if err != nil {
+		return 0, fmt.Errorf("mark %d rows of shard %d published in %s: %w", rows, l.Shard, s.t, err)
+	}
+	return n, nil
 }
 
 // Rewind is what recovery found when it compared a checkpoint with the

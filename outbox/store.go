@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/md5"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"slices"
 	"strconv"
@@ -98,66 +99,185 @@ func (s *Store) ReadBatch(ctx context.Context, shard, shards, limit int, maxByte
 	return out, nil
 }
 
+// Lease is a relay's hold on one shard: the fencing token it got when it
+// took the shard (TakeLease). Every statement by which a relay changes rows
+// of the shard carries it and changes nothing once another relay has taken
+// the shard (a newer token): the PostgreSQL side of fencing, as the
+// transactional id is on the Kafka side.
+type Lease struct {
+	Shard int32
+	Token int64
+}
+
+// ErrLeaseLost: the statement changed nothing because the caller's lease on
+// the shard is no longer current: another relay took the shard over. The
+// caller no longer owns the shard and must stop working on it.
+var ErrLeaseLost = errors.New("shard lease lost: another relay took the shard over")
+
+// Querier is the part of pgx the ownership statements need; *pgx.Conn,
+// pgx.Tx and *pgxpool.Pool all fit.
+type Querier interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// TakeLease records owner as the owner of shard and returns its new lease,
+// with a token one higher than any earlier owner's. Call it only while
+// holding the shard's advisory lock, before recovery reads or marks
+// anything. It waits for every statement that still runs under an older
+// lease of the shard (they hold the owner row FOR SHARE); once it returns,
+// no such statement can change a row.
+func (s *Store) TakeLease(ctx context.Context, q Querier, shard int32, owner string) (Lease, error) {
+	l := Lease{Shard: shard}
+	err := q.QueryRow(ctx, `INSERT INTO `+s.t.OwnerIdent()+` AS o (shard, token, owner) VALUES ($1, 1, $2)
+ON CONFLICT (shard) DO UPDATE SET token = o.token + 1, owner = excluded.owner, taken_at = now(), renewed_at = now()
+RETURNING token`, shard, owner).Scan(&l.Token)
+	if err != nil {
+		return Lease{}, fmt.Errorf("take lease of shard %d of %s: %w", shard, s.t, err)
+	}
+	return l, nil
+}
+
+// RenewLeases sets renewed_at to now (the database clock) for every lease
+// that is still current, and returns the shards of those that are not (lost
+// to another relay). It never waits: a lease whose row a statement of its
+// shard holds at this moment is renewed on the next call.
+func (s *Store) RenewLeases(ctx context.Context, q Querier, leases []Lease) (lost []int32, err error) {
+	if len(leases) == 0 {
+		return nil, nil
+	}
+	shards := make([]int32, len(leases))
+	tokens := make([]int64, len(leases))
+	for i, l := range leases {
+		shards[i], tokens[i] = l.Shard, l.Token
+	}
+	rows, err := q.Query(ctx, `WITH l AS (
+    SELECT * FROM unnest($1::int[], $2::bigint[]) AS l(shard, token)
+), free AS (
+    SELECT o.shard FROM `+s.t.OwnerIdent()+` o JOIN l ON o.shard = l.shard AND o.token = l.token
+    FOR NO KEY UPDATE OF o SKIP LOCKED
+), renewed AS (
+    UPDATE `+s.t.OwnerIdent()+` o SET renewed_at = now() FROM free WHERE o.shard = free.shard
+    RETURNING o.shard
+)
+SELECT l.shard FROM l LEFT JOIN `+s.t.OwnerIdent()+` o ON o.shard = l.shard WHERE o.token IS DISTINCT FROM l.token`, shards, tokens)
+	if err != nil {
+		return nil, fmt.Errorf("renew %d shard leases of %s: %w", len(leases), s.t, err)
+	}
+	if lost, err = pgx.CollectRows(rows, pgx.RowTo[int32]); err != nil {
+		return nil, fmt.Errorf("renew %d shard leases of %s: %w", len(leases), s.t, err)
+	}
+	return lost, nil
+}
+
+// leaseCTE is the first part of every statement that changes rows of a
+// shard: it holds the shard's owner row FOR SHARE if, and only if, the
+// lease given by parameters $shardArg and $tokenArg is current. A takeover
+// (an UPDATE of that row) therefore either waits for the statement to commit,
+// or commits first, and then the statement sees no current lease and
+// changes nothing. Statements refer to it as "lease" and report
+// EXISTS (SELECT FROM lease), so that the caller can tell a lost lease from
+// rows that needed no change.
+func (s *Store) leaseCTE(shardArg, tokenArg int) string {
+	return `lease AS (SELECT FROM ` + s.t.OwnerIdent() + ` WHERE shard = $` + strconv.Itoa(shardArg) +
+		` AND token = $` + strconv.Itoa(tokenArg) + ` FOR SHARE)`
+}
+
 // MarkPublished sets published_at on the rows whose ids are given and that
 // are not yet marked, and returns how many it marked. It is idempotent, so
-// recovery can apply a checkpoint any number of times.
-func (s *Store) MarkPublished(ctx context.Context, ids []int64) (int64, error) {
+// recovery can apply a checkpoint any number of times. It changes nothing and
+// returns ErrLeaseLost when l is no longer the shard's current lease.
+func (s *Store) MarkPublished(ctx context.Context, l Lease, ids []int64) (int64, error) {
 	if len(ids) == 0 {
 		return 0, nil
 	}
-	tag, err := s.pool.Exec(ctx, `UPDATE `+s.t.Ident()+` SET published_at = now() WHERE id = ANY($1::bigint[]) AND published_at IS NULL`, ids)
-	if err != nil {
-		return 0, fmt.Errorf("mark %d rows published in %s: %w", len(ids), s.t, err)
+	var held bool
+	var n int64
+	err := s.pool.QueryRow(ctx, `WITH `+s.leaseCTE(2, 3)+`, marked AS (
+    UPDATE `+s.t.Ident()+` SET published_at = now()
+    WHERE id = ANY($1::bigint[]) AND published_at IS NULL AND EXISTS (SELECT FROM lease)
+    RETURNING 1
+)
+SELECT EXISTS (SELECT FROM lease), (SELECT count(*) FROM marked)`, ids, l.Shard, l.Token).Scan(&held, &n)
+	if err == nil && !held {
+		err = ErrLeaseLost
 	}
-	return tag.RowsAffected(), nil
+	if err != nil {
+		return 0, fmt.Errorf("mark %d rows of shard %d published in %s: %w", len(ids), l.Shard, s.t, err)
+	}
+	return n, nil
 }
 
-// MarkInflight is at-most-once's mark: in one transaction it marks ids
+// MarkInflight is at-most-once's mark: in one statement it marks ids
 // published and records the ones it marked as an in-flight batch of the
 // shard, before the batch is produced. It returns the ids it marked (rows
 // already marked, by another relay that still thinks it owns the shard, are
 // not) and the in-flight batch to confirm once sent. Every batch is a row of
 // its own, so a batch an old owner marked and never sent is still there after
-// a new owner confirmed its own.
-func (s *Store) MarkInflight(ctx context.Context, shard int, ids []int64) (marked []int64, batch int64, err error) {
-	err = pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		rows, err := tx.Query(ctx, `UPDATE `+s.t.Ident()+` SET published_at = now() WHERE id = ANY($1::bigint[]) AND published_at IS NULL RETURNING id`, ids)
-		if err != nil {
-			return err
-		}
-		if marked, err = pgx.CollectRows(rows, pgx.RowTo[int64]); err != nil {
-			return err
-		}
-		slices.Sort(marked)
-		return tx.QueryRow(ctx, `INSERT INTO `+s.t.InflightIdent()+` (shard, ids) VALUES ($1, $2) RETURNING batch`, shard, marked).Scan(&batch)
-	})
-	if err != nil {
-		return nil, 0, fmt.Errorf("mark %d rows published before sending (at-most-once) in %s: %w", len(ids), s.t, err)
+// a new owner confirmed its own. It changes nothing and returns ErrLeaseLost
+// when l is no longer the shard's current lease. (One statement, not a
+// transaction of several: a relay frozen between two of them would hold the
+// owner row and block the takeover.)
+func (s *Store) MarkInflight(ctx context.Context, l Lease, ids []int64) (marked []int64, batch int64, err error) {
+	var held bool
+	var b *int64
+	err = s.pool.QueryRow(ctx, `WITH `+s.leaseCTE(2, 3)+`, marked AS (
+    UPDATE `+s.t.Ident()+` SET published_at = now()
+    WHERE id = ANY($1::bigint[]) AND published_at IS NULL AND EXISTS (SELECT FROM lease)
+    RETURNING id
+), recorded AS (
+    INSERT INTO `+s.t.InflightIdent()+` (shard, ids)
+    SELECT $2, (SELECT coalesce(array_agg(id ORDER BY id), '{}') FROM marked)
+    WHERE EXISTS (SELECT FROM lease)
+    RETURNING batch, ids
+)
+SELECT EXISTS (SELECT FROM lease), (SELECT batch FROM recorded), coalesce((SELECT ids FROM recorded), '{}')`,
+		ids, l.Shard, l.Token).Scan(&held, &b, &marked)
+	if err == nil && !held {
+		err = ErrLeaseLost
 	}
-	return marked, batch, nil
+	if err != nil {
+		return nil, 0, fmt.Errorf("mark %d rows of shard %d published before sending (at-most-once) in %s: %w", len(ids), l.Shard, s.t, err)
+	}
+	slices.Sort(marked)
+	return marked, *b, nil
 }
 
 // ConfirmInflight removes the in-flight record of a batch whose send has
-// ended (sent, or its loss reported).
-func (s *Store) ConfirmInflight(ctx context.Context, batch int64) error {
-	if _, err := s.pool.Exec(ctx, `DELETE FROM `+s.t.InflightIdent()+` WHERE batch = $1`, batch); err != nil {
-		return fmt.Errorf("confirm in-flight batch %d of %s: %w", batch, s.t, err)
+// ended (sent, or its loss reported). It returns ErrLeaseLost, and leaves
+// the record for the new owner to report, when l is no longer current.
+func (s *Store) ConfirmInflight(ctx context.Context, l Lease, batch int64) error {
+	var held bool
+	err := s.pool.QueryRow(ctx, `WITH `+s.leaseCTE(2, 3)+`, confirmed AS (
+    DELETE FROM `+s.t.InflightIdent()+` WHERE batch = $1 AND EXISTS (SELECT FROM lease) RETURNING 1
+)
+SELECT EXISTS (SELECT FROM lease), (SELECT count(*) FROM confirmed)`, batch, l.Shard, l.Token).Scan(&held, new(int64))
+	if err == nil && !held {
+		err = ErrLeaseLost
+	}
+	if err != nil {
+		return fmt.Errorf("confirm in-flight batch %d of shard %d of %s: %w", batch, l.Shard, s.t, err)
 	}
 	return nil
 }
 
 // TakeInflight removes and returns the ids of every in-flight at-most-once
 // batch of the shard, in id order: rows marked published whose send was
-// never confirmed (recovery reports them lost).
-func (s *Store) TakeInflight(ctx context.Context, shard int) ([]int64, error) {
-	rows, err := s.pool.Query(ctx, `WITH taken AS (DELETE FROM `+s.t.InflightIdent()+` WHERE shard = $1 RETURNING ids)
-SELECT id FROM taken, unnest(taken.ids) AS id ORDER BY id`, shard)
-	if err != nil {
-		return nil, fmt.Errorf("read in-flight batches of shard %d of %s: %w", shard, s.t, err)
+// never confirmed (recovery reports them lost). It returns ErrLeaseLost when
+// l is no longer current.
+func (s *Store) TakeInflight(ctx context.Context, l Lease) ([]int64, error) {
+	var held bool
+	var ids []int64
+	err := s.pool.QueryRow(ctx, `WITH `+s.leaseCTE(1, 2)+`, taken AS (
+    DELETE FROM `+s.t.InflightIdent()+` WHERE shard = $1 AND EXISTS (SELECT FROM lease) RETURNING ids
+)
+SELECT EXISTS (SELECT FROM lease), coalesce((SELECT array_agg(id ORDER BY id) FROM taken, unnest(taken.ids) AS id), '{}')`,
+		l.Shard, l.Token).Scan(&held, &ids)
+	if err == nil && !held {
+		err = ErrLeaseLost
 	}
-	ids, err := pgx.CollectRows(rows, pgx.RowTo[int64])
 	if err != nil {
-		return nil, fmt.Errorf("read in-flight batches of shard %d of %s: %w", shard, s.t, err)
+		return nil, fmt.Errorf("read in-flight batches of shard %d of %s: %w", l.Shard, s.t, err)
 	}
 	return ids, nil
 }
@@ -168,11 +288,14 @@ type DeadLetter struct {
 	Error string
 }
 
-// MoveToDeadLetter moves unpublished rows to the dead-letter table with their
-// errors, in one transaction: a row leaves the outbox only as it enters the
-// dead-letter table, so none is lost. Rows already published or already
-// moved are left alone. It returns how many rows it moved.
-func (s *Store) MoveToDeadLetter(ctx context.Context, dead []DeadLetter) (int64, error) {
+// MoveToDeadLetter moves unpublished rows of the shard of l to the
+// dead-letter table with their errors, in one statement: a row leaves the
+// outbox only as it enters the dead-letter table, so none is lost. Rows
+// already published or already moved are left alone. It returns how many
+// rows it moved. It moves nothing and returns ErrLeaseLost when l is no
+// longer current: a relay that lost the shard must not move a row the new
+// owner may have published (`dlq requeue` would publish it twice).
+func (s *Store) MoveToDeadLetter(ctx context.Context, l Lease, dead []DeadLetter) (int64, error) {
 	if len(dead) == 0 {
 		return 0, nil
 	}
@@ -181,20 +304,28 @@ func (s *Store) MoveToDeadLetter(ctx context.Context, dead []DeadLetter) (int64,
 	for i, d := range dead {
 		ids[i], errs[i] = d.ID, d.Error
 	}
-	q := `WITH bad AS (
+	q := `WITH ` + s.leaseCTE(3, 4) + `, bad AS (
     SELECT * FROM unnest($1::bigint[], $2::text[]) AS b(id, error)
 ), moved AS (
     DELETE FROM ` + s.t.Ident() + ` o USING bad
-    WHERE o.id = bad.id AND o.published_at IS NULL
+    WHERE o.id = bad.id AND o.published_at IS NULL AND EXISTS (SELECT FROM lease)
     RETURNING o.id, o.topic, o.key, o.value, o.headers, o.partition, o.created_at, bad.error
+), inserted AS (
+    INSERT INTO ` + s.t.DeadLetterIdent() + ` (id, topic, key, value, headers, partition, created_at, error)
+    SELECT * FROM moved
+    RETURNING 1
 )
-INSERT INTO ` + s.t.DeadLetterIdent() + ` (id, topic, key, value, headers, partition, created_at, error)
-SELECT * FROM moved`
-	tag, err := s.pool.Exec(ctx, q, ids, errs)
-	if err != nil {
-		return 0, fmt.Errorf("move %d rows of %s to the dead-letter table: %w", len(dead), s.t, err)
+SELECT EXISTS (SELECT FROM lease), (SELECT count(*) FROM inserted)`
+	var held bool
+	var n int64
+	err := s.pool.QueryRow(ctx, q, ids, errs, l.Shard, l.Token).Scan(&held, &n)
+	if err == nil && !held {
+		err = ErrLeaseLost
 	}
-	return tag.RowsAffected(), nil
+	if err != nil {
+		return 0, fmt.Errorf("move %d rows of shard %d of %s to the dead-letter table: %w", len(dead), l.Shard, s.t, err)
+	}
+	return n, nil
 }
 
 // Incarnation returns the identity of this outbox table, created with it by
@@ -209,21 +340,34 @@ func (s *Store) Incarnation(ctx context.Context) (string, error) {
 	return id, nil
 }
 
-// Shards returns the shard count recorded for the table, recording n first
-// if none is recorded yet.
-func (s *Store) Shards(ctx context.Context, n int) (int, error) {
-	var stored int
-	err := s.pool.QueryRow(ctx, `UPDATE `+s.t.StateIdent()+` SET shards = coalesce(shards, $1) RETURNING shards`, n).Scan(&stored)
-	if err != nil {
-		return 0, fmt.Errorf("read shard count of %s: %w", s.t, err)
-	}
-	return stored, nil
+// Identity is what every relay of one table must share: the shard count
+// (rows map to shards by it), the relay name (the transactional ids) and the
+// checkpoint topic. Relays that differ in any of them never fence each
+// other, so the first relay records them and the others must match.
+type Identity struct {
+	Shards          int
+	RelayName       string
+	CheckpointTopic string
 }
 
-// SetShards records a new shard count (after a reshard).
-func (s *Store) SetShards(ctx context.Context, n int) error {
-	if _, err := s.pool.Exec(ctx, `UPDATE `+s.t.StateIdent()+` SET shards = $1`, n); err != nil {
-		return fmt.Errorf("record shard count of %s: %w", s.t, err)
+// Identity returns the identity recorded for the table, recording the
+// fields of want that are not recorded yet first.
+func (s *Store) Identity(ctx context.Context, want Identity) (Identity, error) {
+	var got Identity
+	err := s.pool.QueryRow(ctx, `UPDATE `+s.t.StateIdent()+` SET shards = coalesce(shards, $1),
+    relay_name = coalesce(relay_name, $2), checkpoint_topic = coalesce(checkpoint_topic, $3)
+RETURNING shards, relay_name, checkpoint_topic`, want.Shards, want.RelayName, want.CheckpointTopic).Scan(&got.Shards, &got.RelayName, &got.CheckpointTopic)
+	if err != nil {
+		return Identity{}, fmt.Errorf("read shard count, relay name and checkpoint topic recorded for %s: %w", s.t, err)
+	}
+	return got, nil
+}
+
+// SetIdentity records a new identity (after a reshard).
+func (s *Store) SetIdentity(ctx context.Context, id Identity) error {
+	if _, err := s.pool.Exec(ctx, `UPDATE `+s.t.StateIdent()+` SET shards = $1, relay_name = $2, checkpoint_topic = $3`,
+		id.Shards, id.RelayName, id.CheckpointTopic); err != nil {
+		return fmt.Errorf("record shard count, relay name and checkpoint topic of %s: %w", s.t, err)
 	}
 	return nil
 }

@@ -74,6 +74,12 @@ type Config struct {
 	// RebalanceInterval is how often shard ownership is checked; it bounds
 	// fail-over time.
 	RebalanceInterval time.Duration `env:"OUTBOX_REBALANCE_INTERVAL" envDefault:"1s"`
+	// OwnerLease is how long a shard owner may go without progress (frozen,
+	// partitioned, a wedged worker) before a standby takes the shard over;
+	// it also sets the TCP keepalives and user timeout of every relay
+	// connection. 0 means 10 s. It must be longer than RebalanceInterval,
+	// the period at which owners renew it.
+	OwnerLease time.Duration `env:"OUTBOX_OWNER_LEASE" envDefault:"10s"`
 	// MetricsAddr is where /metrics, /healthz and /readyz listen; set but
 	// empty disables the HTTP server; unset means ":9090".
 	MetricsAddr string `env:"OUTBOX_METRICS_ADDR"`
@@ -128,6 +134,16 @@ type Config struct {
 	KafkaSASLMech     string `env:"OUTBOX_KAFKA_SASL_MECHANISM"`
 	KafkaSASLUser     string `env:"OUTBOX_KAFKA_SASL_USERNAME"`
 	KafkaSASLPassword string `env:"OUTBOX_KAFKA_SASL_PASSWORD"`
+}
+
+// DefaultOwnerLease is OUTBOX_OWNER_LEASE when Config.OwnerLease is 0.
+const DefaultOwnerLease = 10 * time.Second
+
+func (c Config) ownerLease() time.Duration {
+	if c.OwnerLease == 0 {
+		return DefaultOwnerLease
+	}
+	return c.OwnerLease
 }
 
 // MaxBatchSize is the largest OUTBOX_BATCH_SIZE.
@@ -277,8 +293,11 @@ func hint(key string) string {
 func (c Config) Validate() error {
 	var problems []string
 	add := func(f string, a ...any) { problems = append(problems, fmt.Sprintf(f, a...)) }
-	if _, err := pgx.ParseConfig(c.DatabaseURL); err != nil {
+	if cc, err := pgx.ParseConfig(c.DatabaseURL); err != nil {
 		add("OUTBOX_DATABASE_URL is malformed: expected a PostgreSQL URL or key=value string (%s)", redactErr(err, c.DatabaseURL))
+	} else if hosts := dbHosts(cc); len(hosts) > 1 && cc.ValidateConnect == nil {
+		add("OUTBOX_DATABASE_URL names several hosts (%s) without target_session_attrs=read-write: the relay could connect to a read-only standby; add target_session_attrs=read-write (or primary)",
+			strings.Join(hosts, ", "))
 	}
 	for _, b := range c.KafkaBrokers {
 		if b == "" || !strings.Contains(b, ":") {
@@ -324,6 +343,10 @@ func (c Config) Validate() error {
 			add("%s is %v: expected a positive duration", d.name, d.v)
 		}
 	}
+	if l := c.ownerLease(); l < time.Second || l <= c.RebalanceInterval {
+		add("OUTBOX_OWNER_LEASE is %v: expected at least 1s and more than OUTBOX_REBALANCE_INTERVAL (%v), the period at which owners renew it; a few intervals is safer",
+			c.OwnerLease, c.RebalanceInterval)
+	}
 	if c.Retention < 0 {
 		add("OUTBOX_RETENTION is %v: expected 0 (keep forever) or a positive duration", c.Retention)
 	}
@@ -353,6 +376,24 @@ func (c Config) Validate() error {
 		return errors.New(strings.Join(problems, "; "))
 	}
 	return nil
+}
+
+// dbHosts returns the distinct host:port pairs a connection may go to.
+func dbHosts(cc *pgx.ConnConfig) []string {
+	seen := map[string]bool{}
+	var hosts []string
+	add := func(h string, p uint16) {
+		hp := h + ":" + strconv.Itoa(int(p))
+		if !seen[hp] {
+			seen[hp] = true
+			hosts = append(hosts, hp)
+		}
+	}
+	add(cc.Host, cc.Port)
+	for _, f := range cc.Fallbacks {
+		add(f.Host, f.Port)
+	}
+	return hosts
 }
 
 // redactErr returns err's text with the password of dsn, if any, removed.

@@ -20,7 +20,7 @@ func TestConfigDefaults(t *testing.T) {
 	}
 	if cfg.Table != "outbox" || cfg.Schema != "public" || cfg.BatchSize != 500 || cfg.PollInterval != time.Second ||
 		cfg.Shards != 1 || len(cfg.KafkaBrokers) != 2 || cfg.MetricsAddr != ":9090" || cfg.ReadMaxBytes != 16<<20 ||
-		cfg.CreateTopics || cfg.CreateTopicPartitions != -1 || cfg.CreateTopicReplicationFactor != -1 {
+		cfg.CreateTopics || cfg.CreateTopicPartitions != -1 || cfg.CreateTopicReplicationFactor != -1 || cfg.OwnerLease != 10*time.Second {
 		t.Fatalf("defaults: %+v", cfg)
 	}
 }
@@ -50,6 +50,10 @@ func TestConfigErrorsNameTheVariable(t *testing.T) {
 		{append(base(), "OUTBOX_KAFKA_SASL_MECHANISM=GSSAPI"), []string{"OUTBOX_KAFKA_SASL_MECHANISM"}},
 		{append(base(), "OUTBOX_LOG_LEVEL=loud"), []string{"OUTBOX_LOG_LEVEL"}},
 		{[]string{"OUTBOX_DATABASE_URL=postgres://relay:s3cret-pw@db:notaport/app", "OUTBOX_KAFKA_BROKERS=k:1"}, []string{"OUTBOX_DATABASE_URL is malformed"}},
+		{append(base(), "OUTBOX_OWNER_LEASE=500ms"), []string{"OUTBOX_OWNER_LEASE is 500ms: expected at least 1s"}},
+		{append(base(), "OUTBOX_OWNER_LEASE=2s", "OUTBOX_REBALANCE_INTERVAL=2s"), []string{"OUTBOX_OWNER_LEASE is 2s", "more than OUTBOX_REBALANCE_INTERVAL (2s)"}},
+		{[]string{"OUTBOX_DATABASE_URL=postgres://relay:s3cret-pw@db1:5432,db2:5432/app", "OUTBOX_KAFKA_BROKERS=k:1"},
+			[]string{"OUTBOX_DATABASE_URL names several hosts (db1:5432, db2:5432)", "target_session_attrs=read-write"}},
 	}
 	for _, c := range cases {
 		_, err := LoadConfig(c.env)
@@ -112,5 +116,16 @@ func TestCreateTopicSettings(t *testing.T) {
 	}
 	if p, rf := (Config{}).createTopic(); p != -1 || rf != -1 {
 		t.Fatalf("unset: %d partitions, replication %d; want the brokers' defaults, -1 and -1", p, rf)
+	}
+}
+
+// TestSeveralHostsWithReadWriteAreAccepted: target_session_attrs=read-write
+// (or primary) makes a URL with several hosts safe.
+func TestSeveralHostsWithReadWriteAreAccepted(t *testing.T) {
+	for _, attrs := range []string{"read-write", "primary"} {
+		env := []string{"OUTBOX_DATABASE_URL=postgres://relay@db1:5432,db2:5432/app?target_session_attrs=" + attrs, "OUTBOX_KAFKA_BROKERS=k:1"}
+		if _, err := LoadConfig(env); err != nil {
+			t.Errorf("target_session_attrs=%s: %v", attrs, err)
+		}
 	}
 }

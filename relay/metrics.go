@@ -27,6 +27,8 @@ type Metrics struct {
 	OwnedShards         prometheus.Gauge
 	Shards              prometheus.Gauge
 	Deleted             prometheus.Counter
+	Takeovers           *prometheus.CounterVec
+	ShardsLost          *prometheus.CounterVec
 }
 
 // NewMetrics creates the metrics and registers them on reg.
@@ -64,6 +66,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Recoveries that found the outbox table gone back in time (restored, RESTART IDENTITY, lost WAL): the checkpoint names ids the sequence has not reached, or ids now held by other rows."}, shard),
 		ConsecutiveFailures: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "shard_consecutive_failures",
 			Help: "Batches or recoveries of an owned shard that failed in a row for a reason that is not a row's (NOT_ENOUGH_REPLICAS, an offline partition, a broker or the database away); 0 again after the first success."}, shard),
+		Takeovers: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "shard_takeovers_total",
+			Help: "Shards whose owner's lease had expired (frozen, partitioned, wedged): this instance ended the owner's session to take them over."}, shard),
+		ShardsLost: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "shards_lost_total",
+			Help: "Shards this instance lost while owning them: its ownership session ended, or another relay took the lease."}, shard),
 		OwnedShards: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "owned_shards",
 			Help: "Shards this instance owns."}),
 		Shards: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "shards",
@@ -72,7 +78,8 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Published rows deleted by retention."}),
 	}
 	reg.MustRegister(m.Backlog, m.OldestAge, m.Published, m.PublishedBytes, m.BatchSize, m.TxnDuration, m.EndToEnd,
-		m.Aborts, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.PossiblyLost, m.Rewinds, m.ConsecutiveFailures, m.OwnedShards, m.Shards, m.Deleted)
+		m.Aborts, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.PossiblyLost, m.Rewinds, m.ConsecutiveFailures,
+		m.Takeovers, m.ShardsLost, m.OwnedShards, m.Shards, m.Deleted)
 	return m
 }
 

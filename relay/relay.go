@@ -8,7 +8,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -75,6 +75,11 @@ type Relay struct {
 	kopts []kgo.Opt
 	tcfg  txn.Config
 	wake  *waker
+	// connCfg is the configuration of the relay's dedicated connections
+	// (ownership, wake-up): the pool's, prepared by prepareConnConfig.
+	connCfg *pgx.ConnConfig
+	// instance names this process in <table>_owner, for operators.
+	instance string
 
 	mode        txn.Mode
 	warnings    []string
@@ -91,9 +96,11 @@ type Relay struct {
 
 // New checks the configuration and prepares a relay on the database pool
 // reaches. The relay opens its own connections, configured from pool's, with
-// the session settings it needs (durableSession); pool itself is not used.
-// Run (or Reshard) starts it, once, and closes those connections when it
-// returns.
+// the session settings it needs: durable commits and statement timeouts
+// (durableSession), keepalives and a user timeout (prepareConnConfig); pool
+// itself is not used. The database must be reached directly or through a
+// session-mode pooler. Run starts the relay, once, and closes those
+// connections when it returns; after Reshard alone, call Close.
 func New(cfg Config, pool *pgxpool.Pool, opts ...Option) (*Relay, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("configuration: %w", err)
@@ -133,9 +140,16 @@ func New(cfg Config, pool *pgxpool.Pool, opts ...Option) (*Relay, error) {
 			return r.failpoint(ctx, FailBeforeCommit, shard, ids)
 		}
 	}
-	r.wake = newWaker(r.pool.Config().ConnConfig, t, r.log)
+	r.connCfg = r.pool.Config().ConnConfig
+	r.wake = newWaker(r.connCfg, t, r.log)
+	host, _ := os.Hostname()
+	r.instance = fmt.Sprintf("%s pid %d started %s", host, os.Getpid(), time.Now().UTC().Format(time.RFC3339))
 	return r, nil
 }
+
+// Close closes the relay's connections. Run closes them itself when it
+// returns; call Close after Reshard, or when Run is never called.
+func (r *Relay) Close() { r.pool.Close() }
 
 // Ready reports whether the relay has started (schema checked, checkpoint
 // topic present, ownership running), is not shutting down, and runs every
@@ -241,14 +255,10 @@ func (r *Relay) start(ctx context.Context) error {
 	if r.incarnation, err = r.store.Incarnation(ctx); err != nil {
 		return err
 	}
-	stored, err := r.store.Shards(ctx, r.cfg.Shards)
-	if err != nil {
+	// Checked early for a clear error, and again by own each time the
+	// member lock is granted: a reshard may run until then.
+	if err := r.checkIdentity(ctx); err != nil {
 		return err
-	}
-	if stored != r.cfg.Shards {
-		return fmt.Errorf("%w: OUTBOX_SHARDS is %d but %s is split into %d shards; rows would move between shards, and a batch committed but not yet marked under %d shards could be published twice. "+
-			"To change it: stop every relay of this table, then run `outbox-relay reshard` with OUTBOX_SHARDS=%d (it recovers every old shard, then records the new count)",
-			ErrShardsChanged, r.cfg.Shards, r.store.Table(), stored, stored, r.cfg.Shards)
 	}
 	for _, w := range r.warnings {
 		r.log.Warn(w)
@@ -319,173 +329,3 @@ func (r *Relay) retain(ctx context.Context) {
 		}
 	}
 }
-
-// own holds shard ownership: a dedicated connection takes one advisory lock
-// per owned shard, and a shared "member" lock that lets instances count each
-// other and each own a fair share (ceil(shards / members)). Losing the
-// connection frees every shard at once for the others; the workers here are
-// stopped, and a worker still inside a batch is fenced in Kafka by the new
-// owner's InitProducerID. It returns when ctx ends, or with the error of a
-// worker that must stop the relay.
-func (r *Relay) own(ctx context.Context) error {
-	type worker struct {
-		shard  int32
-		cancel context.CancelFunc
-		done   chan struct{}
-		err    error
-	}
-	workers := map[int32]*worker{}
-	ended := make(chan *worker, r.cfg.Shards)
-	var conn *pgx.Conn
-	key := r.store.Table().String()
-
-	unlock := func(s int32) {
-		if conn == nil {
-			return
-		}
-		// Bounded: on a dead connection the lock is gone anyway.
-		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-		defer cancel()
-		if _, err := conn.Exec(uctx, `SELECT pg_advisory_unlock($1, hashtext($2))`, migrations.LockKey+3, shardKey(key, s)); err != nil {
-			r.log.Warn("release shard lock", "shard", s, "err", err)
-		}
-	}
-	// stopWorker cancels a worker and waits until it has finished its open
-	// batch; only then is the shard's lock released.
-	// held are shards whose worker stopped for good: their locks stay
-	// taken (so no other instance loops on them) until the connection goes.
-	held := map[int32]bool{}
-	stopWorker := func(s int32) error {
-		w := workers[s]
-		w.cancel()
-		<-w.done
-		delete(workers, s)
-		r.wake.remove(s)
-		r.m.OwnedShards.Set(float64(len(workers)))
-		r.m.shardReleased(strconv.Itoa(int(s)))
-		return w.err
-	}
-	release := func() {
-		// Cancel every worker first, then wait: the locks may be gone
-		// already, so no worker should go on while another winds down.
-		for _, w := range workers {
-			w.cancel()
-		}
-		for s := range workers {
-			stopWorker(s) //nolint:errcheck // shutting down or connection lost
-		}
-		for s := range held {
-			delete(held, s)
-			r.halt(s, nil)
-		}
-		if conn != nil {
-			conn.Close(context.Background())
-			conn = nil
-		}
-	}
-	defer release()
-
-	tick := time.NewTicker(r.cfg.RebalanceInterval)
-	defer tick.Stop()
-	offset := rand.IntN(r.cfg.Shards)
-	for {
-		if conn == nil {
-			c, err := pgx.ConnectConfig(ctx, r.pool.Config().ConnConfig)
-			if err == nil {
-				_, err = c.Exec(ctx, `SELECT pg_advisory_lock_shared($1, hashtext($2))`, migrations.LockKey+2, key)
-				if err != nil {
-					c.Close(context.Background())
-				}
-			}
-			if err != nil {
-				if ctx.Err() != nil {
-					return nil
-				}
-				r.log.Warn("ownership connection failed, retrying", "err", err)
-			} else {
-				conn = c
-			}
-		}
-		if conn != nil {
-			var members int
-			err := conn.QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
-  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND classid::bigint = $1 AND objid::bigint = (hashtext($2)::bigint & 4294967295) AND objsubid = 2`,
-				migrations.LockKey+2, key).Scan(&members)
-			if err != nil {
-				if ctx.Err() != nil {
-					return nil
-				}
-				// The connection is gone, and with it every lock: stop the
-				// workers now, as another instance may take the shards.
-				// A worker inside a batch is fenced by the new owner.
-				r.log.Error("ownership connection lost: releasing every shard", "err", err, "owned", len(workers))
-				release()
-				continue
-			}
-			fair := (r.cfg.Shards + max(members, 1) - 1) / max(members, 1)
-			for i := 0; i < r.cfg.Shards && len(workers)+len(held) < fair; i++ {
-				s := int32((offset + i) % r.cfg.Shards)
-				if workers[s] != nil || held[s] {
-					continue
-				}
-				var got bool
-				if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock($1, hashtext($2))`, migrations.LockKey+3, shardKey(key, s)).Scan(&got); err != nil {
-					break
-				}
-				if !got {
-					continue
-				}
-				wctx, cancel := context.WithCancel(ctx)
-				w := &worker{shard: s, cancel: cancel, done: make(chan struct{})}
-				workers[s] = w
-				r.m.OwnedShards.Set(float64(len(workers)))
-				r.m.shardTaken(strconv.Itoa(int(s)))
-				r.log.Info("shard taken", "shard", s, "members", members, "fair_share", fair)
-				go func() {
-					w.err = r.runShard(wctx, s)
-					close(w.done)
-					select {
-					case ended <- w:
-					default: // the owner loop reaps it on its next tick
-					}
-				}()
-			}
-			for s := range workers {
-				if len(workers) <= fair {
-					break
-				}
-				r.log.Info("shard handed over for balance", "shard", s, "members", members, "fair_share", fair)
-				stopWorker(s) //nolint:errcheck // a clean stop
-				unlock(s)
-			}
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-ended:
-		case <-tick.C:
-		}
-		// Reap workers that ended on their own: fenced, or stopped by an
-		// error that must stop the relay.
-		for s, w := range workers {
-			select {
-			case <-w.done:
-			default:
-				continue
-			}
-			err := stopWorker(s)
-			if haltsShard(err) {
-				held[s] = true
-				r.halt(s, err)
-				continue
-			}
-			unlock(s)
-			if stopsRelay(err) {
-				return err
-			}
-		}
-	}
-}
-
-func shardKey(table string, s int32) string { return table + "/" + strconv.Itoa(int(s)) }

@@ -30,9 +30,15 @@ import (
 // An operator's own statement_timeout or lock_timeout in the connection
 // string wins over the relay's.
 func durableSession(cc *pgx.ConnConfig, cfg Config, log *slog.Logger) {
-	for name, v := range map[string]time.Duration{"statement_timeout": cfg.StatementTimeout, "lock_timeout": cfg.LockTimeout} {
-		if _, set := cc.RuntimeParams[name]; !set && v > 0 {
-			cc.RuntimeParams[name] = strconv.FormatInt(v.Milliseconds(), 10)
+	// Set after connecting, not as startup parameters, which PgBouncer
+	// refuses.
+	var timeouts string
+	for _, t := range []struct {
+		name string
+		v    time.Duration
+	}{{"statement_timeout", cfg.StatementTimeout}, {"lock_timeout", cfg.LockTimeout}} {
+		if _, set := cc.RuntimeParams[t.name]; !set && t.v > 0 {
+			timeouts += "SET " + t.name + " = " + strconv.FormatInt(t.v.Milliseconds(), 10) + "; "
 		}
 	}
 	var once sync.Once
@@ -41,6 +47,11 @@ func durableSession(cc *pgx.ConnConfig, cfg Config, log *slog.Logger) {
 		if prev != nil {
 			if err := prev(ctx, pc); err != nil {
 				return err
+			}
+		}
+		if timeouts != "" {
+			if _, err := pc.Exec(ctx, timeouts).ReadAll(); err != nil {
+				return fmt.Errorf("set statement_timeout and lock_timeout: %w", err)
 			}
 		}
 		res, err := pc.Exec(ctx, `SHOW synchronous_commit`).ReadAll()
@@ -59,10 +70,12 @@ func durableSession(cc *pgx.ConnConfig, cfg Config, log *slog.Logger) {
 	}
 }
 
-// ownPool returns a pool like pool whose connections get durableSession. It
-// connects lazily, so creating it costs nothing until it is used.
+// ownPool returns a pool like pool whose connections get the relay's
+// keepalives (prepareConnConfig) and durableSession. It connects lazily, so
+// creating it costs nothing until it is used.
 func ownPool(pool *pgxpool.Pool, cfg Config, log *slog.Logger) (*pgxpool.Pool, error) {
 	pcfg := pool.Config() // a copy
+	prepareConnConfig(pcfg.ConnConfig, cfg)
 	durableSession(pcfg.ConnConfig, cfg, log)
 	p, err := pgxpool.NewWithConfig(context.Background(), pcfg)
 	if err != nil {

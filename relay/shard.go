@@ -39,16 +39,19 @@ func stopsRelay(err error) bool {
 // never published.
 func haltsShard(err error) bool { return errors.Is(err, txn.ErrCheckpointForeign) }
 
-// runShard owns shard s until ctx ends or the shard is lost: recovery, then
-// the publish loop, again after every unknown commit outcome.
+// runShard owns shard l.Shard until ctx ends or the shard is lost:
+// recovery, then the publish loop, again after every unknown commit outcome.
+// Every step it takes is recorded in l (its bound), so that the lease is
+// renewed only while the worker makes progress.
 //
 // A batch or recovery that fails for a reason no row is to blame for
 // (NOT_ENOUGH_REPLICAS, an offline partition, a broker or the database away)
 // is retried here with backoff, for as long as it takes: each failure in a
 // row is counted in outbox_relay_shard_consecutive_failures, which the first
 // success resets, so that a shard stuck this way is visible.
-func (r *Relay) runShard(ctx context.Context, s int32) error {
-	log := r.log.With("shard", s)
+func (r *Relay) runShard(ctx context.Context, l *lease) error {
+	s := l.Shard
+	log := r.log.With("shard", s, "token", l.Token)
 	label := strconv.Itoa(int(s))
 	backoff := 100 * time.Millisecond
 	failures, failed := 0, r.m.ConsecutiveFailures.WithLabelValues(label)
@@ -60,15 +63,24 @@ func (r *Relay) runShard(ctx context.Context, s int32) error {
 		}
 	}
 	for ctx.Err() == nil {
-		p, err := r.recoverShard(ctx, s, log)
+		l.step(r.recoveryBudget())
+		p, err := r.recoverShard(ctx, s, l, log)
 		if err == nil {
 			backoff = 100 * time.Millisecond
-			err = r.publishLoop(ctx, s, p, log, healthy)
+			err = r.publishLoop(ctx, s, l, p, log, healthy)
 			p.Close()
 		}
 		wait := jittered(backoff)
 		var crash errCrash
 		switch {
+		// Reported even while the shard is being stopped, like a fencing
+		// below: the loss of the lease is what stops it.
+		case errors.Is(err, outbox.ErrLeaseLost):
+			if ctx.Err() == nil { // else the ownership loop counted it
+				r.m.ShardsLost.WithLabelValues(label).Inc()
+			}
+			log.Error("shard lost", "reason", "its lease was taken over: this relay changes no row of the shard", "err", err)
+			return err
 		// A fencing is reported even while the shard is being stopped: a
 		// zombie typically meets it just after it lost ownership, which
 		// is what cancelled ctx.
@@ -90,6 +102,7 @@ func (r *Relay) runShard(ctx context.Context, s int32) error {
 			failed.Set(float64(failures))
 			log.Warn("shard recovering after error", "err", err, "retry_in", wait, "consecutive_failures", failures)
 		}
+		l.step(wait)
 		select {
 		case <-ctx.Done():
 			return nil
@@ -149,7 +162,9 @@ func jittered(d time.Duration) time.Duration {
 //     is provably the row recorded (applyCheckpoint; idempotent).
 //
 // I3: the publish loop reads no row before these three steps are done.
-func (r *Relay) recoverShard(ctx context.Context, s int32, log *slog.Logger) (*txn.Producer, error) {
+//
+// l is the shard's lease, taken before recovery: every mark carries it.
+func (r *Relay) recoverShard(ctx context.Context, s int32, l *lease, log *slog.Logger) (*txn.Producer, error) {
 	label := strconv.Itoa(int(s))
 	r.m.Recoveries.WithLabelValues(label).Inc()
 	p, err := txn.NewProducer(ctx, r.tcfg, s)
@@ -164,7 +179,7 @@ func (r *Relay) recoverShard(ctx context.Context, s int32, log *slog.Logger) (*t
 		return p, nil
 	case txn.AtMostOnce:
 		// A batch marked but perhaps never sent: report it, it is lost.
-		lost, err := r.store.TakeInflight(ctx, int(s))
+		lost, err := r.store.TakeInflight(ctx, l.Lease)
 		if err != nil {
 			p.Close()
 			return nil, fmt.Errorf("recover shard %d: %w", s, err)
@@ -191,11 +206,10 @@ func (r *Relay) recoverShard(ctx context.Context, s int32, log *slog.Logger) (*t
 				"was the table dropped and created again, or does another relay share the topic? Use a new OUTBOX_CHECKPOINT_TOPIC",
 				s, errCheckpointMismatch, r.cfg.CheckpointTopic, s, cp.Relay, cp.Table, cp.Incarnation, r.cfg.RelayName, r.store.Table(), r.incarnation)
 		}
-		if marked, err = r.applyCheckpoint(ctx, s, cp, &w, log); err != nil {
+		if marked, err = r.applyCheckpoint(ctx, s, l, cp, &w, log); err != nil {
 			p.Close()
 			return nil, fmt.Errorf("recover shard %d: %w", s, err)
 		}
-		r.m.RecoveredMarked.WithLabelValues(label).Add(float64(marked))
 	}
 	p.StartWindow(w)
 	log.Info("shard recovered", "epoch", p.Epoch(), "window_batches", w.Batches(), "window_rows", len(w.Rows()), "marked", marked)
@@ -212,7 +226,7 @@ func (r *Relay) recoverShard(ctx context.Context, s int32, log *slog.Logger) (*t
 // is reported, and its new rows that reuse recorded ids stay unmarked, to be
 // published: nothing new is marked without being published. On return, w is
 // the window the shard's next checkpoints carry on.
-func (r *Relay) applyCheckpoint(ctx context.Context, s int32, cp *txn.Checkpoint, w *txn.Window, log *slog.Logger) (int64, error) {
+func (r *Relay) applyCheckpoint(ctx context.Context, s int32, l *lease, cp *txn.Checkpoint, w *txn.Window, log *slog.Logger) (int64, error) {
 	from, err := cp.RecoveryWindow(r.cfg.RecoveryWindow, r.windowBytes())
 	if err != nil {
 		return 0, err
@@ -230,18 +244,19 @@ func (r *Relay) applyCheckpoint(ctx context.Context, s int32, cp *txn.Checkpoint
 		// window starts empty: these marks are durable before any new
 		// checkpoint is written.
 		created = nil
-		marked, err = r.markRetrying(ctx, len(ids), log, func(ctx context.Context) (int64, error) {
-			return r.store.MarkCommittedBefore(ctx, ids, cp.Written)
+		marked, err = r.markRetrying(ctx, l, len(ids), log, func(ctx context.Context) (int64, error) {
+			return r.store.MarkCommittedBefore(ctx, l.Lease, ids, cp.Written)
 		})
 	} else {
 		*w = from
-		marked, err = r.markRetrying(ctx, len(ids), log, func(ctx context.Context) (int64, error) {
-			return r.store.MarkCommitted(ctx, ids, created)
+		marked, err = r.markRetrying(ctx, l, len(ids), log, func(ctx context.Context) (int64, error) {
+			return r.store.MarkCommitted(ctx, l.Lease, ids, created)
 		})
 	}
 	if err != nil {
 		return 0, err
 	}
+	r.m.RecoveredMarked.WithLabelValues(strconv.Itoa(int(s))).Add(float64(marked))
 	rw, err := r.store.Rewound(ctx, ids, created)
 	if err != nil {
 		return marked, err
@@ -265,17 +280,20 @@ func (r *Relay) windowBytes() int { return int(r.tcfg.Settings.BatchMaxBytes) / 
 // head returns the first n ids.
 func head(ids []int64, n int) []int64 { return ids[:min(n, len(ids))] }
 
-// markRetrying runs mark (a mark of rows rows) until it succeeds, retrying
-// while the database is away. It gives up only when ctx ends; recovery then
-// marks the rows from the checkpoint.
-func (r *Relay) markRetrying(ctx context.Context, rows int, log *slog.Logger, mark func(context.Context) (int64, error)) (int64, error) {
+// markRetrying runs mark (a mark of rows rows under lease l) until it
+// succeeds, retrying while the database is away. It gives up only when ctx
+// ends (recovery then marks the rows from the checkpoint) or the lease is
+// lost (the new owner's recovery marks them).
+func (r *Relay) markRetrying(ctx context.Context, l *lease, rows int, log *slog.Logger, mark func(context.Context) (int64, error)) (int64, error) {
 	backoff := 50 * time.Millisecond
 	for {
+		l.step(r.dbBudget())
 		n, err := mark(ctx)
-		if err == nil {
-			return n, nil
+		if err == nil || errors.Is(err, outbox.ErrLeaseLost) {
+			return n, err
 		}
 		log.Warn("mark published failed, retrying", "err", err, "rows", rows)
+		l.step(backoff * 6 / 5)
 		select {
 		case <-ctx.Done():
 			return 0, fmt.Errorf("mark published: %w", err)
@@ -294,7 +312,7 @@ const (
 // publishLoop reads, publishes and marks batches until ctx ends or a batch
 // fails in a way that needs recovery. It calls healthy after every batch
 // that succeeded and every read that found the shard empty.
-func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *slog.Logger, healthy func()) error {
+func (r *Relay) publishLoop(ctx context.Context, s int32, l *lease, p *txn.Producer, log *slog.Logger, healthy func()) error {
 	idleWait := time.Duration(0)
 	r.wake.setIdle(s, false)
 	defer r.wake.setIdle(s, true)
@@ -303,6 +321,7 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *
 			return nil
 		}
 		wake := r.wake.wait()
+		l.step(r.dbBudget())
 		rows, err := r.store.ReadBatch(ctx, int(s), r.cfg.Shards, r.cfg.BatchSize, r.cfg.readMaxBytes())
 		if err != nil {
 			if ctx.Err() != nil {
@@ -327,6 +346,7 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *
 			if idleWait >= min(idleGrace, r.cfg.PollInterval) {
 				r.wake.setIdle(s, true)
 			}
+			l.step(idleWait)
 			select {
 			case <-ctx.Done():
 				return nil
@@ -341,7 +361,7 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *
 		// The batch runs to its end even when shutdown begins: a clean
 		// stop commits and marks what it has started.
 		bctx, cancel := graceful(ctx, r.cfg.ShutdownTimeout)
-		err = r.publishRows(bctx, s, p, rows, log)
+		err = r.publishRows(bctx, s, l, p, rows, log)
 		cancel()
 		if err != nil {
 			return err
@@ -353,7 +373,7 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, p *txn.Producer, log *
 
 // publishRows validates rows, dead-letters the invalid ones and publishes the
 // rest.
-func (r *Relay) publishRows(ctx context.Context, s int32, p *txn.Producer, rows []outbox.Row, log *slog.Logger) error {
+func (r *Relay) publishRows(ctx context.Context, s int32, l *lease, p *txn.Producer, rows []outbox.Row, log *slog.Logger) error {
 	recs := make([]txn.Record, 0, len(rows))
 	created := make([]time.Time, 0, len(rows))
 	var dead []outbox.DeadLetter
@@ -376,6 +396,7 @@ func (r *Relay) publishRows(ctx context.Context, s int32, p *txn.Producer, rows 
 	// exist, a partition it does not have, too large) go to the dead-letter
 	// table now, before anything is sent: they do not hold the batch, and in
 	// at-most-once mode they are not marked and lost.
+	l.step(r.txnBudget())
 	refused, err := p.Check(ctx, recs)
 	if err != nil {
 		return err
@@ -383,18 +404,22 @@ func (r *Relay) publishRows(ctx context.Context, s int32, p *txn.Producer, rows 
 	for _, re := range refused {
 		dead = append(dead, outbox.DeadLetter{ID: re.ID, Error: re.Err.Error()})
 	}
-	if err := r.deadLetter(ctx, s, dead, log); err != nil {
+	if err := r.deadLetter(ctx, s, l, dead, log); err != nil {
 		return err
 	}
 	recs, created = without(recs, created, dead)
-	return r.publish(ctx, s, p, recs, created, log)
+	return r.publish(ctx, s, l, p, recs, created, log)
 }
 
-func (r *Relay) deadLetter(ctx context.Context, s int32, dead []outbox.DeadLetter, log *slog.Logger) error {
+// deadLetter moves rows to the dead-letter table under the shard's lease: a
+// relay that lost the shard moves nothing (the new owner may have published
+// the row).
+func (r *Relay) deadLetter(ctx context.Context, s int32, l *lease, dead []outbox.DeadLetter, log *slog.Logger) error {
 	if len(dead) == 0 {
 		return nil
 	}
-	n, err := r.store.MoveToDeadLetter(ctx, dead)
+	l.step(r.dbBudget())
+	n, err := r.store.MoveToDeadLetter(ctx, l.Lease, dead)
 	if err != nil {
 		return err
 	}
@@ -410,15 +435,15 @@ func (r *Relay) deadLetter(ctx context.Context, s int32, dead []outbox.DeadLette
 // publish sends one batch in one transaction and marks it. When Kafka refuses
 // some records for reasons of their own, it splits the batch in halves, in id
 // order, until the refused rows stand alone, and dead-letters them.
-func (r *Relay) publish(ctx context.Context, s int32, p *txn.Producer, recs []txn.Record, created []time.Time, log *slog.Logger) error {
+func (r *Relay) publish(ctx context.Context, s int32, l *lease, p *txn.Producer, recs []txn.Record, created []time.Time, log *slog.Logger) error {
 	if len(recs) == 0 {
 		return nil
 	}
 	switch r.mode {
 	case txn.AtLeastOnce:
-		return r.publishAtLeastOnce(ctx, s, p, recs, created, log)
+		return r.publishAtLeastOnce(ctx, s, l, p, recs, created, log)
 	case txn.AtMostOnce:
-		return r.publishAtMostOnce(ctx, s, p, recs, created, log)
+		return r.publishAtMostOnce(ctx, s, l, p, recs, created, log)
 	}
 	label := strconv.Itoa(int(s))
 	ids := make([]int64, len(recs))
@@ -428,9 +453,11 @@ func (r *Relay) publish(ctx context.Context, s int32, p *txn.Producer, recs []tx
 	cp := txn.Checkpoint{Relay: r.cfg.RelayName, Shard: s, Table: r.store.Table().String(), Incarnation: r.incarnation}
 
 	start := time.Now()
+	l.step(r.txnBudget())
 	tctx, cancel := context.WithTimeout(ctx, r.txnBudget())
 	err := p.Publish(tctx, recs, cp)
 	cancel()
+	l.step(r.dbBudget())
 	var rerrs *txn.RecordErrors
 	switch {
 	case errors.As(err, &rerrs) && rerrs.BeforeSend:
@@ -440,21 +467,21 @@ func (r *Relay) publish(ctx context.Context, s int32, p *txn.Producer, recs []tx
 		for i, re := range rerrs.Records {
 			dead[i] = outbox.DeadLetter{ID: re.ID, Error: re.Err.Error()}
 		}
-		if err := r.deadLetter(ctx, s, dead, log); err != nil {
+		if err := r.deadLetter(ctx, s, l, dead, log); err != nil {
 			return err
 		}
 		recs, created = without(recs, created, dead)
-		return r.publish(ctx, s, p, recs, created, log)
+		return r.publish(ctx, s, l, p, recs, created, log)
 	case errors.As(err, &rerrs):
 		r.m.Aborts.WithLabelValues(label, "record_error").Inc()
 		if len(recs) == 1 {
-			return r.deadLetter(ctx, s, []outbox.DeadLetter{{ID: recs[0].ID, Error: rerrs.Records[0].Err.Error()}}, log)
+			return r.deadLetter(ctx, s, l, []outbox.DeadLetter{{ID: recs[0].ID, Error: rerrs.Records[0].Err.Error()}}, log)
 		}
 		half := len(recs) / 2
-		if err := r.publish(ctx, s, p, recs[:half], created[:half], log); err != nil {
+		if err := r.publish(ctx, s, l, p, recs[:half], created[:half], log); err != nil {
 			return err
 		}
-		return r.publish(ctx, s, p, recs[half:], created[half:], log)
+		return r.publish(ctx, s, l, p, recs[half:], created[half:], log)
 	case errors.Is(err, txn.ErrCommitUnknown):
 		r.m.Aborts.WithLabelValues(label, "commit_unknown").Inc()
 		return err
@@ -472,8 +499,8 @@ func (r *Relay) publish(ctx context.Context, s int32, p *txn.Producer, recs []tx
 	}
 	// I1: marked only now that the transaction holding them committed.
 	// Marked by id and creation time, as recovery marks them.
-	if _, err := r.markRetrying(ctx, len(ids), log, func(ctx context.Context) (int64, error) {
-		return r.store.MarkCommitted(ctx, ids, created)
+	if _, err := r.markRetrying(ctx, l, len(ids), log, func(ctx context.Context) (int64, error) {
+		return r.store.MarkCommitted(ctx, l.Lease, ids, created)
 	}); err != nil {
 		return err
 	}
@@ -504,8 +531,9 @@ func (r *Relay) observeBatch(s int32, recs []txn.Record, created []time.Time, at
 // batch again: duplicates are bounded to the unmarked batch and carry the
 // same outbox-id header. Records Kafka refused are dead-lettered; records
 // without an answer stay unmarked and are sent again after recovery.
-func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, p *txn.Producer, recs []txn.Record, created []time.Time, log *slog.Logger) error {
+func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, l *lease, p *txn.Producer, recs []txn.Record, created []time.Time, log *slog.Logger) error {
 	start := time.Now()
+	l.step(r.txnBudget())
 	tctx, cancel := context.WithTimeout(ctx, r.txnBudget())
 	acked, refused, sendErr := p.Send(tctx, recs)
 	cancel()
@@ -520,6 +548,7 @@ func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, p *txn.Producer
 		slices.SortFunc(retry, func(a, b *txn.RecordError) int { return cmp.Compare(a.ID, b.ID) })
 		refused = nil
 		for _, re := range retry {
+			l.step(r.txnBudget())
 			tctx, cancel := context.WithTimeout(ctx, r.txnBudget())
 			ok, bad, err := p.Send(tctx, []txn.Record{byID[re.ID]})
 			cancel()
@@ -530,11 +559,12 @@ func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, p *txn.Producer
 			}
 		}
 	}
+	l.step(r.dbBudget())
 	if err := r.failpoint(ctx, FailAfterCommit, s, acked); err != nil {
 		return err
 	}
-	if _, err := r.markRetrying(ctx, len(acked), log, func(ctx context.Context) (int64, error) {
-		return r.store.MarkPublished(ctx, acked)
+	if _, err := r.markRetrying(ctx, l, len(acked), log, func(ctx context.Context) (int64, error) {
+		return r.store.MarkPublished(ctx, l.Lease, acked)
 	}); err != nil {
 		return err
 	}
@@ -549,7 +579,7 @@ func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, p *txn.Producer
 		for i, re := range refused {
 			dead[i] = outbox.DeadLetter{ID: re.ID, Error: re.Err.Error()}
 		}
-		if err := r.deadLetter(ctx, s, dead, log); err != nil {
+		if err := r.deadLetter(ctx, s, l, dead, log); err != nil {
 			return err
 		}
 	}
@@ -568,7 +598,7 @@ func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, p *txn.Producer
 // only then sends it with acks=0. A crash between the mark and the send
 // loses the batch; the next owner reports it (log and metric). A failed send
 // is a loss too, reported at once.
-func (r *Relay) publishAtMostOnce(ctx context.Context, s int32, p *txn.Producer, recs []txn.Record, created []time.Time, log *slog.Logger) error {
+func (r *Relay) publishAtMostOnce(ctx context.Context, s int32, l *lease, p *txn.Producer, recs []txn.Record, created []time.Time, log *slog.Logger) error {
 	label := strconv.Itoa(int(s))
 	// Rows Kafka would refuse were dead-lettered before (publishRows runs
 	// Producer.Check), not marked here and lost.
@@ -578,7 +608,8 @@ func (r *Relay) publishAtMostOnce(ctx context.Context, s int32, p *txn.Producer,
 	}
 	// Only the rows this mark changed are sent: another relay that still
 	// believes it owns the shard may have marked (and sent) the others.
-	marked, batch, err := r.store.MarkInflight(ctx, int(s), ids)
+	l.step(r.dbBudget())
+	marked, batch, err := r.store.MarkInflight(ctx, l.Lease, ids)
 	if err != nil {
 		return err
 	}
@@ -588,6 +619,7 @@ func (r *Relay) publishAtMostOnce(ctx context.Context, s int32, p *txn.Producer,
 		return err
 	}
 	start := time.Now()
+	l.step(r.txnBudget())
 	tctx, cancel := context.WithTimeout(ctx, r.txnBudget())
 	acked, refused, sendErr := p.Send(tctx, recs)
 	cancel()
@@ -599,7 +631,8 @@ func (r *Relay) publishAtMostOnce(ctx context.Context, s int32, p *txn.Producer,
 		}
 		log.Error("at-most-once: rows marked published were not sent; they are lost", "rows", lost, "err", first)
 	}
-	if err := r.store.ConfirmInflight(ctx, batch); err != nil {
+	l.step(r.dbBudget())
+	if err := r.store.ConfirmInflight(ctx, l.Lease, batch); err != nil {
 		return err
 	}
 	r.m.TxnDuration.Observe(time.Since(start).Seconds())

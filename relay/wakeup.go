@@ -42,6 +42,8 @@ type waker struct {
 	ready bool
 }
 
+// newWaker listens on connections of connCfg (prepared by prepareConnConfig:
+// keepalives and a user timeout).
 func newWaker(connCfg *pgx.ConnConfig, t outbox.Table, log *slog.Logger) *waker {
 	cfg := connCfg.Copy()
 	// A cancelled wait must not cost a cancel-request connection: just
@@ -68,11 +70,23 @@ func (w *waker) broadcast() {
 	w.mu.Unlock()
 }
 
-// setIdle records whether an owned shard is idle; remove forgets a shard.
+// add registers an owned shard (busy until it says otherwise); setIdle
+// records whether it is idle; remove forgets it. A worker the ownership loop
+// has forgotten (abandoned) changes nothing here.
+func (w *waker) add(shard int32) {
+	w.mu.Lock()
+	w.idle[shard] = false
+	w.mu.Unlock()
+	w.poke()
+}
+
 func (w *waker) setIdle(shard int32, idle bool) {
 	w.mu.Lock()
-	changed := w.idle[shard] != idle
-	w.idle[shard] = idle
+	was, owned := w.idle[shard]
+	changed := owned && was != idle
+	if owned {
+		w.idle[shard] = idle
+	}
 	w.mu.Unlock()
 	if changed {
 		w.poke()

@@ -48,7 +48,9 @@ func readDBSettings(environ []string, needURL bool) (dbSettings, error) {
 
 func (s dbSettings) outboxTable() outbox.Table { return outbox.Table{Schema: s.schema, Name: s.table} }
 
-func (s dbSettings) open(ctx context.Context) (*pgxpool.Pool, error) { return openPool(ctx, s.url, 1) }
+func (s dbSettings) open(ctx context.Context) (*pgxpool.Pool, error) {
+	return openPool(ctx, s.url, 1, nil)
+}
 
 // openMigrator opens a pool and the migrator of the configured table; the
 // caller closes the pool.

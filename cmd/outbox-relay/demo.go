@@ -183,7 +183,7 @@ func (d *demo) setup(ctx context.Context, stderr io.Writer) error {
 	d.closers = append(d.closers, closeLog)
 
 	// PostgreSQL: the demo's own schema, accounts and outbox.
-	if d.pool, err = openPool(ctx, d.dbURL, d.f.writers+d.f.shards+4); err != nil {
+	if d.pool, err = openPool(ctx, d.dbURL, d.f.writers+d.f.shards+4, nil); err != nil {
 		return err
 	}
 	d.closers = append(d.closers, d.pool.Close)

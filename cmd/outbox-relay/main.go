@@ -126,7 +126,7 @@ func runRelay(ctx context.Context, environ []string, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("configuration: %w", err)
 	}
-	pool, err := openPool(ctx, cfg.DatabaseURL, cfg.Shards+4)
+	pool, err := openPool(ctx, cfg.DatabaseURL, cfg.Shards+4, &cfg)
 	if err != nil {
 		return err
 	}
@@ -170,7 +170,7 @@ func runReshard(ctx context.Context, environ []string, stdout, stderr io.Writer)
 	if err != nil {
 		return fmt.Errorf("configuration: %w", err)
 	}
-	pool, err := openPool(ctx, cfg.DatabaseURL, 4)
+	pool, err := openPool(ctx, cfg.DatabaseURL, 4, &cfg)
 	if err != nil {
 		return err
 	}
@@ -179,26 +179,45 @@ func runReshard(ctx context.Context, environ []string, stdout, stderr io.Writer)
 	if err != nil {
 		return err
 	}
+	defer r.Close()
 	old, err := r.Reshard(ctx)
 	if err != nil {
 		return err
 	}
-	if old == cfg.Shards {
-		fmt.Fprintf(stdout, "%s.%s already has %d shards\n", cfg.Schema, cfg.Table, old)
+	var changes []string
+	if old.Shards != cfg.Shards {
+		changes = append(changes, fmt.Sprintf("from %d to %d shards", old.Shards, cfg.Shards))
+	}
+	if old.RelayName != cfg.RelayName {
+		changes = append(changes, fmt.Sprintf("relay name from %q to %q", old.RelayName, cfg.RelayName))
+	}
+	if old.CheckpointTopic != cfg.CheckpointTopic {
+		changes = append(changes, fmt.Sprintf("checkpoint topic from %q to %q", old.CheckpointTopic, cfg.CheckpointTopic))
+	}
+	if len(changes) == 0 {
+		fmt.Fprintf(stdout, "%s.%s already has %d shards, relay name %q and checkpoint topic %q (checkpoint topic partitions checked)\n",
+			cfg.Schema, cfg.Table, old.Shards, old.RelayName, old.CheckpointTopic)
 		return nil
 	}
-	fmt.Fprintf(stdout, "resharded %s.%s from %d to %d shards: start the relays with OUTBOX_SHARDS=%d\n", cfg.Schema, cfg.Table, old, cfg.Shards, cfg.Shards)
+	fmt.Fprintf(stdout, "resharded %s.%s %s: start the relays with OUTBOX_SHARDS=%d OUTBOX_RELAY_NAME=%s OUTBOX_CHECKPOINT_TOPIC=%s\n",
+		cfg.Schema, cfg.Table, strings.Join(changes, ", "), cfg.Shards, cfg.RelayName, cfg.CheckpointTopic)
 	return nil
 }
 
 // openPool connects to PostgreSQL with room for at least conns connections
 // and checks the connection, with an error that never shows the password.
-func openPool(ctx context.Context, url string, conns int) (*pgxpool.Pool, error) {
+// With a relay configuration, every connection is prepared for the relay
+// (relay.ConfigurePool: keepalives and a user timeout from
+// OUTBOX_OWNER_LEASE).
+func openPool(ctx context.Context, url string, conns int, cfg *relay.Config) (*pgxpool.Pool, error) {
 	pcfg, err := pgxpool.ParseConfig(url)
 	if err != nil {
 		return nil, errors.New("OUTBOX_DATABASE_URL is malformed: expected a PostgreSQL URL or key=value string")
 	}
 	pcfg.MaxConns = max(pcfg.MaxConns, int32(conns))
+	if cfg != nil {
+		relay.ConfigurePool(pcfg, *cfg)
+	}
 	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
 	if err != nil {
 		return nil, fmt.Errorf("connect to PostgreSQL at %s: %w", relay.RedactURL(url), err)

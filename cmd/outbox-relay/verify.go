@@ -57,7 +57,7 @@ func runVerify(ctx context.Context, args, environ []string, stdout, stderr io.Wr
 	if err != nil {
 		return fail(fmt.Errorf("configuration: %w", err))
 	}
-	pool, err := openPool(ctx, cfg.DatabaseURL, 2)
+	pool, err := openPool(ctx, cfg.DatabaseURL, 2, nil)
 	if err != nil {
 		return fail(err)
 	}
