@@ -891,4 +891,3 @@ ON CONFLICT (consumer_group, topic, partition) DO NOTHING`, i.cfg.Group, topic, 
 	}
 	return nil
 }
-
