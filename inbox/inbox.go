@@ -391,10 +391,10 @@ func New(cfg Config, db DB, handle Handler, opts ...Option) (*Inbox, error) {
 	for _, o := range opts {
 		o(i)
 	}
-	i.owner = cfg.InstanceID
-	if i.owner == "" {
-		host, _ := os.Hostname()
-		i.owner = fmt.Sprintf("%s/%d/%s", host, os.Getpid(), randomHex(4))
+	host, _ := os.Hostname()
+	i.owner = fmt.Sprintf("%s/%d/%s", host, os.Getpid(), randomHex(4))
+	if cfg.InstanceID != "" {
+		i.owner = cfg.InstanceID + "@" + i.owner
 	}
 	i.log = i.log.With("group", cfg.Group, "owner", i.owner)
 	q := func(suffix string) string { return quoteIdent(cfg.Schema) + "." + quoteIdent(cfg.Table+suffix) }
@@ -416,8 +416,8 @@ func (i *Inbox) Stats() Stats {
 		Assignments: i.assignments.Load()}
 }
 
-// Owner is the token this instance writes into <table>_offsets.owner: the
-// InstanceID, or host/pid/random.
+// Owner is what this instance writes into <table>_offsets.owner:
+// [InstanceID@]host/pid/random, different for every New.
 func (i *Inbox) Owner() string { return i.owner }
 
 // Run joins the consumer group and applies records until ctx ends (it
