@@ -13,6 +13,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/twmb/franz-go/pkg/kgo"
 )
 
@@ -300,6 +301,10 @@ RETURNING outbox_id`, key.topic, i.cfg.Group, key.partition, insIDs, insOffsets)
 				return ok, fmt.Errorf("handler of %s partition %d offset %d (the transaction's connection is gone, not counted as an attempt): %w",
 					key.topic, key.partition, r.Offset, err)
 			}
+			if transient(err) {
+				return ok, fmt.Errorf("handler of %s partition %d offset %d (a transient database error, not counted as an attempt): %w",
+					key.topic, key.partition, r.Offset, err)
+			}
 			i.handlerErrs.Add(1)
 			i.m.handlerErrors.Inc()
 			i.log.Debug("inbox: handler failed; rolled back", "topic", key.topic, "partition", key.partition, "offset", r.Offset,
@@ -419,6 +424,22 @@ func (i *Inbox) callHandler(ctx context.Context, tx pgx.Tx, ev *Event) (err erro
 		}
 	}()
 	return i.handle(ctx, tx, ev)
+}
+
+// transient reports whether err is a database error that says nothing
+// about the event: a deadlock, a serialization failure, a lock timeout.
+// The batch is retried without counting an attempt, so that contention
+// never dead-letters an event.
+func transient(err error) bool {
+	var pg *pgconn.PgError
+	if !errors.As(err, &pg) {
+		return false
+	}
+	switch pg.Code {
+	case "40001", "40P01", "55P03": // serialization_failure, deadlock_detected, lock_not_available
+		return true
+	}
+	return false
 }
 
 // outboxID parses the record's outbox-id header: a positive decimal.

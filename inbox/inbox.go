@@ -244,7 +244,10 @@ func (e *Event) Header(key string) (string, bool) {
 // A nil error commits the event with the rest of its batch; an error rolls
 // the batch back and the event is retried (see Config.MaxAttempts), unless
 // it is wrapped with [Permanent], which dead-letters the event at once.
-// A handler that panics is treated as one that returned an error.
+// A handler that panics is treated as one that returned an error. A
+// database error that says nothing about the event (deadlock detected,
+// serialization failure, lock timeout) rolls back and retries the batch
+// without counting an attempt.
 type Handler func(ctx context.Context, tx pgx.Tx, ev *Event) error
 
 type permanent struct{ err error }
