@@ -176,7 +176,8 @@ func TestHandlerErrorsRollBackEverythingAndAreRetried(t *testing.T) {
 // handler always fails (after MaxAttempts), one the handler refuses as
 // permanent (at once), a record without an outbox-id header and one with
 // a malformed id: each lands in the dead-letter table with its error, none
-// leaves an effect, and the events after them are applied.
+// leaves an effect, and the events after them are applied. Once the cause
+// is fixed, Replay applies a dead letter exactly once.
 func TestPoisonEventsAreDeadLetteredAndThePartitionMovesOn(t *testing.T) {
 	t.Parallel()
 	e := newEnv(t, 1)
@@ -187,17 +188,21 @@ func TestPoisonEventsAreDeadLetteredAndThePartitionMovesOn(t *testing.T) {
 	p.send(t, true, noHeader, rec(11, 0), badHeader, rec(12, 0))
 	p.sendIDs(t, 13, 30, 1)
 
-	var calls sync.Map // id → attempts seen
+	var (
+		calls sync.Map // id → attempts seen
+		fixed atomic.Bool
+	)
 	h := func(ctx context.Context, tx pgx.Tx, ev *inbox.Event) error {
 		if err := record(ctx, tx, ev); err != nil {
 			return err
 		}
 		n, _ := calls.LoadOrStore(ev.OutboxID, new(atomic.Int32))
 		n.(*atomic.Int32).Add(1)
-		switch ev.OutboxID {
-		case 11:
+		switch {
+		case fixed.Load():
+		case ev.OutboxID == 11:
 			return errors.New("account 11 is closed")
-		case 12:
+		case ev.OutboxID == 12:
 			return inbox.Permanent(errors.New("cannot decode transfer 12"))
 		}
 		return nil
@@ -216,17 +221,18 @@ func TestPoisonEventsAreDeadLetteredAndThePartitionMovesOn(t *testing.T) {
 	e.checkExactlyOnce(t, want)
 
 	type dl struct {
+		id       int64
 		outboxID *int64
 		attempts int
 		err      string
 	}
-	rows, err := e.pool.Query(context.Background(), `SELECT outbox_id, attempts, error FROM inbox_dead_letter ORDER BY kafka_offset`)
+	rows, err := e.pool.Query(context.Background(), `SELECT id, outbox_id, attempts, error FROM inbox_dead_letter ORDER BY kafka_offset`)
 	if err != nil {
 		t.Fatal(err)
 	}
 	got, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (dl, error) {
 		var d dl
-		return d, r.Scan(&d.outboxID, &d.attempts, &d.err)
+		return d, r.Scan(&d.id, &d.outboxID, &d.attempts, &d.err)
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -255,13 +261,42 @@ func TestPoisonEventsAreDeadLetteredAndThePartitionMovesOn(t *testing.T) {
 	if n, _ := calls.Load(int64(12)); n.(*atomic.Int32).Load() != 1 {
 		t.Errorf("the permanent failure was tried %d times, want 1", n.(*atomic.Int32).Load())
 	}
-	ends, err := e.k.Admin(t).ListEndOffsets(context.Background(), e.topic)
+	ctx := context.Background()
+	ends, err := e.k.Admin(t).ListEndOffsets(ctx, e.topic)
 	if err != nil {
 		t.Fatal(err)
 	}
 	end, _ := ends.Lookup(e.topic, 0)
 	if next := e.storedOffsets(t)[0]; next < end.Offset-1 {
 		t.Errorf("stored next offset %d, the log ends at %d: the partition did not move past the poison", next, end.Offset)
+	}
+
+	// The cause fixed: event 11 is replayed from the dead-letter table,
+	// once; a second copy of event 12 arrives and is applied, so its
+	// replay applies nothing; a record without an outbox-id cannot be
+	// replayed exactly once.
+	fixed.Store(true)
+	if applied, err := r.in.Replay(ctx, got[1].id); err != nil || !applied {
+		t.Fatalf("replay of event 11: applied %v, %v", applied, err)
+	}
+	if _, err := r.in.Replay(ctx, got[1].id); !errors.Is(err, inbox.ErrNoDeadLetter) {
+		t.Fatalf("second replay of event 11: %v, want ErrNoDeadLetter", err)
+	}
+	p.send(t, true, rec(12, 0))
+	r = start(t, e, cfg, h)
+	waitFor(t, 30*time.Second, "the second copy of event 12 applied", func() bool { return r.in.Stats().Applied >= 1 })
+	if err := r.stop(); err != nil {
+		t.Fatal(err)
+	}
+	if applied, err := r.in.Replay(ctx, got[3].id); err != nil || applied {
+		t.Fatalf("replay of event 12, applied meanwhile: applied %v, %v; want false, nil", applied, err)
+	}
+	if _, err := r.in.Replay(ctx, got[0].id); !errors.Is(err, inbox.ErrNoDedupeKey) {
+		t.Fatalf("replay of a record without outbox-id: %v, want ErrNoDedupeKey", err)
+	}
+	e.checkExactlyOnce(t, ids(1, 30))
+	if n := e.count(t, `SELECT count(*) FROM inbox_dead_letter`); n != 2 {
+		t.Fatalf("%d dead letters left, want the 2 without an outbox-id", n)
 	}
 }
 
