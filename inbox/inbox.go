@@ -450,6 +450,17 @@ func (i *Inbox) Owner() string { return i.owner }
 //
 // Records below the stored next_offset are skipped (a redelivery), and so
 // is a record whose (topic, outbox-id) is already in <table>_applied.
+//
+// Step 1 runs in franz-go's AdjustFetchOffsetsFn, whose context ends when
+// the group session does, and franz-go waits for it to return before it
+// revokes: an instance's assignment transaction has committed (or rolled
+// back) before Kafka can give the partition to another member. One narrow
+// case is left to liveness, not safety: a process frozen inside step 1
+// whose transaction commits after it thawed, once the partition already
+// went to another member. Its epoch then fences the rightful owner, which
+// drops the partition's records until the next rebalance (the thawed
+// instance's next heartbeat fails and causes one): a stall, never a loss
+// or a second application.
 func (i *Inbox) Run(ctx context.Context) error {
 	if !i.started.CompareAndSwap(false, true) {
 		return errors.New("inbox: Run called twice")
