@@ -365,6 +365,21 @@ func TestMigratorIsSeparateAndIdempotent(t *testing.T) {
 	if _, err := other.Up(ctx); err != nil {
 		t.Fatal(err)
 	}
+	// Tables created by another tool from Migrator.SQL count as current.
+	viaTool, err := inbox.NewMigrator(e.pool, "public", "bytool")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ddl, err := viaTool.SQL()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.pool.Exec(ctx, ddl); err != nil {
+		t.Fatalf("apply Migrator.SQL as another tool would: %v", err)
+	}
+	if n, err := viaTool.Pending(ctx); err != nil || n != 0 {
+		t.Fatalf("Pending after another tool applied the SQL: %d, %v; want 0", n, err)
+	}
 	cfg := e.config()
 	cfg.Schema, cfg.Table = "ledger", "missing"
 	in, err := inbox.New(cfg, e.pool, record)

@@ -242,6 +242,10 @@ func (m *Migrator) Status(ctx context.Context) ([]Applied, error) {
 
 // Pending reports how many migrations Up would apply; Run refuses to start
 // while any is pending.
+//
+// Tables created with another migration tool (from Migrator.SQL) leave no
+// <table>_schema_migrations; they count as current when the newest
+// migration's objects exist.
 func (m *Migrator) Pending(ctx context.Context) (int, error) {
 	st, err := m.Status(ctx)
 	if err != nil {
@@ -251,6 +255,22 @@ func (m *Migrator) Pending(ctx context.Context) (int, error) {
 	for _, a := range st {
 		if a.AppliedAt.IsZero() {
 			n++
+		}
+	}
+	if n == len(st) && n > 0 {
+		// Version 1's tables, the newest objects. Update with each new
+		// migration.
+		var ok bool
+		q := func(suffix string) string { return quoteIdent(m.schema) + "." + quoteIdent(m.table+suffix) }
+		err := pgx.BeginFunc(ctx, m.db, func(tx pgx.Tx) error {
+			return tx.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL`,
+				q("_offsets"), q("_applied"), q("_dead_letter")).Scan(&ok)
+		})
+		if err != nil {
+			return 0, fmt.Errorf("inbox: check the schema: %w", err)
+		}
+		if ok {
+			return 0, nil
 		}
 	}
 	return n, nil
