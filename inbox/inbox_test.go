@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 
@@ -389,4 +390,35 @@ func TestMigratorIsSeparateAndIdempotent(t *testing.T) {
 	if err := in.Run(ctx); err == nil || !strings.Contains(err.Error(), "pending") {
 		t.Fatalf("Run without migrated tables: %v, want a refusal naming the pending migrations", err)
 	}
+}
+
+// Two inboxes, one after the other, on one registry: the counts go on.
+func TestMetricsSurviveARestartOnOneRegistry(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t, 1)
+	reg := prometheus.NewRegistry()
+	e.producer(t).sendIDs(t, 1, 10, 1)
+	for _, want := range []int64{10, 5} {
+		r := start(t, e, e.config(), record, inbox.WithRegisterer(reg))
+		if want == 5 {
+			e.producer(t).sendIDs(t, 11, 15, 1)
+		}
+		waitFor(t, 30*time.Second, "events applied", func() bool { return r.in.Stats().Applied >= want })
+		if err := r.stop(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == "outbox_inbox_applied_events_total" {
+			if v := mf.GetMetric()[0].GetCounter().GetValue(); v != 15 {
+				t.Fatalf("outbox_inbox_applied_events_total = %v after two inboxes applied 10 and 5, want 15", v)
+			}
+			return
+		}
+	}
+	t.Fatal("outbox_inbox_applied_events_total not registered")
 }

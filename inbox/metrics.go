@@ -1,6 +1,11 @@
 package inbox
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"errors"
+	"fmt"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
 
 // metrics are the inbox's Prometheus metrics, prefix outbox_inbox_, created
 // on the registerer the caller passes in (never the global default).
@@ -44,7 +49,32 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		txnDuration: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Name: "transaction_duration_seconds",
 			Help: "From begin to commit of an applying transaction.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)}),
 	}
-	reg.MustRegister(m.applied, m.redelivered, m.duplicates, m.deadLetters, m.handlerErrors, m.dbErrors, m.fetchErrors,
-		m.fenced, m.assignments, m.owned, m.txnDuration)
+	m.applied = register(reg, m.applied)
+	m.redelivered = register(reg, m.redelivered)
+	m.duplicates = register(reg, m.duplicates)
+	m.deadLetters = register(reg, m.deadLetters)
+	m.handlerErrors = register(reg, m.handlerErrors)
+	m.dbErrors = register(reg, m.dbErrors)
+	m.fetchErrors = register(reg, m.fetchErrors)
+	m.fenced = register(reg, m.fenced)
+	m.assignments = register(reg, m.assignments)
+	m.owned = register(reg, m.owned)
+	m.txnDuration = register(reg, m.txnDuration)
 	return m
+}
+
+// register registers c on reg, or returns the collector already registered
+// under its name, so that a program can run one Inbox after another on one
+// registry (a restart after an error) and the counts go on.
+func register[C prometheus.Collector](reg prometheus.Registerer, c C) C {
+	if err := reg.Register(c); err != nil {
+		var are prometheus.AlreadyRegisteredError
+		if errors.As(err, &are) {
+			if existing, ok := are.ExistingCollector.(C); ok {
+				return existing
+			}
+		}
+		panic(fmt.Sprintf("inbox: register metrics: %v", err))
+	}
+	return c
 }
