@@ -7,7 +7,7 @@
 //	outbox-relay reshard              change the shard count safely
 //	outbox-relay dlq list|requeue ID...
 //	outbox-relay verify [-since 24h | -from-id N -to-id M] [-json]
-//	outbox-relay demo [-events N]     embedded Kafka, payments simulator, checker
+//	outbox-relay demo [-events N]     embedded Kafka, payments simulator, checker, ledger (inbox)
 //	outbox-relay version
 package main
 
@@ -46,7 +46,7 @@ Usage:
   outbox-relay dlq requeue ID...        move dead letters back into the outbox
   outbox-relay verify [-since 24h | -from-id N -to-id M] [-json]
                                         reconcile Kafka with the table (exit 0 clean, 1 discrepancies, 2 could not check)
-  outbox-relay demo [-events N]         embedded Kafka + payments simulator + exactly-once checker
+  outbox-relay demo [-events N]         embedded Kafka + payments simulator + exactly-once checker + ledger
   outbox-relay version                  print the version
 
 Configuration reference: README.md, "Configuration".
@@ -80,6 +80,8 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		return runVerify(ctx, args[1:], environ, stdout, stderr)
 	case "demo":
 		err = runDemo(ctx, args[1:], environ, stdout, stderr)
+	case "demo-ledger": // hidden: the demo's ledger alone, for the kill tests
+		err = runDemoLedger(ctx, args[1:], environ, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "outbox-relay", version())
 	case "help", "-h", "-help", "--help":

@@ -1,4 +1,4 @@
-package main
+package demo
 
 import (
 	"context"
@@ -18,10 +18,10 @@ import (
 )
 
 const (
-	// demoTopic is the Kafka topic of the payment events.
-	demoTopic = "payments"
-	// openingBalance is every account's balance at the start, in cents.
-	openingBalance = 100_000
+	// Topic is the Kafka topic of the payment events.
+	Topic = "payments"
+	// OpeningBalance is every account's balance at the start, in cents.
+	OpeningBalance = 100_000
 )
 
 // setupSchema drops and creates schema with an accounts table of n accounts
@@ -38,7 +38,7 @@ CREATE TABLE ` + s + `.accounts (
 	if _, err := pool.Exec(ctx, stmt); err != nil {
 		return fmt.Errorf("create schema %s: %w", schema, err)
 	}
-	if _, err := pool.Exec(ctx, `INSERT INTO `+s+`.accounts (id, balance) SELECT g, $2 FROM generate_series(1, $1::int) g`, n, openingBalance); err != nil {
+	if _, err := pool.Exec(ctx, `INSERT INTO `+s+`.accounts (id, balance) SELECT g, $2 FROM generate_series(1, $1::int) g`, n, OpeningBalance); err != nil {
 		return fmt.Errorf("create %d accounts in %s: %w", n, schema, err)
 	}
 	m, err := migrations.New(pool, schema, "outbox")
@@ -164,12 +164,12 @@ SET balance = balance + CASE WHEN id = $1 THEN -$3::bigint ELSE $3::bigint END,
 WHERE id IN ($1, $2)`, from, to, amount); err != nil {
 		return err
 	}
-	value, err := json.Marshal(transfer{TransferID: id, From: from, To: to, Amount: amount, Seq: seq})
+	value, err := json.Marshal(Transfer{TransferID: id, From: from, To: to, Amount: amount, Seq: seq})
 	if err != nil {
 		return err
 	}
 	err = s.table.Write(ctx, tx, outbox.Message{
-		Topic:   demoTopic,
+		Topic:   Topic,
 		Key:     []byte(strconv.Itoa(from)),
 		Value:   value,
 		Headers: map[string]string{"type": "transfer"},

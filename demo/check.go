@@ -1,4 +1,4 @@
-package main
+package demo
 
 import (
 	"context"
@@ -15,8 +15,8 @@ import (
 	"github.com/outbox-relay/outbox-relay/txn"
 )
 
-// transfer is the value of one "payments" event.
-type transfer struct {
+// Transfer is the value of one "payments" event.
+type Transfer struct {
 	TransferID int64 `json:"transfer_id"`
 	From       int   `json:"from"`
 	To         int   `json:"to"`
@@ -97,7 +97,7 @@ func (c *checker) record(r *kgo.Record) {
 		return
 	}
 	c.outboxIDs.set(id)
-	var t transfer
+	var t Transfer
 	if err := json.Unmarshal(r.Value, &t); err != nil || !validID(t.TransferID) {
 		c.unexpected++
 		c.problem("outbox row %d: value is not a transfer: %.80q", id, r.Value)

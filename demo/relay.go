@@ -1,4 +1,4 @@
-package main
+package demo
 
 import (
 	"context"
@@ -142,23 +142,32 @@ func (c chaosCrash) Error() string {
 	return fmt.Sprintf("simulated crash at %s (shard %d, %d rows)", c.point, c.shard, c.rows)
 }
 
-// chaos arms a crash at a random point of the publish loop every few
-// seconds; the next batch to pass that point stops the relay there at once,
-// as a killed process would: no abort, no mark, no clean-up.
+// chaos arms a crash at a random point of the relay's publish loop (or of
+// the ledger's apply loop) every few seconds; the next batch to pass that
+// point stops the relay (or the ledger's consumer) there at once, as a
+// killed process would: no abort, no mark, no clean-up.
 type chaos struct {
-	points  []string // the failpoints the relay's delivery mode passes
+	points  []string // the failpoints to arm: the ones the process passes
 	mu      sync.Mutex
 	armed   string
 	stopped bool
 }
 
-func (c *chaos) failpoint(_ context.Context, name string, shard int32, ids []int64) error {
+// fire reports whether a crash is armed at point, and disarms it.
+func (c *chaos) fire(point string) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.armed != name {
-		return nil
+	if c.armed != point {
+		return false
 	}
 	c.armed = ""
+	return true
+}
+
+func (c *chaos) failpoint(_ context.Context, name string, shard int32, ids []int64) error {
+	if !c.fire(name) {
+		return nil
+	}
 	return chaosCrash{point: name, shard: shard, rows: len(ids)}
 }
 
