@@ -262,3 +262,26 @@ func Undocumented(readme []byte, metrics []Metric) []Metric {
 	}
 	return out
 }
+
+// metricMention matches a relay metric's name in prose.
+var metricMention = regexp.MustCompile(`\boutbox_relay_[a-z0-9_]*[a-z0-9]`)
+
+// CheckMentions returns an error for every outbox_relay_* name in text
+// (descriptions, comments, annotations) that is neither a metric the relay
+// registers nor one of its series: prose about a renamed metric misleads as
+// much as a query does.
+func CheckMentions(source string, text []byte, metrics []Metric) []error {
+	known := SeriesNames(metrics)
+	for _, m := range metrics {
+		known[m.Name] = m
+	}
+	var errs []error
+	for _, loc := range metricMention.FindAllIndex(text, -1) {
+		name := string(text[loc[0]:loc[1]])
+		if _, ok := known[name]; !ok {
+			line := strings.Count(string(text[:loc[0]]), "\n") + 1
+			errs = append(errs, fmt.Errorf("%s:%d: names %s, which the relay does not register%s", source, line, name, suggestMetric(name, known)))
+		}
+	}
+	return errs
+}

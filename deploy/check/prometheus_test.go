@@ -1,6 +1,7 @@
 package check
 
 import (
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -64,6 +65,38 @@ func TestDashboardUsesOnlyRegisteredMetrics(t *testing.T) {
 		t.Error(err)
 	}
 	t.Logf("%d dashboard queries", len(queries))
+}
+
+// TestMetricNamesInProseAreRegistered: the names of relay metrics in the
+// deploy kit's descriptions, annotations and comments are registered ones.
+func TestMetricNamesInProseAreRegistered(t *testing.T) {
+	metrics, _ := relayMetrics(t)
+	root := repoRoot(t)
+	files := 0
+	err := filepath.WalkDir(filepath.Join(root, "deploy"), func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() && path == filepath.Join(root, "deploy", "check") {
+			return filepath.SkipDir // the checks' own tests name wrong metrics on purpose
+		}
+		if d.IsDir() || d.Type()&fs.ModeSymlink != 0 {
+			return nil
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		files++
+		rel, _ := filepath.Rel(root, path)
+		for _, err := range CheckMentions(rel, b, metrics) {
+			t.Error(err)
+		}
+		return nil
+	})
+	if err != nil || files < 10 {
+		t.Fatalf("read %d files under deploy/: %v", files, err)
+	}
 }
 
 // TestEveryRegisteredMetricIsDocumented: the README names every metric the
