@@ -343,23 +343,8 @@ func databaseURL(environ []string) string {
 	return url
 }
 
-// openPool connects to PostgreSQL with room for at least conns connections
-// and checks the connection, with an error that never shows the password.
+// openPool connects to PostgreSQL (relay.OpenPool, without the relay's
+// connection settings).
 func openPool(ctx context.Context, url string, conns int) (*pgxpool.Pool, error) {
-	pcfg, err := pgxpool.ParseConfig(url)
-	if err != nil {
-		return nil, errors.New("OUTBOX_DATABASE_URL is malformed: expected a PostgreSQL URL or key=value string")
-	}
-	pcfg.MaxConns = max(pcfg.MaxConns, int32(conns))
-	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
-	if err != nil {
-		return nil, fmt.Errorf("connect to PostgreSQL at %s: %w", relay.RedactURL(url), err)
-	}
-	pctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-	defer cancel()
-	if err := pool.Ping(pctx); err != nil {
-		pool.Close()
-		return nil, fmt.Errorf("connect to PostgreSQL at %s (check OUTBOX_DATABASE_URL): %w", relay.RedactURL(url), err)
-	}
-	return pool, nil
+	return relay.OpenPool(ctx, url, conns, nil)
 }

@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strconv"
@@ -82,4 +83,31 @@ func ownPool(pool *pgxpool.Pool, cfg Config, log *slog.Logger) (*pgxpool.Pool, e
 		return nil, fmt.Errorf("relay connection pool: %w", err)
 	}
 	return p, nil
+}
+
+// OpenPool connects to PostgreSQL at url with room for at least conns
+// connections and checks the connection, with errors that never show the
+// password. With a relay configuration, every connection is prepared for the
+// relay (ConfigurePool: keepalives and a user timeout from
+// OUTBOX_OWNER_LEASE); the relay's own connections get that regardless.
+func OpenPool(ctx context.Context, url string, conns int, cfg *Config) (*pgxpool.Pool, error) {
+	pcfg, err := pgxpool.ParseConfig(url)
+	if err != nil {
+		return nil, errors.New("OUTBOX_DATABASE_URL is malformed: expected a PostgreSQL URL or key=value string")
+	}
+	pcfg.MaxConns = max(pcfg.MaxConns, int32(conns))
+	if cfg != nil {
+		ConfigurePool(pcfg, *cfg)
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
+	if err != nil {
+		return nil, fmt.Errorf("connect to PostgreSQL at %s: %w", RedactURL(url), err)
+	}
+	pctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	if err := pool.Ping(pctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("connect to PostgreSQL at %s (check OUTBOX_DATABASE_URL): %w", RedactURL(url), err)
+	}
+	return pool, nil
 }

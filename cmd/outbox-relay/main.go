@@ -206,29 +206,7 @@ func runReshard(ctx context.Context, environ []string, stdout, stderr io.Writer)
 	return nil
 }
 
-// openPool connects to PostgreSQL with room for at least conns connections
-// and checks the connection, with an error that never shows the password.
-// With a relay configuration, every connection is prepared for the relay
-// (relay.ConfigurePool: keepalives and a user timeout from
-// OUTBOX_OWNER_LEASE).
+// openPool is relay.OpenPool: one opener for every command.
 func openPool(ctx context.Context, url string, conns int, cfg *relay.Config) (*pgxpool.Pool, error) {
-	pcfg, err := pgxpool.ParseConfig(url)
-	if err != nil {
-		return nil, errors.New("OUTBOX_DATABASE_URL is malformed: expected a PostgreSQL URL or key=value string")
-	}
-	pcfg.MaxConns = max(pcfg.MaxConns, int32(conns))
-	if cfg != nil {
-		relay.ConfigurePool(pcfg, *cfg)
-	}
-	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
-	if err != nil {
-		return nil, fmt.Errorf("connect to PostgreSQL at %s: %w", relay.RedactURL(url), err)
-	}
-	pctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-	defer cancel()
-	if err := pool.Ping(pctx); err != nil {
-		pool.Close()
-		return nil, fmt.Errorf("connect to PostgreSQL at %s (check OUTBOX_DATABASE_URL): %w", relay.RedactURL(url), err)
-	}
-	return pool, nil
+	return relay.OpenPool(ctx, url, conns, cfg)
 }
