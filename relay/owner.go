@@ -31,6 +31,9 @@ type lease struct {
 	base     time.Time
 	slack    time.Duration
 	deadline atomic.Int64 // of the current step, in nanoseconds after base
+	// failures counts the worker's steps that failed in a row (batches,
+	// recoveries, mark retries): outbox_relay_shard_consecutive_failures.
+	failures atomic.Int64
 }
 
 func newLease(l outbox.Lease, slack time.Duration) *lease {

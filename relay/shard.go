@@ -54,12 +54,10 @@ func (r *Relay) runShard(ctx context.Context, l *lease) error {
 	log := r.log.With("shard", s, "token", l.Token)
 	label := strconv.Itoa(int(s))
 	backoff := 100 * time.Millisecond
-	failures, failed := 0, r.m.ConsecutiveFailures.WithLabelValues(label)
 	healthy := func() {
-		if failures > 0 {
-			log.Info("shard healthy again", "failures", failures)
-			failures = 0
-			failed.Set(0)
+		if n := l.failures.Swap(0); n > 0 {
+			log.Info("shard healthy again", "failures", n)
+			r.m.ConsecutiveFailures.WithLabelValues(label).Set(0)
 		}
 	}
 	for ctx.Err() == nil {
@@ -98,9 +96,7 @@ func (r *Relay) runShard(ctx context.Context, l *lease) error {
 			log.Error("fenced: another relay took this shard's transactional id; this relay stops writing it", "err", err)
 			return err
 		default:
-			failures++
-			failed.Set(float64(failures))
-			log.Warn("shard recovering after error", "err", err, "retry_in", wait, "consecutive_failures", failures)
+			log.Warn("shard recovering after error", "err", err, "retry_in", wait, "consecutive_failures", r.failed(l))
 		}
 		l.step(wait)
 		select {
@@ -292,7 +288,7 @@ func (r *Relay) markRetrying(ctx context.Context, l *lease, rows int, log *slog.
 		if err == nil || errors.Is(err, outbox.ErrLeaseLost) {
 			return n, err
 		}
-		log.Warn("mark published failed, retrying", "err", err, "rows", rows)
+		log.Warn("mark published failed, retrying", "err", err, "rows", rows, "consecutive_failures", r.failed(l))
 		l.step(backoff * 6 / 5)
 		select {
 		case <-ctx.Done():
@@ -301,6 +297,15 @@ func (r *Relay) markRetrying(ctx context.Context, l *lease, rows int, log *slog.
 		}
 		backoff = min(2*backoff, 5*time.Second)
 	}
+}
+
+// failed counts one more failed step of the shard in a row (a batch, a
+// recovery, a mark retried) in outbox_relay_shard_consecutive_failures, and
+// returns the count; the shard's next success resets it.
+func (r *Relay) failed(l *lease) int64 {
+	n := l.failures.Add(1)
+	r.m.ConsecutiveFailures.WithLabelValues(strconv.Itoa(int(l.Shard))).Set(float64(n))
+	return n
 }
 
 // The idle polling schedule of publishLoop.
