@@ -3,14 +3,18 @@ package integration
 import (
 	"context"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/outbox-relay/outbox-relay/integration/testenv"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/txn"
 )
 
 // ledgerRows writes a ledger's rows for keys a and b with a poison row (its
@@ -152,5 +156,97 @@ func waitGauge(t *testing.T, reg *prometheus.Registry, name string, want float64
 			t.Fatalf("%s = %v, want %v", name, counter(t, reg, name, nil), want)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestDeadLetterFromTheRecordErrorSplitHoldsItsKey: Kafka refuses one row
+// after it was sent (MESSAGE_TOO_LARGE on its record batch, injected). In
+// exactly-once the relay splits the aborted batch until the row stands
+// alone; in at-least-once it sends the refused rows one by one. Either way
+// the culprit is dead-lettered and the later rows of its key in the same
+// batch are not published (held), while the other keys' rows are, once.
+// `dlq discard` then releases the key: the held rows are published, in id
+// order, and the culprit stays in the dead-letter table with its reason.
+func TestDeadLetterFromTheRecordErrorSplitHoldsItsKey(t *testing.T) {
+	modesNeedControl(t, "MESSAGE_TOO_LARGE on Produce")
+	for _, mode := range []txn.Mode{txn.ExactlyOnce, txn.AtLeastOnce} {
+		t.Run(string(mode), func(t *testing.T) {
+			ctx := context.Background()
+			db := testenv.NewDB(t)
+			topic := testenv.RandomName("payments-")
+			k := testenv.NewKafka(t, 3, topic)
+			first := db.Insert(t, topic, 20, faultsKeys)
+			bad := db.Insert(t, topic, 1, faultsKeys[:1])[0]
+			later := db.Insert(t, topic, 19, faultsKeys)
+			var want, held []int64
+			want = append(want, first...)
+			for i, id := range later {
+				if faultsKeys[i%len(faultsKeys)] == faultsKeys[0] {
+					held = append(held, id)
+				} else {
+					want = append(want, id)
+				}
+			}
+			modesInject(t, k, kmsg.Produce, -1, modesProduceFailingRecord(bad, kerr.MessageTooLarge))
+			cfg := testenv.RelayConfig(db, k)
+			cfg.Delivery = string(mode)
+			testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)))
+
+			st := outbox.NewStore(db.Pool, db.Table)
+			faultsEventually(t, 30*time.Second, "the culprit is dead-lettered and every row not held is marked", func() bool {
+				dead, err := st.ListDeadLetters(ctx, 10)
+				return err == nil && len(dead) == 1 && db.Unpublished(t) == len(held)
+			})
+			c := k.NewConsumer(t, topic)
+			seen := c.WaitFor(t, len(want), 30*time.Second)
+			testenv.CheckExactlyOnce(t, want, seen)
+			waitHeld(t, st, 1, int64(len(held)), 1)
+
+			if _, err := st.Discard(ctx, []int64{bad}, ""); err == nil {
+				t.Fatal("discard without a reason: no error")
+			}
+			done, err := st.Discard(ctx, []int64{bad}, "duplicate of a later transfer, refunded by hand")
+			if err != nil || !slices.Equal(done, []int64{bad}) {
+				t.Fatalf("discard: %v %v", done, err)
+			}
+			seen = c.WaitFor(t, len(want)+len(held), 30*time.Second)
+			testenv.CheckExactlyOnce(t, append(want, held...), seen)
+			dead, err := st.ListDeadLetters(ctx, 10)
+			if err != nil || len(dead) != 1 || dead[0].ID != bad || dead[0].DiscardedAt == nil ||
+				dead[0].DiscardReason != "duplicate of a later transfer, refunded by hand" || dead[0].Holds != 0 {
+				t.Fatalf("after discard, dead letters %+v %v: want row %d kept, discarded with its reason, holding nothing", dead, err, bad)
+			}
+			waitHeld(t, st, 1, 0, 0)
+			if ids, err := st.Requeue(ctx, []int64{bad}); err != nil || len(ids) != 0 {
+				t.Fatalf("requeue of a discarded dead letter in place: %v %v, want none (its key's later rows are out)", ids, err)
+			}
+		})
+	}
+}
+
+// TestDeadLetterOrderSkipPublishesTheLaterRowsOfItsKey: with
+// OUTBOX_DEAD_LETTER_ORDER=skip, a dead letter holds nothing (the
+// behaviour before hold-key): the later rows of its key are published.
+func TestDeadLetterOrderSkipPublishesTheLaterRowsOfItsKey(t *testing.T) {
+	db := testenv.NewDB(t)
+	k := testenv.NewKafka(t, 2, "ledger")
+	ledgerRows(t, db)
+	cfg := testenv.RelayConfig(db, k)
+	cfg.DeadLetterOrder = "skip"
+	testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)))
+	seen := k.NewConsumer(t, "ledger").WaitFor(t, 7, 30*time.Second)
+	testenv.CheckExactlyOnce(t, []int64{1, 2, 4, 5, 6, 7, 8}, seen)
+}
+
+// TestDeadLetterOrderIsValidated: a value other than hold-key or skip is a
+// start-up error naming the variable and both values.
+func TestDeadLetterOrderIsValidated(t *testing.T) {
+	db := testenv.NewDB(t)
+	k := testenv.NewKafka(t, 1)
+	cfg := testenv.RelayConfig(db, k)
+	cfg.DeadLetterOrder = "hold"
+	_, err := relay.New(cfg, db.Pool)
+	if err == nil || !strings.Contains(err.Error(), "OUTBOX_DEAD_LETTER_ORDER") || !strings.Contains(err.Error(), "hold-key") || !strings.Contains(err.Error(), "skip") {
+		t.Fatalf("relay.New with OUTBOX_DEAD_LETTER_ORDER=hold: %v, want an error naming the variable and its values", err)
 	}
 }
