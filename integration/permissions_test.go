@@ -248,6 +248,11 @@ func TestREADMEGrantsAreExactlyEnough(t *testing.T) {
 		t.Fatalf("dlq requeue as the relay role: exit %d, want permission denied\n%s", code, out)
 	}
 
+	// Nor discard: giving a dead letter up is the admin's too.
+	if code, out := cliAs(t, bin, relayCLI, "dlq", "discard", fmt.Sprint(poison), "--reason", "test"); code == 0 || !strings.Contains(out, "permission denied") {
+		t.Fatalf("dlq discard as the relay role: exit %d, want permission denied\n%s", code, out)
+	}
+
 	// The admin role requeues the dead letter and reshards, every relay stopped.
 	if code, out := cliAs(t, bin, adminEnv, "dlq", "requeue", fmt.Sprint(poison)); code != 0 || !strings.Contains(out, "requeued 1 of 1") {
 		t.Fatalf("dlq requeue as the admin role: exit %d\n%s", code, out)

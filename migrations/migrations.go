@@ -324,20 +324,20 @@ func (m *Migrator) Pending(ctx context.Context) (int, error) {
 }
 
 // appliedElsewhere reports whether the newest migration's objects exist:
-// version 4's <table>_owner table and relay_name column of
-// <table>_relay_state (and, with them, every earlier object). Update it with
-// each new migration.
+// version 5's discarded_at column of <table>_dead_letter and its
+// <table>_dead_letter_held index (and, with them, every earlier object).
+// Update it with each new migration.
 func (m *Migrator) appliedElsewhere(ctx context.Context) (bool, error) {
 	tx, err := m.db.Begin(ctx)
 	if err != nil {
 		return false, fmt.Errorf("check schema: %w", err)
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // read-only
-	state := QuoteIdent(m.schema) + "." + QuoteIdent(m.table+"_relay_state")
-	owner := QuoteIdent(m.schema) + "." + QuoteIdent(m.table+"_owner")
+	dead := QuoteIdent(m.schema) + "." + QuoteIdent(m.table+"_dead_letter")
+	held := QuoteIdent(m.schema) + "." + QuoteIdent(m.table+"_dead_letter_held")
 	var ok bool
 	err = tx.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL AND EXISTS (
-    SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($2) AND attname = 'relay_name' AND NOT attisdropped)`, owner, state).Scan(&ok)
+    SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($2) AND attname = 'discarded_at' AND NOT attisdropped)`, held, dead).Scan(&ok)
 	if err != nil {
 		return false, fmt.Errorf("check schema: %w", err)
 	}

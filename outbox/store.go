@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -27,12 +28,55 @@ type Row struct {
 
 // Store runs the relay's queries on one outbox table.
 type Store struct {
-	pool *pgxpool.Pool
-	t    Table
+	pool  *pgxpool.Pool
+	t     Table
+	order DeadLetterOrder
 }
 
-// NewStore returns the relay's view of table t.
-func NewStore(pool *pgxpool.Pool, t Table) *Store { return &Store{pool: pool, t: t} }
+// DeadLetterOrder is what a dead letter does to the later rows of its key
+// (OUTBOX_DEAD_LETTER_ORDER).
+type DeadLetterOrder string
+
+const (
+	// HoldKey (the default): while a row is in the dead-letter table and
+	// not discarded, the later rows of its topic and key are not read, so
+	// a key's records reach Kafka in id order or not at all. Keyless rows
+	// are never held.
+	HoldKey DeadLetterOrder = "hold-key"
+	// Skip: a dead letter holds nothing; the later rows of its key are
+	// published without it.
+	Skip DeadLetterOrder = "skip"
+)
+
+// ParseDeadLetterOrder parses OUTBOX_DEAD_LETTER_ORDER; empty is HoldKey.
+func ParseDeadLetterOrder(s string) (DeadLetterOrder, error) {
+	switch DeadLetterOrder(s) {
+	case "", HoldKey:
+		return HoldKey, nil
+	case Skip:
+		return Skip, nil
+	}
+	return "", fmt.Errorf("%q is not a dead-letter order: use hold-key (a dead letter holds the later rows of its key until requeued or discarded) or skip (later rows are published without it)", s)
+}
+
+// NewStore returns the relay's view of table t, holding the keys of dead
+// letters (HoldKey).
+func NewStore(pool *pgxpool.Pool, t Table) *Store { return &Store{pool: pool, t: t, order: HoldKey} }
+
+// WithDeadLetterOrder returns a copy of the store that reads with order o.
+func (s *Store) WithDeadLetterOrder(o DeadLetterOrder) *Store {
+	c := *s
+	c.order = o
+	return &c
+}
+
+// heldFilter is the condition, on outbox rows aliased o, of rows held by a
+// dead letter: a dead letter of the same topic and key with a lower id that
+// is not discarded. A NULL key equals nothing, so keyless rows are never
+// held. The probe is an index-only lookup in <table>_dead_letter_held.
+func (s *Store) heldFilter() string {
+	return `EXISTS (SELECT FROM ` + s.t.DeadLetterIdent() + ` d WHERE d.topic = o.topic AND d.key = o.key AND d.id < o.id AND d.discarded_at IS NULL AND d.key IS NOT NULL)`
+}
 
 // Table is the table the store reads.
 func (s *Store) Table() Table { return s.t }
@@ -56,7 +100,8 @@ func shardFilter(shard, shards int, argN int) (string, []any) {
 		[]any{int64(shards), int64(shard)}
 }
 
-// ReadBatch returns unpublished rows of one shard in id order: at most limit
+// ReadBatch returns unpublished rows of one shard in id order, without the
+// rows held by a dead letter of their key (HoldKey): at most limit
 // rows, and, when maxBytes > 0, no more than maxBytes of key, value and
 // headers (as JSON text) in all, but always at least the first row, so that a
 // single row larger than maxBytes is still read, on its own.
@@ -66,9 +111,13 @@ func shardFilter(shard, shards int, argN int) (string, []any) {
 // (detoasting) it, and only the rows before the cut are sent.
 func (s *Store) ReadBatch(ctx context.Context, shard, shards, limit int, maxBytes int64) ([]Row, error) {
 	args := []any{limit}
+	hold := ""
+	if s.order != Skip {
+		hold = ` AND NOT ` + s.heldFilter()
+	}
 	filter, fargs := shardFilter(shard, shards, 2)
 	q := `SELECT id, topic, key, value, headers::text, partition, created_at FROM ` + s.t.Ident() +
-		` WHERE published_at IS NULL` + filter + ` ORDER BY id LIMIT $1`
+		` o WHERE published_at IS NULL` + filter + hold + ` ORDER BY id LIMIT $1`
 	if maxBytes > 0 {
 		args = append(args, maxBytes)
 		filter, fargs = shardFilter(shard, shards, 3)
@@ -76,7 +125,7 @@ func (s *Store) ReadBatch(ctx context.Context, shard, shards, limit int, maxByte
     SELECT *, row_number() OVER w AS n,
         sum(coalesce(octet_length(key), 0) + coalesce(octet_length(value), 0) + coalesce(octet_length(headers), 0)) OVER w AS upto
     FROM (SELECT id, topic, key, value, headers::text AS headers, partition, created_at FROM ` + s.t.Ident() +
-			` WHERE published_at IS NULL` + filter + ` ORDER BY id LIMIT $1) AS candidates
+			` o WHERE published_at IS NULL` + filter + hold + ` ORDER BY id LIMIT $1) AS candidates
     WINDOW w AS (ORDER BY id ROWS UNBOUNDED PRECEDING)
 ) AS batch WHERE n = 1 OR upto <= $2 ORDER BY id`
 	}
@@ -410,19 +459,31 @@ type DeadRow struct {
 	Row
 	Error    string
 	FailedAt time.Time
+	// DiscardedAt and DiscardReason are set once `dlq discard` gave the
+	// row up; it is kept for audit and holds nothing.
+	DiscardedAt   *time.Time
+	DiscardReason string
+	// Holds is how many unpublished rows of its topic and key come after
+	// it: the rows it holds under HoldKey (0 once discarded).
+	Holds int64
 }
 
-// ListDeadLetters returns up to limit dead letters, oldest first.
+// ListDeadLetters returns up to limit dead letters, oldest first, with the
+// rows each one holds.
 func (s *Store) ListDeadLetters(ctx context.Context, limit int) ([]DeadRow, error) {
-	rows, err := s.pool.Query(ctx, `SELECT id, topic, key, value, headers::text, partition, created_at, error, failed_at FROM `+
-		s.t.DeadLetterIdent()+` ORDER BY id LIMIT $1`, limit)
+	rows, err := s.pool.Query(ctx, `SELECT d.id, d.topic, d.key, d.value, d.headers::text, d.partition, d.created_at, d.error, d.failed_at,
+    d.discarded_at, coalesce(d.discard_reason, ''),
+    CASE WHEN d.discarded_at IS NULL AND d.key IS NOT NULL THEN (SELECT count(*) FROM `+s.t.Ident()+` o
+        WHERE o.topic = d.topic AND o.key = d.key AND o.id > d.id AND o.published_at IS NULL) ELSE 0 END
+FROM `+s.t.DeadLetterIdent()+` d ORDER BY d.id LIMIT $1`, limit)
 	if err != nil {
 		return nil, fmt.Errorf("list dead letters of %s: %w", s.t, err)
 	}
 	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (DeadRow, error) {
 		var d DeadRow
 		var headers *string
-		err := r.Scan(&d.ID, &d.Topic, &d.Key, &d.Value, &headers, &d.Partition, &d.CreatedAt, &d.Error, &d.FailedAt)
+		err := r.Scan(&d.ID, &d.Topic, &d.Key, &d.Value, &headers, &d.Partition, &d.CreatedAt, &d.Error, &d.FailedAt,
+			&d.DiscardedAt, &d.DiscardReason, &d.Holds)
 		if headers != nil {
 			d.Headers = []byte(*headers)
 		}
@@ -434,16 +495,41 @@ func (s *Store) ListDeadLetters(ctx context.Context, limit int) ([]DeadRow, erro
 	return out, nil
 }
 
-// Requeue moves dead letters back into the outbox as new rows (new ids, so
-// they are published after everything already written) and returns the new
-// ids, in the order of the given ids that existed.
+// Held counts the unpublished rows of one shard that a dead letter of their
+// key holds (see HoldKey), and their distinct keys (topic and key).
+func (s *Store) Held(ctx context.Context, shard, shards int) (rows, keys int64, err error) {
+	filter, fargs := shardFilter(shard, shards, 1)
+	err = s.pool.QueryRow(ctx, `SELECT count(*), count(DISTINCT (topic, key)) FROM `+s.t.Ident()+
+		` o WHERE published_at IS NULL AND key IS NOT NULL`+filter+` AND `+s.heldFilter(), fargs...).Scan(&rows, &keys)
+	if err != nil {
+		return 0, 0, fmt.Errorf("count held rows of %s: %w", s.t, err)
+	}
+	return rows, keys, nil
+}
+
+// Requeue moves dead letters that are not discarded back into the outbox at
+// their original position: the same id and created_at, in the one
+// statement (one transaction) that deletes them from the dead-letter table.
+// A requeued row is therefore read before the rows of its key it held, and
+// the key's order is kept. It returns the ids it moved back, in order.
+//
+// Same id and created_at is safe for recovery, which marks a row from a
+// checkpoint only when both match (I5): a dead-lettered row was never in a
+// committed Kafka transaction. It was dead-lettered under the shard's
+// current lease (MoveToDeadLetter refuses a lost lease, ErrLeaseLost), and
+// that owner had fenced every earlier producer of the shard and marked what
+// they committed before it read a row (I3), so no checkpoint lists it and
+// recovery leaves it unpublished until it is published. (At-least-once has
+// no fencing: a zombie that sent the row just before it lost the shard may
+// have it in Kafka; `outbox-relay verify` reports it as
+// dead_letter_in_kafka before you requeue.)
 func (s *Store) Requeue(ctx context.Context, ids []int64) ([]int64, error) {
 	rows, err := s.pool.Query(ctx, `WITH moved AS (
-    DELETE FROM `+s.t.DeadLetterIdent()+` WHERE id = ANY($1::bigint[])
-    RETURNING id, topic, key, value, headers, partition
+    DELETE FROM `+s.t.DeadLetterIdent()+` WHERE id = ANY($1::bigint[]) AND discarded_at IS NULL
+    RETURNING id, topic, key, value, headers, partition, created_at
 )
-INSERT INTO `+s.t.Ident()+` (topic, key, value, headers, partition)
-SELECT topic, key, value, headers, partition FROM moved ORDER BY id
+INSERT INTO `+s.t.Ident()+` (id, topic, key, value, headers, partition, created_at) OVERRIDING SYSTEM VALUE
+SELECT id, topic, key, value, headers, partition, created_at FROM moved ORDER BY id
 RETURNING id`, ids)
 	if err != nil {
 		return nil, fmt.Errorf("requeue dead letters of %s: %w", s.t, err)
@@ -452,5 +538,51 @@ RETURNING id`, ids)
 	if err != nil {
 		return nil, fmt.Errorf("requeue dead letters of %s: %w", s.t, err)
 	}
+	slices.Sort(out)
+	return out, nil
+}
+
+// RequeueAsNew moves dead letters (discarded or not) back into the outbox
+// as new rows: new ids, so they are published after everything already
+// written, out of their key's order. It is for a row given up with `dlq
+// discard` that must be published after all, as the event it now is. It
+// returns the new ids, in the order of the given ids that existed.
+func (s *Store) RequeueAsNew(ctx context.Context, ids []int64) ([]int64, error) {
+	rows, err := s.pool.Query(ctx, `WITH moved AS (
+    DELETE FROM `+s.t.DeadLetterIdent()+` WHERE id = ANY($1::bigint[])
+    RETURNING id, topic, key, value, headers, partition
+)
+INSERT INTO `+s.t.Ident()+` (topic, key, value, headers, partition)
+SELECT topic, key, value, headers, partition FROM moved ORDER BY id
+RETURNING id`, ids)
+	if err != nil {
+		return nil, fmt.Errorf("requeue dead letters of %s as new rows: %w", s.t, err)
+	}
+	out, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	if err != nil {
+		return nil, fmt.Errorf("requeue dead letters of %s as new rows: %w", s.t, err)
+	}
+	return out, nil
+}
+
+// Discard gives dead letters up without publishing them: they stay in the
+// dead-letter table for audit with reason and the time, and no longer hold
+// the later rows of their key, which the relay then publishes. reason must
+// not be empty. It returns the ids it discarded (not those already
+// discarded or unknown), in order.
+func (s *Store) Discard(ctx context.Context, ids []int64, reason string) ([]int64, error) {
+	if strings.TrimSpace(reason) == "" {
+		return nil, errors.New("discard dead letters: a reason is required (it is kept with the row for audit)")
+	}
+	rows, err := s.pool.Query(ctx, `UPDATE `+s.t.DeadLetterIdent()+` SET discarded_at = now(), discard_reason = $2
+WHERE id = ANY($1::bigint[]) AND discarded_at IS NULL RETURNING id`, ids, reason)
+	if err != nil {
+		return nil, fmt.Errorf("discard dead letters of %s: %w", s.t, err)
+	}
+	out, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	if err != nil {
+		return nil, fmt.Errorf("discard dead letters of %s: %w", s.t, err)
+	}
+	slices.Sort(out)
 	return out, nil
 }

@@ -188,3 +188,69 @@ func TestALostLeaseChangesNoRow(t *testing.T) {
 		t.Errorf("RenewLeases of the current lease: lost %v, %v; want none", lost, err)
 	}
 }
+
+// TestReadBatchHoldsTheLaterRowsOfADeadLettersTopicAndKey: under HoldKey a
+// dead letter holds the later unpublished rows of its topic and key, in
+// every shard layout and with the byte bound or without; not the earlier
+// rows, not the same key in another topic, not keyless rows, and not once
+// discarded. Skip holds nothing.
+func TestReadBatchHoldsTheLaterRowsOfADeadLettersTopicAndKey(t *testing.T) {
+	ctx := context.Background()
+	db := testenv.NewDB(t)
+	// 1 t/a, 2 t/a (dead), 3 t/a, 4 u/a, 5 t/b, 6 t/-, 7 t/a
+	if _, err := db.Pool.Exec(ctx, `INSERT INTO outbox (topic, key, value) VALUES
+    ('t', 'a', '1'), ('t', 'a', '2'), ('t', 'a', '3'), ('u', 'a', '4'), ('t', 'b', '5'), ('t', NULL, '6'), ('t', 'a', '7')`); err != nil {
+		t.Fatal(err)
+	}
+	st := outbox.NewStore(db.Pool, db.Table)
+	l := takeLease(t, db, st, "test")
+	if _, err := st.MarkPublished(ctx, l, []int64{1}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.MoveToDeadLetter(ctx, l, []outbox.DeadLetter{{ID: 2, Error: "refused"}}); err != nil {
+		t.Fatal(err)
+	}
+	read := func(st *outbox.Store, maxBytes int64) []int64 {
+		t.Helper()
+		var ids []int64
+		for shard := range 2 {
+			rows, err := st.ReadBatch(ctx, shard, 2, 100, maxBytes)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, r := range rows {
+				ids = append(ids, r.ID)
+			}
+		}
+		one, err := st.ReadBatch(ctx, 0, 1, 100, maxBytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		slices.Sort(ids)
+		var oneIDs []int64
+		for _, r := range one {
+			oneIDs = append(oneIDs, r.ID)
+		}
+		if !slices.Equal(ids, oneIDs) {
+			t.Fatalf("two shards read %v, one shard %v", ids, oneIDs)
+		}
+		return ids
+	}
+	for _, maxBytes := range []int64{0, 1 << 20} {
+		if got := read(st, maxBytes); !slices.Equal(got, []int64{4, 5, 6}) {
+			t.Fatalf("hold-key read %v (maxBytes %d), want 4 5 6: rows 3 and 7 of t/a are held", got, maxBytes)
+		}
+		if got := read(st.WithDeadLetterOrder(outbox.Skip), maxBytes); !slices.Equal(got, []int64{3, 4, 5, 6, 7}) {
+			t.Fatalf("skip read %v, want 3 4 5 6 7", got)
+		}
+	}
+	if rows, keys, err := st.Held(ctx, 0, 1); err != nil || rows != 2 || keys != 1 {
+		t.Fatalf("held: %d rows of %d keys, %v; want 2 of 1", rows, keys, err)
+	}
+	if _, err := st.Discard(ctx, []int64{2}, "given up"); err != nil {
+		t.Fatal(err)
+	}
+	if got := read(st, 1<<20); !slices.Equal(got, []int64{3, 4, 5, 6, 7}) {
+		t.Fatalf("after discard, read %v, want 3 4 5 6 7", got)
+	}
+}

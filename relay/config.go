@@ -86,6 +86,11 @@ type Config struct {
 	// Delivery is the delivery mode: exactly-once, at-least-once or
 	// at-most-once.
 	Delivery string `env:"OUTBOX_DELIVERY" envDefault:"exactly-once"`
+	// DeadLetterOrder is what a dead letter does to the later rows of its
+	// topic and key: hold-key (they wait until it is requeued in place or
+	// discarded; empty means hold-key) or skip (they are published without
+	// it).
+	DeadLetterOrder string `env:"OUTBOX_DEAD_LETTER_ORDER" envDefault:"hold-key"`
 	// Acks is Kafka's acks: 0, 1 or all; empty takes the mode's default
 	// (all; 0 for at-most-once).
 	Acks string `env:"OUTBOX_KAFKA_ACKS"`
@@ -324,6 +329,9 @@ func (c Config) Validate() error {
 	}
 	if c.RecoveryWindow < 1 || c.RecoveryWindow > 1000 {
 		add("OUTBOX_RECOVERY_WINDOW is %d: expected 1 to 1000 batches", c.RecoveryWindow)
+	}
+	if _, err := outbox.ParseDeadLetterOrder(c.DeadLetterOrder); err != nil {
+		add("OUTBOX_DEAD_LETTER_ORDER: %v", err)
 	}
 	if c.ReadMaxBytes < 0 {
 		add("OUTBOX_BATCH_MAX_BYTES is %d: expected a positive number of bytes (default %d, 16 MiB)", c.ReadMaxBytes, DefaultReadMaxBytes)

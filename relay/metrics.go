@@ -9,6 +9,8 @@ import (
 type Metrics struct {
 	Backlog         *prometheus.GaugeVec
 	OldestAge       *prometheus.GaugeVec
+	HeldRows        *prometheus.GaugeVec
+	HeldKeys        *prometheus.GaugeVec
 	Published       *prometheus.CounterVec
 	PublishedBytes  *prometheus.CounterVec
 	BatchSize       prometheus.Histogram
@@ -40,6 +42,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Unpublished outbox rows of an owned shard."}, shard),
 		OldestAge: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "oldest_unpublished_age_seconds",
 			Help: "Age of the oldest unpublished row of an owned shard; 0 when none."}, shard),
+		HeldRows: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "held_rows",
+			Help: "OUTBOX_DEAD_LETTER_ORDER=hold-key: unpublished rows of an owned shard held by a dead letter of their topic and key (requeue or discard it to release them)."}, shard),
+		HeldKeys: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "held_keys",
+			Help: "OUTBOX_DEAD_LETTER_ORDER=hold-key: distinct topics and keys of an owned shard whose rows a dead letter holds."}, shard),
 		Published: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "published_records_total",
 			Help: "Records published in committed Kafka transactions."}, shard),
 		PublishedBytes: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "published_bytes_total",
@@ -77,7 +83,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Deleted: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "retention_deleted_rows_total",
 			Help: "Published rows deleted by retention."}),
 	}
-	reg.MustRegister(m.Backlog, m.OldestAge, m.Published, m.PublishedBytes, m.BatchSize, m.TxnDuration, m.EndToEnd,
+	reg.MustRegister(m.Backlog, m.OldestAge, m.HeldRows, m.HeldKeys, m.Published, m.PublishedBytes, m.BatchSize, m.TxnDuration, m.EndToEnd,
 		m.Aborts, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.PossiblyLost, m.Rewinds, m.ConsecutiveFailures,
 		m.Takeovers, m.ShardsLost, m.OwnedShards, m.Shards, m.Deleted)
 	return m
@@ -103,5 +109,7 @@ func (m *Metrics) shardTaken(label string) {
 func (m *Metrics) shardReleased(label string) {
 	m.Backlog.DeleteLabelValues(label)
 	m.OldestAge.DeleteLabelValues(label)
+	m.HeldRows.DeleteLabelValues(label)
+	m.HeldKeys.DeleteLabelValues(label)
 	m.ConsecutiveFailures.DeleteLabelValues(label)
 }

@@ -82,6 +82,7 @@ type Relay struct {
 	instance string
 
 	mode        txn.Mode
+	order       outbox.DeadLetterOrder
 	warnings    []string
 	incarnation string
 	ready       atomic.Bool
@@ -116,7 +117,8 @@ func New(cfg Config, pool *pgxpool.Pool, opts ...Option) (*Relay, error) {
 		return nil, err
 	}
 	r.pool = own
-	r.store = outbox.NewStore(r.pool, t)
+	r.order, _ = outbox.ParseDeadLetterOrder(cfg.DeadLetterOrder) // validated
+	r.store = outbox.NewStore(r.pool, t).WithDeadLetterOrder(r.order)
 	r.m = NewMetrics(r.reg)
 	r.m.Shards.Set(float64(cfg.Shards))
 	settings, warnings, err := cfg.Settings()
@@ -272,7 +274,8 @@ func (r *Relay) start(ctx context.Context) error {
 	return nil
 }
 
-// observe refreshes the backlog gauges of owned shards.
+// observe refreshes the backlog gauges of owned shards, and under hold-key
+// the gauges of rows held by dead letters.
 func (r *Relay) observe(ctx context.Context) {
 	t := time.NewTicker(5 * time.Second)
 	defer t.Stop()
@@ -300,6 +303,14 @@ func (r *Relay) observe(ctx context.Context) {
 				age = time.Since(b.OldestCreate).Seconds()
 			}
 			r.m.OldestAge.WithLabelValues(label).Set(age)
+			if r.order == outbox.HoldKey {
+				rows, keys, err := r.store.Held(ctx, int(s), r.cfg.Shards)
+				if err != nil {
+					continue
+				}
+				r.m.HeldRows.WithLabelValues(label).Set(float64(rows))
+				r.m.HeldKeys.WithLabelValues(label).Set(float64(keys))
+			}
 		}
 	}
 }

@@ -377,11 +377,13 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, l *lease, p *txn.Produ
 }
 
 // publishRows validates rows, dead-letters the invalid ones and publishes the
-// rest.
+// rest. Under hold-key, the later rows of a dead-lettered row's topic and
+// key are not published in this batch: they stay unpublished, and the next
+// read holds them (Store.ReadBatch).
 func (r *Relay) publishRows(ctx context.Context, s int32, l *lease, p *txn.Producer, rows []outbox.Row, log *slog.Logger) error {
 	recs := make([]txn.Record, 0, len(rows))
 	created := make([]time.Time, 0, len(rows))
-	var dead []outbox.DeadLetter
+	bad := map[int64]error{}
 	for _, row := range rows {
 		rec, err := toRecord(row)
 		if err == nil && row.Topic == r.cfg.CheckpointTopic {
@@ -390,7 +392,7 @@ func (r *Relay) publishRows(ctx context.Context, s int32, l *lease, p *txn.Produ
 			err = fmt.Errorf("column topic is %q, the relay's checkpoint topic (OUTBOX_CHECKPOINT_TOPIC): rows may not write there", row.Topic)
 		}
 		if err != nil {
-			dead = append(dead, outbox.DeadLetter{ID: row.ID, Error: err.Error()})
+			bad[row.ID] = err
 			continue
 		}
 		rec.Created = row.CreatedAt
@@ -407,13 +409,84 @@ func (r *Relay) publishRows(ctx context.Context, s int32, l *lease, p *txn.Produ
 		return err
 	}
 	for _, re := range refused {
-		dead = append(dead, outbox.DeadLetter{ID: re.ID, Error: re.Err.Error()})
+		bad[re.ID] = re.Err
 	}
+	held := r.newHolds()
+	dead := held.deadLetters(rows, bad)
 	if err := r.deadLetter(ctx, s, l, dead, log); err != nil {
 		return err
 	}
 	recs, created = without(recs, created, dead)
-	return r.publish(ctx, s, l, p, recs, created, log)
+	return r.publish(ctx, s, l, p, recs, created, held, log)
+}
+
+// holds are the topics and keys of a batch that a dead letter holds
+// (OUTBOX_DEAD_LETTER_ORDER=hold-key): the batch publishes none of their
+// rows after the dead letter, so that a key's records reach Kafka in id
+// order. Those rows stay unpublished, and the next read holds them
+// (Store.ReadBatch). Keyless rows are never held. nil under skip.
+type holds map[string]bool
+
+func (r *Relay) newHolds() holds {
+	if r.order == outbox.Skip {
+		return nil
+	}
+	return holds{}
+}
+
+func holdKey(topic string, key []byte) string { return topic + "\x00" + string(key) }
+
+// hold records that the row of topic and key was dead-lettered.
+func (h holds) hold(topic string, key []byte) {
+	if h != nil && key != nil {
+		h[holdKey(topic, key)] = true
+	}
+}
+
+// has reports whether the rows of topic and key are held.
+func (h holds) has(topic string, key []byte) bool {
+	return h != nil && key != nil && h[holdKey(topic, key)]
+}
+
+// deadLetters returns the rows of bad (in id order) to dead-letter and
+// holds their keys. A bad row after a dead letter of its key in the same
+// batch is only held (not dead-lettered): it is checked again once the key
+// is released.
+func (h holds) deadLetters(rows []outbox.Row, bad map[int64]error) []outbox.DeadLetter {
+	var dead []outbox.DeadLetter
+	for _, row := range rows { // in id order
+		err, ok := bad[row.ID]
+		if !ok || h.has(row.Topic, row.Key) {
+			continue
+		}
+		dead = append(dead, outbox.DeadLetter{ID: row.ID, Error: err.Error()})
+		h.hold(row.Topic, row.Key)
+	}
+	return dead
+}
+
+// release drops from recs the records of held keys: they are not published
+// in this batch.
+func (h holds) release(recs []txn.Record, created []time.Time) ([]txn.Record, []time.Time) {
+	if len(h) == 0 {
+		return recs, created
+	}
+	var keep []int64
+	for _, rec := range recs {
+		if !h.has(rec.Topic, rec.Key) {
+			keep = append(keep, rec.ID)
+		}
+	}
+	return subset(recs, created, keep)
+}
+
+// recordRows are recs as the rows holds.deadLetters takes.
+func recordRows(recs []txn.Record) []outbox.Row {
+	rows := make([]outbox.Row, len(recs))
+	for i, rec := range recs {
+		rows[i] = outbox.Row{ID: rec.ID, Topic: rec.Topic, Key: rec.Key}
+	}
+	return rows
 }
 
 // deadLetter moves rows to the dead-letter table under the shard's lease: a
@@ -440,13 +513,18 @@ func (r *Relay) deadLetter(ctx context.Context, s int32, l *lease, dead []outbox
 // publish sends one batch in one transaction and marks it. When Kafka refuses
 // some records for reasons of their own, it splits the batch in halves, in id
 // order, until the refused rows stand alone, and dead-letters them.
-func (r *Relay) publish(ctx context.Context, s int32, l *lease, p *txn.Producer, recs []txn.Record, created []time.Time, log *slog.Logger) error {
+//
+// held are the keys dead-lettered earlier in the batch (nil under skip): their
+// records are dropped here, and a record dead-lettered here holds its key for
+// the rest of the batch (the second half of a split, too).
+func (r *Relay) publish(ctx context.Context, s int32, l *lease, p *txn.Producer, recs []txn.Record, created []time.Time, held holds, log *slog.Logger) error {
+	recs, created = held.release(recs, created)
 	if len(recs) == 0 {
 		return nil
 	}
 	switch r.mode {
 	case txn.AtLeastOnce:
-		return r.publishAtLeastOnce(ctx, s, l, p, recs, created, log)
+		return r.publishAtLeastOnce(ctx, s, l, p, recs, created, held, log)
 	case txn.AtMostOnce:
 		return r.publishAtMostOnce(ctx, s, l, p, recs, created, log)
 	}
@@ -468,25 +546,29 @@ func (r *Relay) publish(ctx context.Context, s int32, l *lease, p *txn.Producer,
 	case errors.As(err, &rerrs) && rerrs.BeforeSend:
 		// Refused before sending (a topic gone since publishRows checked
 		// it): these rows alone are at fault, the rest goes on as it is.
-		dead := make([]outbox.DeadLetter, len(rerrs.Records))
-		for i, re := range rerrs.Records {
-			dead[i] = outbox.DeadLetter{ID: re.ID, Error: re.Err.Error()}
+		bad := make(map[int64]error, len(rerrs.Records))
+		for _, re := range rerrs.Records {
+			bad[re.ID] = re.Err
 		}
+		dead := held.deadLetters(recordRows(recs), bad)
 		if err := r.deadLetter(ctx, s, l, dead, log); err != nil {
 			return err
 		}
 		recs, created = without(recs, created, dead)
-		return r.publish(ctx, s, l, p, recs, created, log)
+		return r.publish(ctx, s, l, p, recs, created, held, log)
 	case errors.As(err, &rerrs):
 		r.m.Aborts.WithLabelValues(label, "record_error").Inc()
 		if len(recs) == 1 {
+			held.hold(recs[0].Topic, recs[0].Key)
 			return r.deadLetter(ctx, s, l, []outbox.DeadLetter{{ID: recs[0].ID, Error: rerrs.Records[0].Err.Error()}}, log)
 		}
+		// The halves run in id order, and the second drops the records of
+		// keys the first dead-lettered.
 		half := len(recs) / 2
-		if err := r.publish(ctx, s, l, p, recs[:half], created[:half], log); err != nil {
+		if err := r.publish(ctx, s, l, p, recs[:half], created[:half], held, log); err != nil {
 			return err
 		}
-		return r.publish(ctx, s, l, p, recs[half:], created[half:], log)
+		return r.publish(ctx, s, l, p, recs[half:], created[half:], held, log)
 	case errors.Is(err, txn.ErrCommitUnknown):
 		r.m.Aborts.WithLabelValues(label, "commit_unknown").Inc()
 		return err
@@ -536,7 +618,14 @@ func (r *Relay) observeBatch(s int32, recs []txn.Record, created []time.Time, at
 // batch again: duplicates are bounded to the unmarked batch and carry the
 // same outbox-id header. Records Kafka refused are dead-lettered; records
 // without an answer stay unmarked and are sent again after recovery.
-func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, l *lease, p *txn.Producer, recs []txn.Record, created []time.Time, log *slog.Logger) error {
+//
+// Under hold-key, the one-by-one retry sends no record of a key it found
+// refused (held): those stay unmarked, and the next read holds them. A
+// record of the key that the first send had already got acknowledged (in
+// another record batch than the refused one) is in Kafka before its key's
+// dead letter: at-least-once cannot take it back (see the README's limits;
+// Producer.Check refuses the known causes before anything is sent).
+func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, l *lease, p *txn.Producer, recs []txn.Record, created []time.Time, held holds, log *slog.Logger) error {
 	start := time.Now()
 	l.step(r.txnBudget())
 	tctx, cancel := context.WithTimeout(ctx, r.txnBudget())
@@ -553,11 +642,18 @@ func (r *Relay) publishAtLeastOnce(ctx context.Context, s int32, l *lease, p *tx
 		slices.SortFunc(retry, func(a, b *txn.RecordError) int { return cmp.Compare(a.ID, b.ID) })
 		refused = nil
 		for _, re := range retry {
+			rec := byID[re.ID]
+			if held.has(rec.Topic, rec.Key) {
+				continue // a record of its key was refused before it
+			}
 			l.step(r.txnBudget())
 			tctx, cancel := context.WithTimeout(ctx, r.txnBudget())
-			ok, bad, err := p.Send(tctx, []txn.Record{byID[re.ID]})
+			ok, bad, err := p.Send(tctx, []txn.Record{rec})
 			cancel()
 			acked, refused = append(acked, ok...), append(refused, bad...)
+			if len(bad) > 0 {
+				held.hold(rec.Topic, rec.Key)
+			}
 			if err != nil {
 				sendErr = err
 				break

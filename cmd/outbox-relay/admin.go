@@ -19,9 +19,11 @@ import (
 
 // dbSettings are the few variables the admin commands need.
 type dbSettings struct {
-	url    string
-	schema string
-	table  string
+	url       string
+	schema    string
+	table     string
+	orderName string
+	order     outbox.DeadLetterOrder
 }
 
 func readDBSettings(environ []string, needURL bool) (dbSettings, error) {
@@ -35,8 +37,15 @@ func readDBSettings(environ []string, needURL bool) (dbSettings, error) {
 			s.schema = v
 		case "OUTBOX_TABLE":
 			s.table = v
+		case "OUTBOX_DEAD_LETTER_ORDER":
+			s.orderName = v
 		}
 	}
+	order, err := outbox.ParseDeadLetterOrder(s.orderName)
+	if err != nil {
+		return s, fmt.Errorf("OUTBOX_DEAD_LETTER_ORDER: %w", err)
+	}
+	s.order = order
 	if needURL && s.url == "" {
 		return s, errors.New("OUTBOX_DATABASE_URL is not set: set it to the PostgreSQL URL, e.g. postgres://user@host:5432/db")
 	}
@@ -156,18 +165,27 @@ func runStatus(ctx context.Context, environ []string, stdout io.Writer) error {
 	if !b.OldestCreate.IsZero() {
 		fmt.Fprintf(stdout, "oldest unpublished:  %s ago\n", time.Since(b.OldestCreate).Round(time.Millisecond))
 	}
-	var dead int64
-	if err := pool.QueryRow(ctx, `SELECT count(*) FROM `+s.outboxTable().DeadLetterIdent()).Scan(&dead); err != nil {
+	var dead, discarded int64
+	if err := pool.QueryRow(ctx, `SELECT count(*), count(discarded_at) FROM `+s.outboxTable().DeadLetterIdent()).Scan(&dead, &discarded); err != nil {
 		return fmt.Errorf("count dead letters: %w", err)
 	}
-	fmt.Fprintf(stdout, "dead letters:        %d\n", dead)
+	fmt.Fprintf(stdout, "dead letters:        %d (%d discarded)\n", dead, discarded)
+	if s.order == outbox.Skip {
+		fmt.Fprintln(stdout, "held rows:           none (OUTBOX_DEAD_LETTER_ORDER=skip)")
+		return nil
+	}
+	rows, keys, err := st.Held(ctx, 0, 1)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "held rows:           %d of %d keys (held by dead letters: `outbox-relay dlq list`)\n", rows, keys)
 	return nil
 }
 
-// runDLQ is `outbox-relay dlq list|requeue`.
+// runDLQ is `outbox-relay dlq list|requeue|discard`.
 func runDLQ(ctx context.Context, args, environ []string, stdout io.Writer) error {
 	if len(args) == 0 {
-		return errors.New("usage: outbox-relay dlq list [-limit N] | outbox-relay dlq requeue ID...")
+		return errors.New("usage: outbox-relay dlq list [-limit N] | dlq requeue [--as-new] ID... | dlq discard --reason TEXT ID...")
 	}
 	s, err := readDBSettings(environ, true)
 	if err != nil {
@@ -190,39 +208,107 @@ func runDLQ(ctx context.Context, args, environ []string, stdout io.Writer) error
 			return err
 		}
 		tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "ID\tTOPIC\tKEY\tVALUE BYTES\tFAILED AT\tERROR")
+		fmt.Fprintln(tw, "ID\tTOPIC\tKEY\tVALUE BYTES\tFAILED AT\tHOLDS\tDISCARDED\tERROR")
 		for _, d := range dead {
 			value := "null"
 			if d.Value != nil {
 				value = strconv.Itoa(len(d.Value))
 			}
-			fmt.Fprintf(tw, "%d\t%s\t%q\t%s\t%s\t%s\n", d.ID, d.Topic, d.Key, value, d.FailedAt.UTC().Format(time.RFC3339), d.Error)
+			holds := strconv.FormatInt(d.Holds, 10)
+			if s.order == outbox.Skip {
+				holds = "- (skip)"
+			}
+			discarded := "-"
+			if d.DiscardedAt != nil {
+				discarded = d.DiscardedAt.UTC().Format(time.RFC3339) + " " + strconv.Quote(d.DiscardReason)
+			}
+			fmt.Fprintf(tw, "%d\t%s\t%q\t%s\t%s\t%s\t%s\t%s\n", d.ID, d.Topic, d.Key, value, d.FailedAt.UTC().Format(time.RFC3339), holds, discarded, d.Error)
 		}
 		return tw.Flush()
 	case "requeue":
-		if len(args) < 2 {
-			return errors.New("usage: outbox-relay dlq requeue ID... (ids from `outbox-relay dlq list`)")
+		fs := flag.NewFlagSet("dlq requeue", flag.ContinueOnError)
+		asNew := fs.Bool("as-new", false, "requeue as new rows (new ids, after everything written before), out of their key's order; also for discarded rows")
+		if err := fs.Parse(args[1:]); err != nil {
+			return err
 		}
-		ids := make([]int64, 0, len(args)-1)
-		for _, a := range args[1:] {
-			id, err := strconv.ParseInt(a, 10, 64)
-			if err != nil {
-				return fmt.Errorf("dlq requeue: %q is not an id: give the numeric ids from `outbox-relay dlq list`", a)
-			}
-			ids = append(ids, id)
+		ids, err := parseIDs("dlq requeue", fs.Args())
+		if err != nil {
+			return err
 		}
 		pool, err := s.open(ctx)
 		if err != nil {
 			return err
 		}
 		defer pool.Close()
-		newIDs, err := outbox.NewStore(pool, s.outboxTable()).Requeue(ctx, ids)
+		st := outbox.NewStore(pool, s.outboxTable())
+		if *asNew {
+			newIDs, err := st.RequeueAsNew(ctx, ids)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(stdout, "requeued %d of %d dead letters as new outbox rows %v\n", len(newIDs), len(ids), newIDs)
+			return nil
+		}
+		back, err := st.Requeue(ctx, ids)
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(stdout, "requeued %d of %d dead letters as outbox rows %v\n", len(newIDs), len(ids), newIDs)
+		fmt.Fprintf(stdout, "requeued %d of %d dead letters in their original position (ids %v)\n", len(back), len(ids), back)
+		if len(back) < len(ids) {
+			fmt.Fprintln(stdout, "the others are unknown or discarded: `outbox-relay dlq list` shows them; a discarded row goes back only with --as-new")
+		}
+		return nil
+	case "discard":
+		fs := flag.NewFlagSet("dlq discard", flag.ContinueOnError)
+		reason := fs.String("reason", "", "why the rows are given up (required; kept with them for audit)")
+		if err := fs.Parse(args[1:]); err != nil {
+			return err
+		}
+		// Flags may follow the ids too: dlq discard 7 8 --reason "...".
+		rest := fs.Args()
+		var idArgs []string
+		for len(rest) > 0 {
+			idArgs = append(idArgs, rest[0])
+			if err := fs.Parse(rest[1:]); err != nil {
+				return err
+			}
+			rest = fs.Args()
+		}
+		if strings.TrimSpace(*reason) == "" {
+			return errors.New("dlq discard: --reason is required: say why the rows are given up (it is kept with them for audit)")
+		}
+		ids, err := parseIDs("dlq discard", idArgs)
+		if err != nil {
+			return err
+		}
+		pool, err := s.open(ctx)
+		if err != nil {
+			return err
+		}
+		defer pool.Close()
+		done, err := outbox.NewStore(pool, s.outboxTable()).Discard(ctx, ids, *reason)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "discarded %d of %d dead letters %v: their keys are released, the rows stay in the dead-letter table with the reason\n", len(done), len(ids), done)
 		return nil
 	default:
-		return fmt.Errorf("unknown dlq command %q: use list or requeue", args[0])
+		return fmt.Errorf("unknown dlq command %q: use list, requeue or discard", args[0])
 	}
+}
+
+// parseIDs parses the dead-letter ids of a dlq command.
+func parseIDs(cmd string, args []string) ([]int64, error) {
+	if len(args) == 0 {
+		return nil, fmt.Errorf("usage: outbox-relay %s ID... (ids from `outbox-relay dlq list`)", cmd)
+	}
+	ids := make([]int64, 0, len(args))
+	for _, a := range args {
+		id, err := strconv.ParseInt(a, 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %q is not an id: give the numeric ids from `outbox-relay dlq list`", cmd, a)
+		}
+		ids = append(ids, id)
+	}
+	return ids, nil
 }

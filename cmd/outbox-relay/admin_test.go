@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -95,5 +97,68 @@ func TestRunRefusesBadConfigurationInOneLine(t *testing.T) {
 	}
 	if code, _, errs := cli(t, nil, "frobnicate"); code != 2 || !strings.Contains(errs, "unknown command") {
 		t.Fatalf("unknown command: code %d, %s", code, errs)
+	}
+}
+
+// TestDLQShowsHeldRowsAndDiscardReleasesThem: status and dlq list show the
+// rows a dead letter holds; dlq discard refuses without a reason, then
+// releases the key and keeps the row with its reason; a discarded row is not
+// requeued in place, only with --as-new; requeue in place keeps the id.
+func TestDLQShowsHeldRowsAndDiscardReleasesThem(t *testing.T) {
+	url := testenv.CreateDatabase(t)
+	env := []string{"OUTBOX_DATABASE_URL=" + url}
+	if code, out, errs := cli(t, env, "migrate", "up"); code != 0 {
+		t.Fatalf("migrate up: code %d\n%s%s", code, out, errs)
+	}
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	// Rows 2 and 5 of key a are dead letters; 3 and 6 of key a are held, 4 of key b is not.
+	if _, err := conn.Exec(ctx, `INSERT INTO outbox (topic, key, value) VALUES ('t', 'a', '1'), ('t', 'a', '2'), ('t', 'a', '3'), ('t', 'b', '4'), ('t', 'c', '5'), ('t', 'c', '6');
+WITH moved AS (DELETE FROM outbox WHERE id IN (2, 5) RETURNING id, topic, key, value, created_at)
+INSERT INTO outbox_dead_letter (id, topic, key, value, created_at, error) SELECT id, topic, key, value, created_at, 'refused' FROM moved;
+UPDATE outbox SET published_at = now() WHERE id = 1`); err != nil {
+		t.Fatal(err)
+	}
+	if code, out, _ := cli(t, env, "status"); code != 0 || !strings.Contains(out, "held rows:           2 of 2 keys") || !strings.Contains(out, "dead letters:        2 (0 discarded)") {
+		t.Fatalf("status: code %d\n%s", code, out)
+	}
+	if code, out, _ := cli(t, append(env, "OUTBOX_DEAD_LETTER_ORDER=skip"), "status"); code != 0 || !strings.Contains(out, "held rows:           none (OUTBOX_DEAD_LETTER_ORDER=skip)") {
+		t.Fatalf("status under skip: code %d\n%s", code, out)
+	}
+	if code, out, _ := cli(t, env, "dlq", "list"); code != 0 || !strings.Contains(out, "HOLDS") || !regexp.MustCompile(`(?m)^2 .* 1 +- +refused$`).MatchString(out) {
+		t.Fatalf("dlq list: code %d\n%s", code, out)
+	}
+	if code, _, errs := cli(t, env, "dlq", "discard", "2"); code != 1 || !strings.Contains(errs, "--reason is required") {
+		t.Fatalf("dlq discard without a reason: code %d, %s", code, errs)
+	}
+	if code, out, errs := cli(t, env, "dlq", "discard", "2", "--reason", "opened by hand"); code != 0 || !strings.Contains(out, "discarded 1 of 1") {
+		t.Fatalf("dlq discard: code %d\n%s%s", code, out, errs)
+	}
+	if code, out, _ := cli(t, env, "status"); code != 0 || !strings.Contains(out, "held rows:           1 of 1 keys") || !strings.Contains(out, "(1 discarded)") {
+		t.Fatalf("status after discard: code %d\n%s", code, out)
+	}
+	if code, out, _ := cli(t, env, "dlq", "list"); code != 0 || !strings.Contains(out, `"opened by hand"`) {
+		t.Fatalf("dlq list after discard: code %d\n%s", code, out)
+	}
+	if code, out, _ := cli(t, env, "dlq", "requeue", "2", "5"); code != 0 || !strings.Contains(out, "requeued 1 of 2 dead letters in their original position (ids [5])") {
+		t.Fatalf("dlq requeue of a discarded and an open dead letter: code %d\n%s", code, out)
+	}
+	if code, out, _ := cli(t, env, "dlq", "requeue", "--as-new", "2"); code != 0 || !strings.Contains(out, "requeued 1 of 1 dead letters as new outbox rows [7]") {
+		t.Fatalf("dlq requeue --as-new: code %d\n%s", code, out)
+	}
+	var ids []int64
+	rows, err := conn.Query(ctx, `SELECT id FROM outbox WHERE published_at IS NULL ORDER BY id`)
+	if err == nil {
+		ids, err = pgx.CollectRows(rows, pgx.RowTo[int64])
+	}
+	if err != nil || fmt.Sprint(ids) != "[3 4 5 6 7]" {
+		t.Fatalf("unpublished ids %v %v, want [3 4 5 6 7]", ids, err)
+	}
+	if code, out, _ := cli(t, env, "status"); code != 0 || !strings.Contains(out, "held rows:           0 of 0 keys") {
+		t.Fatalf("status after requeue: code %d\n%s", code, out)
 	}
 }

@@ -5,7 +5,7 @@
 //	outbox-relay migrate up|status|sql
 //	outbox-relay status               backlog, dead letters, schema
 //	outbox-relay reshard              change the shard count safely
-//	outbox-relay dlq list|requeue ID...
+//	outbox-relay dlq list|requeue ID...|discard --reason TEXT ID...
 //	outbox-relay verify [-since 24h | -from-id N -to-id M] [-json]
 //	outbox-relay demo [-events N]     embedded Kafka, payments simulator, checker, ledger (inbox)
 //	outbox-relay version
@@ -43,7 +43,10 @@ Usage:
   outbox-relay status                   backlog, oldest unpublished row, dead letters
   outbox-relay reshard                  change the shard count to OUTBOX_SHARDS (every relay stopped)
   outbox-relay dlq list [-limit N]      list dead letters
-  outbox-relay dlq requeue ID...        move dead letters back into the outbox
+  outbox-relay dlq requeue ID...        move dead letters back into the outbox at their original ids
+                                        (--as-new: as new rows, after everything written)
+  outbox-relay dlq discard ID... --reason TEXT
+                                        give dead letters up (kept for audit), releasing their keys
   outbox-relay verify [-since 24h | -from-id N -to-id M] [-json]
                                         reconcile Kafka with the table (exit 0 clean, 1 discrepancies, 2 could not check)
   outbox-relay demo [-events N]         embedded Kafka + payments simulator + exactly-once checker + ledger
