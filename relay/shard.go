@@ -417,6 +417,14 @@ func (r *Relay) publishRows(ctx context.Context, s int32, l *lease, p *txn.Produ
 		return err
 	}
 	recs, created = without(recs, created, dead)
+	// The rows may be visible before they are durable (a writer with
+	// synchronous_commit=off): publish only once they survive a crash.
+	if len(recs) > 0 && r.mode != txn.AtMostOnce { // at-most-once's durable mark comes first
+		l.step(r.dbBudget())
+		if err := r.store.MakeVisibleDurable(ctx, l.Lease); err != nil {
+			return err
+		}
+	}
 	return r.publish(ctx, s, l, p, recs, created, held, log)
 }
 
