@@ -31,6 +31,9 @@ type lease struct {
 	base     time.Time
 	slack    time.Duration
 	deadline atomic.Int64 // of the current step, in nanoseconds after base
+	// pipe is the pipelined publish loop's state while it runs (nil
+	// otherwise); the shard's worker goroutine alone uses it.
+	pipe *pipeline
 }
 
 func newLease(l outbox.Lease, slack time.Duration) *lease {
