@@ -78,9 +78,10 @@ func TestCrashAfterCommitBeforeMark(t *testing.T) {
 	if got := faultsMetric(t, reg, "outbox_relay_recovered_rows_total"); got != float64(len(ids)) {
 		t.Errorf("outbox_relay_recovered_rows_total = %v, want %d", got, len(ids))
 	}
-	if !strings.Contains(logs.String(), fmt.Sprintf(`"marked":%d`, len(ids))) {
-		t.Errorf("no log line says recovery marked %d rows", len(ids))
-	}
+	// The log line follows the mark: wait for it too.
+	faultsEventually(t, 10*time.Second, fmt.Sprintf("a log line says recovery marked %d rows", len(ids)), func() bool {
+		return strings.Contains(logs.String(), fmt.Sprintf(`"marked":%d`, len(ids)))
+	})
 	if got := faultsMetric(t, reg, "outbox_relay_published_records_total"); got != 0 {
 		t.Errorf("the second relay published %v records of the committed batch again", got)
 	}
