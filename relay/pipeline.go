@@ -174,6 +174,10 @@ func (r *Relay) settleMark(ctx context.Context, s int32, l *lease, pl *pipeline,
 		return nil
 	}
 	pl.pending = nil
+	// Like a batch, the mark runs to its end when shutdown begins, within
+	// the shutdown grace: a clean stop marks what it committed.
+	ctx, cancel := graceful(ctx, r.cfg.ShutdownTimeout)
+	defer cancel()
 	l.step(r.dbBudget())
 	err := pm.wait()
 	var crash errCrash
@@ -197,7 +201,8 @@ func (r *Relay) settleMark(ctx context.Context, s int32, l *lease, pl *pipeline,
 }
 
 // endPipeline settles the mark in flight when the loop ends. After a clean
-// stop (err nil) the mark is made durable, bounded by the shutdown grace;
+// stop (err nil) the mark is made durable (settleMark: bounded by the
+// shutdown grace);
 // after an error it is only waited for: recovery marks the batch from the
 // checkpoint whether this mark landed or not.
 func (r *Relay) endPipeline(ctx context.Context, s int32, l *lease, log *slog.Logger, err error) error {
@@ -211,7 +216,5 @@ func (r *Relay) endPipeline(ctx context.Context, s int32, l *lease, log *slog.Lo
 		pl.pending.wait()
 		return err
 	}
-	bctx, cancel := graceful(ctx, r.cfg.ShutdownTimeout)
-	defer cancel()
-	return r.settleMark(bctx, s, l, pl, log)
+	return r.settleMark(ctx, s, l, pl, log)
 }
