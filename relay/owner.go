@@ -34,6 +34,9 @@ type lease struct {
 	// failures counts the worker's steps that failed in a row (batches,
 	// recoveries, mark retries): outbox_relay_shard_consecutive_failures.
 	failures atomic.Int64
+	// pipe is the pipelined publish loop's state while it runs (nil
+	// otherwise); the shard's worker goroutine alone uses it.
+	pipe *pipeline
 }
 
 func newLease(l outbox.Lease, slack time.Duration) *lease {

@@ -72,9 +72,11 @@ type Relay struct {
 	reg   prometheus.Registerer
 	m     *Metrics
 	fail  Failpoint
-	kopts []kgo.Opt
-	tcfg  txn.Config
-	wake  *waker
+	// serial turns the pipelined publish loop off (WithSerialLoop).
+	serial bool
+	kopts  []kgo.Opt
+	tcfg   txn.Config
+	wake   *waker
 	// connCfg is the configuration of the relay's dedicated connections
 	// (ownership, wake-up): the pool's, prepared by prepareConnConfig.
 	connCfg *pgx.ConnConfig

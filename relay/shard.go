@@ -208,7 +208,7 @@ func (r *Relay) recoverShard(ctx context.Context, s int32, l *lease, log *slog.L
 		}
 	}
 	p.StartWindow(w)
-	log.Info("shard recovered", "epoch", p.Epoch(), "window_batches", w.Batches(), "window_rows", len(w.Rows()), "marked", marked)
+	log.Info("shard recovered", "epoch", p.Epoch(), "window_batches", w.Batches(), "window_rows", len(w.Rows()), "marked", marked, "pipelined", r.pipelined())
 	return p, nil
 }
 
@@ -317,22 +317,43 @@ const (
 // publishLoop reads, publishes and marks batches until ctx ends or a batch
 // fails in a way that needs recovery. It calls healthy after every batch
 // that succeeded and every read that found the shard empty.
-func (r *Relay) publishLoop(ctx context.Context, s int32, l *lease, p *txn.Producer, log *slog.Logger, healthy func()) error {
+//
+// Pipelined (see pipelined): the mark of batch n runs while batch n+1 is read
+// (above batch n's last id) and its transaction runs; markBatch settles it
+// after batch n+1 committed. When the loop ends, endPipeline settles the
+// mark still in flight.
+func (r *Relay) publishLoop(ctx context.Context, s int32, l *lease, p *txn.Producer, log *slog.Logger, healthy func()) (err error) {
 	idleWait := time.Duration(0)
 	r.wake.setIdle(s, false)
 	defer r.wake.setIdle(s, true)
+	var pl *pipeline
+	if r.pipelined() {
+		pl = &pipeline{}
+		l.pipe = pl
+		defer func() { err = r.endPipeline(ctx, s, l, log, err) }()
+	}
 	for {
 		if ctx.Err() != nil {
 			return nil
 		}
 		wake := r.wake.wait()
-		l.step(r.dbBudget())
-		rows, err := r.store.ReadBatch(ctx, int(s), r.cfg.Shards, r.cfg.BatchSize, r.cfg.readMaxBytes())
+		rows, err := r.readBatch(ctx, s, l, pl, log)
 		if err != nil {
-			if ctx.Err() != nil {
-				return nil
+			if ctx.Err() != nil && !errors.Is(err, outbox.ErrLeaseLost) {
+				var crash errCrash
+				if !errors.As(err, &crash) {
+					return nil
+				}
 			}
 			return err
+		}
+		if len(rows) == 0 && pl != nil && pl.pending != nil {
+			// Nothing above the floor: settle the mark in flight and
+			// read again from the start before going idle.
+			if err := r.settleMark(ctx, s, l, pl, log); err != nil {
+				return err
+			}
+			continue
 		}
 		if len(rows) == 0 {
 			healthy()
@@ -592,18 +613,14 @@ func (r *Relay) publish(ctx context.Context, s int32, l *lease, p *txn.Producer,
 	if err := r.failpoint(ctx, FailAfterCommit, s, ids); err != nil {
 		return err
 	}
-	// I1: marked only now that the transaction holding them committed.
-	// Marked by id and creation time, as recovery marks them.
-	if _, err := r.markRetrying(ctx, l, len(ids), log, func(ctx context.Context) (int64, error) {
-		return r.store.MarkCommitted(ctx, l.Lease, ids, created)
-	}); err != nil {
+	// I1: marked only now that the transaction holding them committed;
+	// pipelined, the mark runs on while the next batch is published
+	// (markBatch says how I2 holds meanwhile).
+	// Counted published once marked.
+	observe := func() { r.observeBatch(s, recs, created, commit) }
+	if err := r.markBatch(ctx, s, l, ids, created, observe, log); err != nil {
 		return err
 	}
-	if err := r.failpoint(ctx, FailAfterMark, s, ids); err != nil {
-		return err
-	}
-
-	r.observeBatch(s, recs, created, commit)
 	log.Debug("batch published", "rows", len(recs), "first_id", ids[0], "last_id", ids[len(ids)-1], "epoch", p.Epoch())
 	return nil
 }

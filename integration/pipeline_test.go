@@ -1,0 +1,74 @@
+package integration
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/outbox-relay/outbox-relay/integration/testenv"
+	"github.com/outbox-relay/outbox-relay/relay"
+)
+
+// TestCrashAfterNextCommitBeforePreviousMark: with the pipelined loop, the
+// relay dies after batch 2's transaction committed and before batch 1's
+// mark (which runs while batch 2 is published) took place. Two committed
+// batches are unmarked; batch 2's checkpoint lists both (I2), so the next
+// relay marks them all and publishes neither again; a read_committed
+// consumer sees every row exactly once and every row ends marked.
+func TestCrashAfterNextCommitBeforePreviousMark(t *testing.T) {
+	db := testenv.NewDB(t)
+	topic := testenv.RandomName("payments-")
+	k := testenv.NewKafka(t, 3, topic)
+	const batch = 10
+	ids := db.Insert(t, topic, 3*batch, faultsKeys)
+	cfg := testenv.RelayConfig(db, k)
+	cfg.BatchSize = batch
+
+	var (
+		mu        sync.Mutex
+		crashed   bool
+		committed [][]int64 // batches committed by the first relay, in order
+	)
+	crash := func(_ context.Context, name string, _ int32, b []int64) error {
+		mu.Lock()
+		defer mu.Unlock()
+		switch {
+		case name == relay.FailAfterCommit:
+			committed = append(committed, slices.Clone(b))
+		case name == relay.FailBeforeMarkPrevious && !crashed:
+			crashed = true
+			return errSimulatedCrash
+		}
+		return nil
+	}
+	first := testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)), relay.WithFailpoint(crash))
+	if err := first.Wait(t, 30*time.Second); !errors.Is(err, errSimulatedCrash) {
+		t.Fatalf("first relay: Run returned %v, want the simulated crash", err)
+	}
+	mu.Lock()
+	if len(committed) != 2 || !slices.Equal(committed[0], ids[:batch]) || !slices.Equal(committed[1], ids[batch:2*batch]) {
+		t.Fatalf("the first relay committed batches %v, want the first two batches of %d rows: batch 2 commits while batch 1's mark is pending", committed, batch)
+	}
+	mu.Unlock()
+	if n := db.Unpublished(t); n != len(ids) {
+		t.Fatalf("after the crash %d rows are unmarked, want %d: neither committed batch may be marked", n, len(ids))
+	}
+	c := k.NewConsumer(t, topic)
+	testenv.CheckExactlyOnce(t, ids[:2*batch], c.WaitFor(t, 2*batch, 30*time.Second))
+
+	reg := prometheus.NewRegistry()
+	testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)), relay.WithRegisterer(reg))
+	testenv.CheckExactlyOnce(t, ids, c.WaitFor(t, len(ids), 30*time.Second))
+	faultsEventually(t, 30*time.Second, "every row marked", func() bool { return db.Unpublished(t) == 0 })
+	if got := faultsMetric(t, reg, "outbox_relay_recovered_rows_total"); got != 2*batch {
+		t.Errorf("outbox_relay_recovered_rows_total = %v, want %d: both committed batches marked by recovery", got, 2*batch)
+	}
+	if got := faultsMetric(t, reg, "outbox_relay_published_records_total"); got != batch {
+		t.Errorf("the second relay published %v records, want only the %d of the batch never sent", got, batch)
+	}
+}

@@ -1,0 +1,220 @@
+package relay
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"log/slog"
+	"time"
+
+	"github.com/outbox-relay/outbox-relay/outbox"
+)
+
+// FailBeforeMarkPrevious: batch n committed, and its mark, pipelined, not yet
+// begun; batch n+1 is being read and published meanwhile. Called from the
+// goroutine that marks batch n, with batch n's ids. An error there stops
+// the relay as soon as batch n+1's transaction has ended (committed or not),
+// before batch n+1's mark: the relay dies with two committed batches
+// unmarked, which recovery must mark from the checkpoint window (I2).
+const FailBeforeMarkPrevious = "before-mark-previous"
+
+// WithSerialLoop turns the pipelined publish loop off: every batch is marked
+// before the next one is read, as before the pipeline (benchmarks and tests
+// only: it measures what the pipeline buys).
+func WithSerialLoop() Option { return func(r *Relay) { r.serial = true } }
+
+// maxFloored bounds how many reads in a row a shard makes above the floor
+// (the last id of the batch whose mark is in flight). A row whose id is below
+// the floor but that committed only after the rows above it were read (ids
+// are taken at insert, rows become visible at commit) is skipped by such a
+// read; after maxFloored of them, or after any short batch, the loop waits
+// for the mark and reads from the start of the unpublished rows again, so
+// such a row waits at most that many batches, as a later batch of the serial
+// loop would have found it.
+const maxFloored = 32
+
+// pipeline is the state of one shard's pipelined publish loop: the mark of
+// the last committed batch, running while the next batch is read and its
+// transaction runs. It belongs to the shard's worker goroutine alone.
+type pipeline struct {
+	pending *pendingMark
+	// floor is the last id of the last batch read: every row of the shard
+	// up to it is marked, dead-lettered or in the pending mark.
+	floor   int64
+	floored int  // reads above the floor since the last plain read
+	short   bool // the last read found fewer rows than a batch
+}
+
+// pendingMark is a mark running in its own goroutine.
+type pendingMark struct {
+	ids     []int64
+	created []time.Time
+	observe func() // called once the mark is durable
+	done    chan struct{}
+	err     error // set before done is closed
+	cancel  context.CancelFunc
+}
+
+// wait waits for the mark to end; it ends within the database budget it was
+// started with.
+func (pm *pendingMark) wait() error {
+	<-pm.done
+	pm.cancel()
+	return pm.err
+}
+
+// pipelined reports whether the shard's loop marks batch n while batch n+1
+// is read and published. Only in exactly-once mode, and only when every
+// checkpoint is sure to list the previous batch as well as its own (I2: it
+// lists every row committed and not yet durably marked, and with the mark of
+// batch n in flight that is batch n too): the recovery window holds at least
+// two batches (OUTBOX_RECOVERY_WINDOW >= 2), and two batches of the largest
+// size fit the window's byte bound however their ids and times encode, so
+// that Window.With never trims the batch whose mark is in flight.
+func (r *Relay) pipelined() bool {
+	return !r.serial && r.mode.Transactional() && r.cfg.RecoveryWindow >= 2 &&
+		2*maxEncodedBatch(r.cfg.BatchSize) <= r.windowBytes()
+}
+
+// maxEncodedBatch is the most bytes a batch of n rows takes in the recovery
+// window: its count, and per row two varints.
+func maxEncodedBatch(n int) int { return binary.MaxVarintLen64 * (1 + 2*n) }
+
+// readBatch reads the shard's next batch. With a mark in flight it reads
+// above the floor (I4: never a row of a batch not yet durably marked, and in
+// id order); after a short batch, or maxFloored reads above the floor, it
+// first waits for the mark and reads from the start.
+func (r *Relay) readBatch(ctx context.Context, s int32, l *lease, pl *pipeline, log *slog.Logger) ([]outbox.Row, error) {
+	if pl != nil && pl.pending != nil && (pl.short || pl.floored >= maxFloored) {
+		if err := r.settleMark(ctx, s, l, pl, log); err != nil {
+			return nil, err
+		}
+	}
+	l.step(r.dbBudget())
+	var rows []outbox.Row
+	var err error
+	if pl != nil && pl.pending != nil {
+		pl.floored++
+		rows, err = r.store.ReadBatchAfter(ctx, int(s), r.cfg.Shards, r.cfg.BatchSize, r.cfg.readMaxBytes(), pl.floor)
+	} else {
+		if pl != nil {
+			pl.floored = 0
+		}
+		rows, err = r.store.ReadBatch(ctx, int(s), r.cfg.Shards, r.cfg.BatchSize, r.cfg.readMaxBytes())
+	}
+	if err != nil || pl == nil {
+		return rows, err
+	}
+	pl.short = len(rows) < r.cfg.BatchSize
+	if len(rows) > 0 {
+		pl.floor = rows[len(rows)-1].ID
+	}
+	return rows, nil
+}
+
+// markBatch marks a committed batch published. In the serial loop it marks
+// it now. In the pipelined loop it first settles the mark of the previous
+// batch, which ran while this batch's transaction did, and then starts this
+// batch's mark, to run while the next batch is read and published.
+//
+// I1: called only after the transaction holding the rows committed.
+// I2: while this batch's mark is in flight, the next transaction's
+// checkpoint lists this batch (pipelined requires a window of two batches
+// that byte trimming keeps); the window "committed, mark in flight" is closed
+// by recovery marking the checkpoint window after any error. A mark that
+// failed or lost the lease is found here, before the next batch's mark
+// starts and before the next read can rely on it: the error stops the loop,
+// and recovery re-marks from the newest checkpoint, which lists both
+// batches.
+//
+// observe is called once the mark is durable.
+func (r *Relay) markBatch(ctx context.Context, s int32, l *lease, ids []int64, created []time.Time, observe func(), log *slog.Logger) error {
+	pl := l.pipe
+	if pl == nil {
+		// Marked by id and creation time, as recovery marks them.
+		if _, err := r.markRetrying(ctx, l, len(ids), log, func(ctx context.Context) (int64, error) {
+			return r.store.MarkCommitted(ctx, l.Lease, ids, created)
+		}); err != nil {
+			return err
+		}
+		if err := r.failpoint(ctx, FailAfterMark, s, ids); err != nil {
+			return err
+		}
+		observe()
+		return nil
+	}
+	if err := r.settleMark(ctx, s, l, pl, log); err != nil {
+		return err
+	}
+	// The mark outlives the batch's context (cancelled when the batch
+	// returns) but not its database budget: settleMark waits for it
+	// within that bound.
+	mctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.dbBudget())
+	pm := &pendingMark{ids: ids, created: created, observe: observe, done: make(chan struct{}), cancel: cancel}
+	go func() {
+		defer close(pm.done)
+		if err := r.failpoint(mctx, FailBeforeMarkPrevious, s, ids); err != nil {
+			pm.err = err
+			return
+		}
+		_, pm.err = r.store.MarkCommitted(mctx, l.Lease, ids, created)
+	}()
+	pl.pending = pm
+	return nil
+}
+
+// settleMark waits for the pipelined mark in flight, if any, and makes it
+// durable: an attempt that failed for a reason the database may mend (away,
+// timed out) is retried as the serial loop retries it. A lost lease or a
+// failpoint stops the loop; the batch is then committed and unmarked, and
+// listed in the newest checkpoint, whose recovery marks it.
+func (r *Relay) settleMark(ctx context.Context, s int32, l *lease, pl *pipeline, log *slog.Logger) error {
+	pm := pl.pending
+	if pm == nil {
+		return nil
+	}
+	pl.pending = nil
+	// Like a batch, the mark runs to its end when shutdown begins, within
+	// the shutdown grace: a clean stop marks what it committed.
+	ctx, cancel := graceful(ctx, r.cfg.ShutdownTimeout)
+	defer cancel()
+	l.step(r.dbBudget())
+	err := pm.wait()
+	var crash errCrash
+	switch {
+	case err == nil:
+	case errors.As(err, &crash), errors.Is(err, outbox.ErrLeaseLost):
+		return err
+	default:
+		log.Warn("pipelined mark published failed, retrying", "err", err, "rows", len(pm.ids))
+		if _, err := r.markRetrying(ctx, l, len(pm.ids), log, func(ctx context.Context) (int64, error) {
+			return r.store.MarkCommitted(ctx, l.Lease, pm.ids, pm.created)
+		}); err != nil {
+			return err
+		}
+	}
+	if err := r.failpoint(ctx, FailAfterMark, s, pm.ids); err != nil {
+		return err
+	}
+	pm.observe()
+	return nil
+}
+
+// endPipeline settles the mark in flight when the loop ends. After a clean
+// stop (err nil) the mark is made durable (settleMark: bounded by the
+// shutdown grace);
+// after an error it is only waited for: recovery marks the batch from the
+// checkpoint whether this mark landed or not.
+func (r *Relay) endPipeline(ctx context.Context, s int32, l *lease, log *slog.Logger, err error) error {
+	pl := l.pipe
+	l.pipe = nil
+	if pl == nil || pl.pending == nil {
+		return err
+	}
+	if err != nil {
+		l.step(r.dbBudget())
+		pl.pending.wait()
+		return err
+	}
+	return r.settleMark(ctx, s, l, pl, log)
+}
