@@ -264,8 +264,8 @@ func checkpointPartitions(t *testing.T, k *testenv.Kafka, topic string) int {
 
 // TestReshardGrowsTheCheckpointTopicInEveryMode: a reshard done in
 // at-least-once mode (which writes no checkpoints) must still grow the
-// checkpoint topic, or exactly-once refuses to start afterwards; and a
-// reshard with an unchanged count repairs a topic left too small.
+// checkpoint topic, so that exactly-once starts after a reshard back to it;
+// and a reshard with an unchanged count repairs a topic left too small.
 func TestReshardGrowsTheCheckpointTopicInEveryMode(t *testing.T) {
 	ctx := context.Background()
 	db := testenv.NewDB(t)
@@ -287,8 +287,18 @@ func TestReshardGrowsTheCheckpointTopicInEveryMode(t *testing.T) {
 	if n := checkpointPartitions(t, k, cfg.CheckpointTopic); n != 2 {
 		t.Fatalf("after a reshard to 2 shards in at-least-once mode the checkpoint topic has %d partitions, want 2", n)
 	}
+	// The mode is recorded too: exactly-once runs again after a reshard
+	// back to it, which finds something to do.
 	eo := cfg
 	eo.Shards = 2
+	back, err := relay.New(eo, db.Pool, relay.WithLogger(testenv.Logger(t, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if old, err := back.Reshard(ctx); err != nil || old.Delivery != "at-least-once" {
+		t.Fatalf("reshard back to exactly-once: recorded %+v, %v", old, err)
+	}
+	back.Close()
 	more := db.Insert(t, "payments", 20, keys)
 	runUntilOwned(t, db, eo, 2)
 

@@ -223,6 +223,11 @@ func TestREADMEGrantsAreExactlyEnough(t *testing.T) {
 	// at-most-once (the in-flight table), with a retention that deletes the
 	// row published above at start.
 	more := db.Insert(t, "payments", 1, []string{"acct-2"})
+	// The delivery mode is recorded for the table: the admin role changes it.
+	modeEnv := append(append(append([]string{}, adminEnv...), settings...), "OUTBOX_DELIVERY=at-most-once")
+	if code, out := cliAs(t, bin, modeEnv, "reshard"); code != 0 || !strings.Contains(out, "delivery from exactly-once to at-most-once") {
+		t.Fatalf("reshard to at-most-once as the admin role: exit %d\n%s", code, out)
+	}
 	amo := append(append([]string{}, relayEnv...), "OUTBOX_DELIVERY=at-most-once", "OUTBOX_RETENTION=1ms")
 	p = startRelayProcess(t, bin, amo, logs)
 	waitUntil(t, 30*time.Second, p, "the at-most-once row marked and retention deleting the first", func() bool {

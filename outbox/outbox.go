@@ -98,6 +98,13 @@ const CopyThreshold = 64
 // dead-letters such a row, and Write refuses such a Message.
 const ReservedHeader = "outbox-id"
 
+// IsReservedHeader reports whether a header name would pass for the
+// relay's outbox-id with a consumer that compares names loosely: any case,
+// surrounding spaces ("Outbox-Id", "outbox-id ").
+func IsReservedHeader(name string) bool {
+	return strings.EqualFold(strings.TrimSpace(name), ReservedHeader)
+}
+
 // Validate reports the first problem with m that the relay would refuse, with
 // the field and the fix.
 func (m Message) Validate() error {
@@ -107,8 +114,10 @@ func (m Message) Validate() error {
 	if m.Partition != nil && *m.Partition < 0 {
 		return fmt.Errorf("outbox message: Partition is %d: must be >= 0, or nil to hash the key", *m.Partition)
 	}
-	if _, ok := m.Headers[ReservedHeader]; ok {
-		return fmt.Errorf("outbox message: Headers sets %q, which is reserved: the relay sends the row id in it; rename the header", ReservedHeader)
+	for k := range m.Headers {
+		if IsReservedHeader(k) {
+			return fmt.Errorf("outbox message: Headers sets %q, which is reserved (%q in any case, with or without spaces): the relay sends the row id in it; rename the header", k, ReservedHeader)
+		}
 	}
 	return nil
 }

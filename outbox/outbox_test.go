@@ -42,3 +42,21 @@ func TestIdentifiersAreQuoted(t *testing.T) {
 		t.Fatalf("DeadLetterIdent = %s, want %s", got, want)
 	}
 }
+
+// TestNearMissesOfOutboxIDAreReserved: a header a loose consumer would take
+// for outbox-id (another case, spaces) is refused like outbox-id itself.
+func TestNearMissesOfOutboxIDAreReserved(t *testing.T) {
+	for _, name := range []string{"outbox-id", "Outbox-Id", "OUTBOX-ID", " outbox-id", "outbox-id "} {
+		if !IsReservedHeader(name) {
+			t.Errorf("%q is not reserved", name)
+		}
+		if err := (Message{Topic: "t", Headers: map[string]string{name: "1"}}).Validate(); err == nil {
+			t.Errorf("a Message with header %q is accepted", name)
+		}
+	}
+	for _, name := range []string{"outbox_id", "app-outbox-id", "outboxid"} {
+		if IsReservedHeader(name) {
+			t.Errorf("%q is reserved, want allowed", name)
+		}
+	}
+}

@@ -401,12 +401,15 @@ func (s *Store) Incarnation(ctx context.Context) (string, error) {
 
 // Identity is what every relay of one table must share: the shard count
 // (rows map to shards by it), the relay name (the transactional ids) and the
-// checkpoint topic. Relays that differ in any of them never fence each
-// other, so the first relay records them and the others must match.
+// checkpoint topic, and the delivery mode (an at-least-once relay reads no
+// checkpoint, so it would publish again what an exactly-once relay
+// committed but did not mark). Relays that differ in any of them never fence
+// each other, so the first relay records them and the others must match.
 type Identity struct {
 	Shards          int
 	RelayName       string
 	CheckpointTopic string
+	Delivery        string
 }
 
 // Identity returns the identity recorded for the table, recording the
@@ -414,18 +417,18 @@ type Identity struct {
 func (s *Store) Identity(ctx context.Context, want Identity) (Identity, error) {
 	var got Identity
 	err := s.pool.QueryRow(ctx, `UPDATE `+s.t.StateIdent()+` SET shards = coalesce(shards, $1),
-    relay_name = coalesce(relay_name, $2), checkpoint_topic = coalesce(checkpoint_topic, $3)
-RETURNING shards, relay_name, checkpoint_topic`, want.Shards, want.RelayName, want.CheckpointTopic).Scan(&got.Shards, &got.RelayName, &got.CheckpointTopic)
+    relay_name = coalesce(relay_name, $2), checkpoint_topic = coalesce(checkpoint_topic, $3), delivery = coalesce(delivery, $4)
+RETURNING shards, relay_name, checkpoint_topic, delivery`, want.Shards, want.RelayName, want.CheckpointTopic, want.Delivery).Scan(&got.Shards, &got.RelayName, &got.CheckpointTopic, &got.Delivery)
 	if err != nil {
-		return Identity{}, fmt.Errorf("read shard count, relay name and checkpoint topic recorded for %s: %w", s.t, err)
+		return Identity{}, fmt.Errorf("read shard count, relay name, checkpoint topic and delivery mode recorded for %s: %w", s.t, err)
 	}
 	return got, nil
 }
 
 // SetIdentity records a new identity (after a reshard).
 func (s *Store) SetIdentity(ctx context.Context, id Identity) error {
-	if _, err := s.pool.Exec(ctx, `UPDATE `+s.t.StateIdent()+` SET shards = $1, relay_name = $2, checkpoint_topic = $3`,
-		id.Shards, id.RelayName, id.CheckpointTopic); err != nil {
+	if _, err := s.pool.Exec(ctx, `UPDATE `+s.t.StateIdent()+` SET shards = $1, relay_name = $2, checkpoint_topic = $3, delivery = $4`,
+		id.Shards, id.RelayName, id.CheckpointTopic, id.Delivery); err != nil {
 		return fmt.Errorf("record shard count, relay name and checkpoint topic of %s: %w", s.t, err)
 	}
 	return nil

@@ -173,7 +173,7 @@ func (o *owner) run(ctx context.Context) error {
 // ownershipFatal: errors that stop the relay rather than being retried.
 func ownershipFatal(err error) bool {
 	return errors.Is(err, ErrShardsChanged) || errors.Is(err, ErrRelayNameChanged) ||
-		errors.Is(err, ErrCheckpointTopicChanged) || errors.Is(err, ErrSessionNeeded)
+		errors.Is(err, ErrCheckpointTopicChanged) || errors.Is(err, ErrDeliveryChanged) || errors.Is(err, ErrSessionNeeded)
 }
 
 const memberLocksSQL = `FROM pg_locks WHERE locktype = 'advisory' AND granted

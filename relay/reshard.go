@@ -25,13 +25,18 @@ var ErrRelayNameChanged = errors.New("relay name changed")
 // stopped to change it.
 var ErrCheckpointTopicChanged = errors.New("checkpoint topic changed")
 
+// ErrDeliveryChanged: OUTBOX_DELIVERY differs from the delivery mode
+// recorded for the table. Change it with Reshard (`outbox-relay reshard`)
+// with every relay stopped.
+var ErrDeliveryChanged = errors.New("delivery mode changed")
+
 // ErrRelaysRunning: Reshard found relays of the table running.
 var ErrRelaysRunning = errors.New("relays of this table are running")
 
 // identity is what this relay's configuration says every relay of the
 // table shares.
 func (r *Relay) identity() outbox.Identity {
-	return outbox.Identity{Shards: r.cfg.Shards, RelayName: r.cfg.RelayName, CheckpointTopic: r.cfg.CheckpointTopic}
+	return outbox.Identity{Shards: r.cfg.Shards, RelayName: r.cfg.RelayName, CheckpointTopic: r.cfg.CheckpointTopic, Delivery: string(r.mode)}
 }
 
 // checkIdentity compares the configuration with the shard count, relay name
@@ -57,20 +62,32 @@ func (r *Relay) checkIdentity(ctx context.Context) error {
 		return fmt.Errorf("%w: OUTBOX_CHECKPOINT_TOPIC is %q but %s records its checkpoints in %q; a relay reading another topic would not find the batches committed but not yet marked, and would publish them again. "+
 			"Set OUTBOX_CHECKPOINT_TOPIC=%q, or, to change it: stop every relay of this table, then run `outbox-relay reshard` with OUTBOX_CHECKPOINT_TOPIC=%q (it recovers every shard from the old topic, then records the new one)",
 			ErrCheckpointTopicChanged, r.cfg.CheckpointTopic, t, got.CheckpointTopic, got.CheckpointTopic, r.cfg.CheckpointTopic)
+	case got.Delivery != string(r.mode):
+		return fmt.Errorf("%w: OUTBOX_DELIVERY is %s but %s is relayed %s; a relay of another mode does not read the others' checkpoints and would publish again what they committed but did not mark. "+
+			"Set OUTBOX_DELIVERY=%s, or, to change it: stop every relay of this table, then run `outbox-relay reshard` with OUTBOX_DELIVERY=%s (it recovers every shard from its checkpoints, then records the new mode)",
+			ErrDeliveryChanged, r.mode, t, got.Delivery, got.Delivery, r.mode)
 	}
 	return nil
 }
 
 // as returns a relay like r with the recorded identity id: the one whose
-// shards a reshard recovers.
+// shards a reshard recovers. It recovers them as an exactly-once relay
+// would, whatever OUTBOX_DELIVERY says now: a relay of the old layout may
+// have committed batches in Kafka that only its checkpoints list, and only
+// InitProducerID with its transactional id fences its zombies.
 func (r *Relay) as(id outbox.Identity) *Relay {
 	cfg := r.cfg
 	cfg.Shards, cfg.RelayName, cfg.CheckpointTopic = id.Shards, id.RelayName, id.CheckpointTopic
 	tcfg := r.tcfg
 	tcfg.RelayName, tcfg.CheckpointTopic = id.RelayName, id.CheckpointTopic
+	if !r.mode.Transactional() {
+		settings := txn.DefaultSettings(txn.ExactlyOnce)
+		settings.ClientID, settings.BatchMaxBytes = r.tcfg.Settings.ClientID, r.tcfg.Settings.BatchMaxBytes
+		tcfg.Settings = settings
+	}
 	return &Relay{cfg: cfg, pool: r.pool, store: r.store, log: r.log.With("recorded_relay", id.RelayName), reg: r.reg, m: r.m,
 		fail: r.fail, kopts: r.kopts, tcfg: tcfg, wake: r.wake, connCfg: r.connCfg, instance: r.instance,
-		mode: r.mode, incarnation: r.incarnation}
+		mode: txn.ExactlyOnce, incarnation: r.incarnation}
 }
 
 // Reshard changes the table's shard count, relay name or checkpoint topic
@@ -109,8 +126,14 @@ func (r *Relay) Reshard(ctx context.Context) (outbox.Identity, error) {
 		return outbox.Identity{}, err
 	}
 	changed := old != r.identity()
-	if changed && r.mode.Transactional() {
+	if changed {
 		rec := r.as(old)
+		// In every delivery mode (a relay of the old layout may have
+		// run exactly-once): the old checkpoint topic, created or grown
+		// if an at-least-once relay never made it, holds what to mark.
+		if err := txn.GrowCheckpointTopic(ctx, rec.tcfg, old.Shards); err != nil {
+			return old, fmt.Errorf("reshard: old checkpoint topic: %w", err)
+		}
 		for s := range int32(old.Shards) {
 			log := rec.log.With("shard", s)
 			l, err := r.store.TakeLease(ctx, conn, s, r.instance+" (reshard)")
@@ -119,6 +142,15 @@ func (r *Relay) Reshard(ctx context.Context) (outbox.Identity, error) {
 			}
 			wl := newLease(l, r.cfg.RebalanceInterval)
 			p, err := rec.recoverShard(ctx, s, wl, log)
+			if errors.Is(err, txn.ErrCheckpointForeign) && old.CheckpointTopic != r.cfg.CheckpointTopic {
+				// The documented way out of a foreign record: a new
+				// checkpoint topic. The old transactional id is fenced
+				// (InitProducerID ran); what its last batches committed
+				// but did not mark cannot be known and is published again.
+				log.Warn("reshard: the old checkpoint partition holds a record that is not a checkpoint; moving to the new checkpoint topic: rows the old shard committed but did not mark, if any, are published again",
+					"old_checkpoint_topic", old.CheckpointTopic, "new_checkpoint_topic", r.cfg.CheckpointTopic, "err", err)
+				continue
+			}
 			if err != nil {
 				return old, fmt.Errorf("reshard: recover old shard %d (relay name %q, checkpoint topic %q): %w", s, old.RelayName, old.CheckpointTopic, err)
 			}

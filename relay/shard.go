@@ -11,6 +11,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -755,7 +756,17 @@ func (r *Relay) publishAtMostOnce(ctx context.Context, s int32, l *lease, p *txn
 		if first == nil && len(refused) > 0 {
 			first = refused[0]
 		}
-		log.Error("at-most-once: rows marked published were not sent; they are lost", "rows", lost, "err", first)
+		sent := make(map[int64]bool, len(acked))
+		for _, id := range acked {
+			sent[id] = true
+		}
+		var lostIDs []int64
+		for _, rec := range recs {
+			if !sent[rec.ID] {
+				lostIDs = append(lostIDs, rec.ID)
+			}
+		}
+		log.Error("at-most-once: rows marked published were not sent; they are lost", "rows", lost, "ids", lostIDs, "err", first)
 	}
 	l.step(r.dbBudget())
 	if err := r.store.ConfirmInflight(ctx, l.Lease, batch); err != nil {
@@ -822,10 +833,11 @@ func toRecord(row outbox.Row) (txn.Record, error) {
 		}
 		// Headers go out sorted by name, so their order is stable.
 		for _, k := range slices.Sorted(maps.Keys(h)) {
-			if k == txn.HeaderOutboxID {
+			if outbox.IsReservedHeader(k) {
 				// A second outbox-id would make consumers that read the
-				// last one (Java's lastHeader) take this row for another.
-				return rec, fmt.Errorf("column headers sets %q, which is reserved: the relay sends the row id in it; rename the header (e.g. to %q)", k, "app-"+k)
+				// last one (Java's lastHeader), or compare names loosely,
+				// take this row for another.
+				return rec, fmt.Errorf("column headers sets %q, which is reserved (%q in any case, with or without spaces): the relay sends the row id in it; rename the header (e.g. to %q)", k, outbox.ReservedHeader, "app-"+strings.TrimSpace(k))
 			}
 			v, ok := h[k].(string)
 			if !ok {

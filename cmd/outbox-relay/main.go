@@ -199,13 +199,20 @@ func runReshard(ctx context.Context, environ []string, stdout, stderr io.Writer)
 	if old.CheckpointTopic != cfg.CheckpointTopic {
 		changes = append(changes, fmt.Sprintf("checkpoint topic from %q to %q", old.CheckpointTopic, cfg.CheckpointTopic))
 	}
+	delivery := cfg.Delivery
+	if delivery == "" {
+		delivery = "exactly-once"
+	}
+	if old.Delivery != delivery {
+		changes = append(changes, fmt.Sprintf("delivery from %s to %s", old.Delivery, delivery))
+	}
 	if len(changes) == 0 {
-		fmt.Fprintf(stdout, "%s.%s already has %d shards, relay name %q and checkpoint topic %q (checkpoint topic partitions checked)\n",
-			cfg.Schema, cfg.Table, old.Shards, old.RelayName, old.CheckpointTopic)
+		fmt.Fprintf(stdout, "%s.%s already has %d shards, relay name %q, checkpoint topic %q and delivery %s (checkpoint topic partitions checked)\n",
+			cfg.Schema, cfg.Table, old.Shards, old.RelayName, old.CheckpointTopic, old.Delivery)
 		return nil
 	}
-	fmt.Fprintf(stdout, "resharded %s.%s %s: start the relays with OUTBOX_SHARDS=%d OUTBOX_RELAY_NAME=%s OUTBOX_CHECKPOINT_TOPIC=%s\n",
-		cfg.Schema, cfg.Table, strings.Join(changes, ", "), cfg.Shards, cfg.RelayName, cfg.CheckpointTopic)
+	fmt.Fprintf(stdout, "resharded %s.%s %s: start the relays with OUTBOX_SHARDS=%d OUTBOX_RELAY_NAME=%s OUTBOX_CHECKPOINT_TOPIC=%s OUTBOX_DELIVERY=%s\n",
+		cfg.Schema, cfg.Table, strings.Join(changes, ", "), cfg.Shards, cfg.RelayName, cfg.CheckpointTopic, delivery)
 	return nil
 }
 

@@ -21,11 +21,14 @@ CREATE TABLE "public"."outbox_owner" (
 
 -- The identity every relay of this table shares, recorded by the first relay
 -- with the shard count: two instances with another OUTBOX_RELAY_NAME or
--- OUTBOX_CHECKPOINT_TOPIC would never fence each other. `outbox-relay
--- reshard` is the documented way to change them.
+-- OUTBOX_CHECKPOINT_TOPIC would never fence each other, and a relay with
+-- another OUTBOX_DELIVERY would not read the others' checkpoints (an
+-- at-least-once relay would publish again what an exactly-once one
+-- committed). `outbox-relay reshard` is the documented way to change them.
 ALTER TABLE "public"."outbox_relay_state"
     ADD COLUMN relay_name       text,
-    ADD COLUMN checkpoint_topic text;
+    ADD COLUMN checkpoint_topic text,
+    ADD COLUMN delivery         text;
 
 -- At-most-once: every marked, unconfirmed batch is a row of its own until its
 -- send is confirmed, so a batch marked by an old owner is still reported
