@@ -5,11 +5,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/outbox-relay/outbox-relay/integration/testenv"
-	"github.com/outbox-relay/outbox-relay/migrations"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
 )
@@ -28,29 +26,7 @@ import (
 // producing, it makes every visible commit durable (Store.MakeVisibleDurable).
 func TestRowsOfAnAsyncCommitWriterArePublishedOnlyOnceDurable(t *testing.T) {
 	ctx := context.Background()
-	pg := testenv.StartPrivatePostgres(t, "wal_writer_delay=10000", "wal_writer_flush_after=1GB", "autovacuum=off")
-	admin, err := pgxpool.New(ctx, pg.URL("postgres", "postgres"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer admin.Close()
-	for _, q := range []string{`CREATE ROLE app LOGIN SUPERUSER`, `ALTER ROLE app SET synchronous_commit = off`} {
-		if _, err := admin.Exec(ctx, q); err != nil {
-			t.Fatal(err)
-		}
-	}
-	m, err := migrations.New(admin, "public", "outbox")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := m.Up(ctx); err != nil {
-		t.Fatal(err)
-	}
-	appPool, err := pgxpool.New(ctx, pg.URL("app", "postgres"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer appPool.Close()
+	pg, admin, appPool := asyncServer(t, "app")
 
 	topic := testenv.RandomName("payments-")
 	k := testenv.NewKafka(t, 1, topic)

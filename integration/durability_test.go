@@ -26,30 +26,8 @@ import (
 // marks before the crash.
 func TestMarksSurviveADatabaseCrashWithSynchronousCommitOff(t *testing.T) {
 	ctx := context.Background()
-	pg := testenv.StartPrivatePostgres(t, "wal_writer_delay=10000", "wal_writer_flush_after=1GB", "autovacuum=off")
-	admin, err := pgxpool.New(ctx, pg.URL("postgres", "postgres"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer admin.Close()
-	for _, q := range []string{`CREATE ROLE relay LOGIN SUPERUSER`, `ALTER ROLE relay SET synchronous_commit = off`} {
-		if _, err := admin.Exec(ctx, q); err != nil {
-			t.Fatal(err)
-		}
-	}
-	m, err := migrations.New(admin, "public", "outbox")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := m.Up(ctx); err != nil {
-		t.Fatal(err)
-	}
+	pg, admin, relayPool := asyncServer(t, "relay")
 	relayURL := pg.URL("relay", "postgres")
-	relayPool, err := pgxpool.New(ctx, relayURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer relayPool.Close()
 	var level string
 	if err := relayPool.QueryRow(ctx, `SHOW synchronous_commit`).Scan(&level); err != nil || level != "off" {
 		t.Fatalf("the relay role's synchronous_commit is %q (%v), want off for this test", level, err)
@@ -73,4 +51,38 @@ func TestMarksSurviveADatabaseCrashWithSynchronousCommitOff(t *testing.T) {
 		return err == nil && n == 0
 	})
 	testenv.CheckExactlyOnce(t, ids, k.NewConsumer(t, topic).WaitFor(t, len(ids), 20*time.Second))
+}
+
+// asyncServer is a private PostgreSQL server on which only commits that
+// are flushed survive a crash, and little else flushes: the WAL writer
+// slowed to 10 s, autovacuum off. It has a migrated outbox and a role, role,
+// whose commits are asynchronous (synchronous_commit=off). It returns the
+// server, a pool as postgres (synchronous commits) and a pool as role.
+func asyncServer(t *testing.T, role string) (*testenv.PrivatePostgres, *pgxpool.Pool, *pgxpool.Pool) {
+	t.Helper()
+	ctx := context.Background()
+	pg := testenv.StartPrivatePostgres(t, "wal_writer_delay=10000", "wal_writer_flush_after=1GB", "autovacuum=off")
+	admin, err := pgxpool.New(ctx, pg.URL("postgres", "postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(admin.Close)
+	for _, q := range []string{`CREATE ROLE ` + role + ` LOGIN SUPERUSER`, `ALTER ROLE ` + role + ` SET synchronous_commit = off`} {
+		if _, err := admin.Exec(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m, err := migrations.New(admin, "public", "outbox")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Up(ctx); err != nil {
+		t.Fatal(err)
+	}
+	async, err := pgxpool.New(ctx, pg.URL(role, "postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(async.Close)
+	return pg, admin, async
 }
