@@ -247,24 +247,9 @@ func (s *Store) leaseCTE(shardArg, tokenArg int) string {
 // recovery can apply a checkpoint any number of times. It changes nothing and
 // returns ErrLeaseLost when l is no longer the shard's current lease.
 func (s *Store) MarkPublished(ctx context.Context, l Lease, ids []int64) (int64, error) {
-	if len(ids) == 0 {
-		return 0, nil
-	}
-	var held bool
-	var n int64
-	err := s.pool.QueryRow(ctx, `WITH `+s.leaseCTE(2, 3)+`, marked AS (
-    UPDATE `+s.t.Ident()+` SET published_at = now()
+	return s.markUnderLease(ctx, l, len(ids), `UPDATE `+s.t.Ident()+` SET published_at = now()
     WHERE id = ANY($1::bigint[]) AND published_at IS NULL AND EXISTS (SELECT FROM lease)
-    RETURNING 1
-)
-SELECT EXISTS (SELECT FROM lease), (SELECT count(*) FROM marked)`, ids, l.Shard, l.Token).Scan(&held, &n)
-	if err == nil && !held {
-		err = ErrLeaseLost
-	}
-	if err != nil {
-		return 0, fmt.Errorf("mark %d rows of shard %d published in %s: %w", len(ids), l.Shard, s.t, err)
-	}
-	return n, nil
+    RETURNING 1`, ids, l.Shard, l.Token)
 }
 
 // MarkInflight is at-most-once's mark: in one statement it marks ids
