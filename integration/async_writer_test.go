@@ -23,7 +23,7 @@ import (
 // the business change, while Kafka holds committed records for them: events
 // of transactions that, after the crash, never happened (verify: phantom).
 // The relay must publish only rows whose commit is durable: before
-// producing, it makes every visible commit durable (Store.MakeVisibleDurable).
+// producing, it makes every commit it read durable (Store.ReadDurable).
 func TestRowsOfAnAsyncCommitWriterArePublishedOnlyOnceDurable(t *testing.T) {
 	ctx := context.Background()
 	pg, admin, appPool := asyncServer(t, "app")

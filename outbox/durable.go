@@ -2,44 +2,50 @@ package outbox
 
 import (
 	"context"
-	"fmt"
+	"strconv"
 )
 
-// MakeVisibleDurable returns once every commit visible now is durable in
-// the WAL, so that rows just read may be published. A writer with
-// synchronous_commit=off has its commit acknowledged and visible before its
-// WAL is flushed: a row the relay published then could vanish in a database
-// crash, leaving Kafka with an event of a transaction that never happened.
+// ReadDurable is ReadBatchAfter for rows about to be published by the owner
+// of lease l: it returns only once every commit the read saw is durable in
+// the WAL. A writer with synchronous_commit=off has its commit acknowledged
+// and visible before its WAL is flushed: a row the relay published then
+// could vanish in a database crash, leaving Kafka with an event of a
+// transaction that never happened.
 //
-// Every commit visible to a statement has its commit record before the
-// current WAL insert position, so when the flush position has passed it
-// there is nothing to do. Otherwise the statement locks the shard's owner
-// row FOR KEY SHARE: a row lock writes WAL and takes a transaction id, so
-// the statement's commit (at least locally durable: the relay's connections
-// never commit with synchronous_commit=off) flushes the WAL up to its own
-// commit record, and with it every earlier commit. It is one round trip
-// either way, and it returns ErrLeaseLost if l is no longer current (a relay
-// that lost the shard then stops before producing).
+// It is one statement, one round trip. Its snapshot is taken before it
+// compares the WAL positions, so every commit the read sees has its commit
+// record before the insert position compared: when the flush position has
+// passed that, there is nothing to do. Otherwise the statement locks the
+// shard's owner row FOR KEY SHARE: a row lock writes WAL and takes a
+// transaction id, so the statement's own commit (at least locally durable:
+// the relay's connections never commit with synchronous_commit=off) flushes
+// the WAL up to its commit record, and with it every commit the read saw.
+// That commit ends before the statement's answer does (the client reads up
+// to ReadyForQuery). It returns ErrLeaseLost when it had to flush and l is
+// no longer current (a relay that lost the shard then stops before
+// producing). A read that finds no row makes nothing durable: there is
+// nothing to publish.
 //
 // FOR KEY SHARE, not an UPDATE of the owner row: a pipelined mark in flight
 // holds that row FOR SHARE until it commits (the lease check of every mark),
 // and an UPDATE would wait for it, putting the mark back on the loop's
 // critical path. Two share locks do not wait for each other; a takeover's
-// UPDATE of the token still waits for both.
-func (s *Store) MakeVisibleDurable(ctx context.Context, l Lease) error {
-	var held bool
-	err := s.pool.QueryRow(ctx, `WITH behind AS MATERIALIZED (
+// UPDATE of the token does not wait for this one.
+func (s *Store) ReadDurable(ctx context.Context, l Lease, shards, limit int, maxBytes int64, after int64) ([]Row, error) {
+	return s.read(ctx, &l, int(l.Shard), shards, limit, maxBytes, after)
+}
+
+// durableRead wraps a read statement so that every row also carries
+// whether the statement made the commits it sees durable (see ReadDurable);
+// the lease's shard and token are parameters argN and argN+1.
+func (s *Store) durableRead(read string, argN int) string {
+	shard, token := "$"+strconv.Itoa(argN), "$"+strconv.Itoa(argN+1)
+	return `WITH behind AS MATERIALIZED (
     SELECT pg_current_wal_flush_lsn() < pg_current_wal_insert_lsn() AS yes
 ), flush AS MATERIALIZED (
-    SELECT FROM `+s.t.OwnerIdent()+` WHERE shard = $1 AND token = $2 AND (SELECT yes FROM behind) FOR KEY SHARE
+    SELECT FROM ` + s.t.OwnerIdent() + ` WHERE shard = ` + shard + ` AND token = ` + token + ` AND (SELECT yes FROM behind) FOR KEY SHARE
+), durable AS MATERIALIZED (
+    SELECT NOT (SELECT yes FROM behind) OR EXISTS (SELECT FROM flush) AS ok
 )
-SELECT EXISTS (SELECT FROM `+s.t.OwnerIdent()+` WHERE shard = $1 AND token = $2) AND
-    (NOT (SELECT yes FROM behind) OR EXISTS (SELECT FROM flush))`, l.Shard, l.Token).Scan(&held)
-	if err == nil && !held {
-		err = ErrLeaseLost
-	}
-	if err != nil {
-		return fmt.Errorf("flush the WAL before publishing rows of shard %d of %s: %w", l.Shard, s.t, err)
-	}
-	return nil
+SELECT batch.*, (SELECT ok FROM durable) FROM (` + read + `) AS batch ORDER BY batch.id`
 }

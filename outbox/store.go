@@ -122,24 +122,47 @@ func (s *Store) ReadBatch(ctx context.Context, shard, shards, limit int, maxByte
 // skips them and keeps the shard's id order (I4), without walking their index
 // entries. ReadBatch is ReadBatchAfter from 0: one query, one hold filter.
 func (s *Store) ReadBatchAfter(ctx context.Context, shard, shards, limit int, maxBytes int64, after int64) ([]Row, error) {
+	return s.read(ctx, nil, shard, shards, limit, maxBytes, after)
+}
+
+// read runs ReadBatchSQL; with a lease, wrapped by durableRead.
+func (s *Store) read(ctx context.Context, l *Lease, shard, shards, limit int, maxBytes int64, after int64) ([]Row, error) {
 	args := []any{limit, after}
 	if maxBytes > 0 {
 		args = append(args, maxBytes)
 	}
 	_, fargs := shardFilter(shard, shards, 0)
-	rows, err := s.pool.Query(ctx, s.ReadBatchSQL(shards, maxBytes > 0), append(args, fargs...)...)
+	args = append(args, fargs...)
+	q := s.ReadBatchSQL(shards, maxBytes > 0)
+	if l != nil {
+		q = s.durableRead(q, len(args)+1)
+		args = append(args, l.Shard, l.Token)
+	}
+	rows, err := s.pool.Query(ctx, q, args...)
 	if err != nil {
 		return nil, fmt.Errorf("read unpublished rows of %s after id %d: %w", s.t, after, err)
 	}
+	held := true
 	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Row, error) {
 		var row Row
 		var headers *string
-		err := r.Scan(&row.ID, &row.Topic, &row.Key, &row.Value, &headers, &row.Partition, &row.CreatedAt)
+		dest := []any{&row.ID, &row.Topic, &row.Key, &row.Value, &headers, &row.Partition, &row.CreatedAt}
+		var ok bool
+		if l != nil {
+			dest = append(dest, &ok)
+		}
+		err := r.Scan(dest...)
 		if headers != nil {
 			row.Headers = []byte(*headers)
 		}
+		if l != nil && !ok {
+			held = false
+		}
 		return row, err
 	})
+	if err == nil && !held {
+		err = ErrLeaseLost
+	}
 	if err != nil {
 		return nil, fmt.Errorf("read unpublished rows of %s after id %d: %w", s.t, after, err)
 	}

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/txn"
 )
 
 // FailBeforeMarkPrevious: batch n committed, and its mark, pipelined, not yet
@@ -83,7 +84,8 @@ func (ra *readAhead) wait() ([]outbox.Row, error) {
 // reads above the floor: see readBatch). The read outlives the batch's
 // context but not the database budget; endPipeline or the next readBatch
 // waits for it.
-func (r *Relay) startReadAhead(ctx context.Context, s int32, pl *pipeline) {
+func (r *Relay) startReadAhead(ctx context.Context, s int32, l *lease) {
+	pl := l.pipe
 	if pl == nil || pl.ahead != nil || pl.short || pl.floored >= maxFloored {
 		return
 	}
@@ -92,7 +94,7 @@ func (r *Relay) startReadAhead(ctx context.Context, s int32, pl *pipeline) {
 	after := pl.floor
 	go func() {
 		defer close(ra.done)
-		ra.rows, ra.err = r.store.ReadBatchAfter(actx, int(s), r.cfg.Shards, r.cfg.BatchSize, r.cfg.readMaxBytes(), after)
+		ra.rows, ra.err = r.read(actx, s, l, after)
 	}()
 	pl.ahead = ra
 }
@@ -182,12 +184,12 @@ func (r *Relay) readBatch(ctx context.Context, s int32, l *lease, pl *pipeline, 
 	var err error
 	if pl != nil && pl.pending != nil {
 		pl.floored++
-		rows, err = r.store.ReadBatchAfter(ctx, int(s), r.cfg.Shards, r.cfg.BatchSize, r.cfg.readMaxBytes(), pl.floor)
+		rows, err = r.read(ctx, s, l, pl.floor)
 	} else {
 		if pl != nil {
 			pl.floored = 0
 		}
-		rows, err = r.store.ReadBatch(ctx, int(s), r.cfg.Shards, r.cfg.BatchSize, r.cfg.readMaxBytes())
+		rows, err = r.read(ctx, s, l, 0)
 	}
 	if err != nil || pl == nil {
 		return rows, err
@@ -197,6 +199,18 @@ func (r *Relay) readBatch(ctx context.Context, s int32, l *lease, pl *pipeline, 
 		pl.floor = rows[len(rows)-1].ID
 	}
 	return rows, nil
+}
+
+// read reads the shard's unpublished rows above id after (0: from the
+// start). Rows about to be published are read durably (Store.ReadDurable):
+// the read also makes every commit it saw durable, so no row of a commit a
+// database crash could still lose is published. At-most-once marks its rows
+// before producing them, and that mark's commit is the flush.
+func (r *Relay) read(ctx context.Context, s int32, l *lease, after int64) ([]outbox.Row, error) {
+	if r.mode == txn.AtMostOnce {
+		return r.store.ReadBatchAfter(ctx, int(s), r.cfg.Shards, r.cfg.BatchSize, r.cfg.readMaxBytes(), after)
+	}
+	return r.store.ReadDurable(ctx, l.Lease, r.cfg.Shards, r.cfg.BatchSize, r.cfg.readMaxBytes(), after)
 }
 
 // markBatch marks a committed batch published. In the serial loop it marks

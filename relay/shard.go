@@ -439,21 +439,13 @@ func (r *Relay) publishRows(ctx context.Context, s int32, l *lease, p *txn.Produ
 		return err
 	}
 	recs, created = without(recs, created, dead)
-	// The rows may be visible before they are durable (a writer with
-	// synchronous_commit=off): publish only once they survive a crash.
-	if len(recs) > 0 && r.mode != txn.AtMostOnce { // at-most-once's durable mark comes first
-		l.step(r.dbBudget())
-		if err := r.store.MakeVisibleDurable(ctx, l.Lease); err != nil {
-			return err
-		}
-	}
 	if len(held) == 0 && len(recs) > 0 {
 		// Pipelined: read the next batch while this one's transaction
 		// runs. Not after a dead letter of this batch held a key: the
 		// rows it holds are not published, and the next read, above this
 		// batch, must not be taken before they are (the plain read after
 		// a short batch finds them once released).
-		r.startReadAhead(ctx, s, l.pipe)
+		r.startReadAhead(ctx, s, l)
 	}
 	return r.publish(ctx, s, l, p, recs, created, held, log)
 }
