@@ -116,3 +116,48 @@ func TestReadAheadBegunBeforeADeadLetterPublishesNoHeldRow(t *testing.T) {
 	testenv.CheckExactlyOnce(t, want, seen)
 	waitHeld(t, st, 1, int64(len(held)), 1)
 }
+
+// TestCrashAtEveryPointOfThePipeline stops the relay once at each point of
+// the pipelined loop, on the second time it gets there, with batches in
+// every stage: batch n+1 read while batch n's transaction ran, batch n's
+// mark running while batch n+1's transaction runs. Whatever was committed
+// and not marked is in the newest checkpoint's window (I2), what was read
+// and not committed is still unpublished; the next relay publishes every row
+// exactly once (read_committed) and marks every row.
+func TestCrashAtEveryPointOfThePipeline(t *testing.T) {
+	for _, point := range []string{relay.FailBeforeCommit, relay.FailAfterCommit, relay.FailAfterReadAhead,
+		relay.FailBeforeMarkPrevious, relay.FailAfterMark} {
+		t.Run(point, func(t *testing.T) {
+			db := testenv.NewDB(t)
+			topic := testenv.RandomName("payments-")
+			k := testenv.NewKafka(t, 3, topic)
+			const batch = 10
+			ids := db.Insert(t, topic, 6*batch, faultsKeys)
+			cfg := testenv.RelayConfig(db, k)
+			cfg.BatchSize = batch
+			var (
+				mu    sync.Mutex
+				times int
+			)
+			crash := func(_ context.Context, name string, _ int32, _ []int64) error {
+				mu.Lock()
+				defer mu.Unlock()
+				if name != point {
+					return nil
+				}
+				if times++; times == 2 {
+					return errSimulatedCrash
+				}
+				return nil
+			}
+			first := testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)), relay.WithFailpoint(crash))
+			if err := first.Wait(t, 30*time.Second); !errors.Is(err, errSimulatedCrash) {
+				t.Fatalf("first relay: Run returned %v, want the simulated crash at %s", err, point)
+			}
+			testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)))
+			c := k.NewConsumer(t, topic)
+			testenv.CheckExactlyOnce(t, ids, c.WaitFor(t, len(ids), 30*time.Second))
+			faultsEventually(t, 30*time.Second, "every row marked", func() bool { return db.Unpublished(t) == 0 })
+		})
+	}
+}

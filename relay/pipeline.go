@@ -19,6 +19,11 @@ import (
 // unmarked, which recovery must mark from the checkpoint window (I2).
 const FailBeforeMarkPrevious = "before-mark-previous"
 
+// FailAfterReadAhead: batch n committed, its mark pending, and batch n+1,
+// read while batch n's transaction ran, taken as the next batch and not yet
+// published. Called with batch n+1's ids. An error stops the relay there.
+const FailAfterReadAhead = "after-read-ahead"
+
 // WithSerialLoop turns the pipelined publish loop off: every batch is marked
 // before the next one is read, as before the pipeline (benchmarks and tests
 // only: it measures what the pipeline buys).
@@ -166,6 +171,9 @@ func (r *Relay) readBatch(ctx context.Context, s int32, l *lease, pl *pipeline, 
 		if rows, ok := pl.takeReadAhead(); ok {
 			// The read above the floor that follows a full batch, done
 			// while that batch's transaction ran.
+			if err := r.failpoint(ctx, FailAfterReadAhead, s, rowIDs(rows)); err != nil {
+				return nil, err
+			}
 			pl.floored++
 			pl.short = len(rows) < r.cfg.BatchSize
 			if len(rows) > 0 {
@@ -321,4 +329,13 @@ func (r *Relay) endPipeline(ctx context.Context, s int32, l *lease, log *slog.Lo
 		return err
 	}
 	return r.settleMark(ctx, s, l, pl, log)
+}
+
+// rowIDs returns the ids of rows.
+func rowIDs(rows []outbox.Row) []int64 {
+	ids := make([]int64, len(rows))
+	for i, row := range rows {
+		ids[i] = row.ID
+	}
+	return ids
 }
