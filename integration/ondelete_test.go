@@ -12,16 +12,20 @@ import (
 	"context"
 	"errors"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/outbox-relay/outbox-relay/integration/testenv"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/txn"
+	"github.com/outbox-relay/outbox-relay/verify"
 )
 
 // deleteModeConfig is the test relay configuration in delete mode.
@@ -207,5 +211,79 @@ func TestDeleteModeRowsReusingIdsAfterARestoreArePublishedNotDeleted(t *testing.
 	}
 	if !faultsLogHas(logs.String(), `"level":"ERROR"`, "went back in time", `"ids_reused":3`) {
 		t.Error("no ERROR line says the table went back in time with the 3 reused ids")
+	}
+}
+
+// TestDeleteModeVerifyIsCleanAfterARunAndFindsWhatItCan: after a run in
+// delete mode the table is empty; verify told OUTBOX_ON_PUBLISH=delete (and
+// the topic) is clean and counts every record as a deleted row. Then a second record of a
+// deleted row's outbox-id is a duplicate, a row left in the table for long
+// although a committed record holds it is published_not_deleted, and a
+// dead letter in Kafka is found.
+func TestDeleteModeVerifyIsCleanAfterARunAndFindsWhatItCan(t *testing.T) {
+	ctx := context.Background()
+	db := testenv.NewDB(t)
+	topic := testenv.RandomName("payments-")
+	k := testenv.NewKafka(t, 3, topic)
+	ids := db.Insert(t, topic, 60, faultsKeys)
+	run := testenv.StartRelay(t, db, deleteModeConfig(db, k))
+	faultsEventually(t, 30*time.Second, "every row published and deleted", func() bool { return tableRows(t, db) == 0 })
+	if err := run.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	vcfg := verify.Config{Pool: db.Pool, Table: db.Table, Brokers: k.Brokers, Since: time.Hour, OnPublish: outbox.Delete, Topics: []string{topic}}
+	rep, err := verify.Run(ctx, vcfg)
+	if err != nil || !rep.Clean() || rep.Deleted != len(ids) || rep.Records != len(ids) || rep.Rows != 0 || rep.OnPublish != "delete" {
+		t.Fatalf("verify in delete mode after the run: %v; clean %v, deleted %d, records %d, rows %d, counts %v, findings %v; want clean with %d deleted",
+			err, rep != nil && rep.Clean(), rep.Deleted, rep.Records, rep.Rows, rep.Counts, rep.Findings, len(ids))
+	}
+	var text strings.Builder
+	if err := rep.WriteText(&text); err != nil || !strings.Contains(text.String(), "CLEAN") || !strings.Contains(text.String(), "cannot be compared") {
+		t.Errorf("verify's text report in delete mode does not say what it cannot compare:\n%s", text.String())
+	}
+
+	cl, err := kgo.NewClient(kgo.SeedBrokers(k.Brokers...), kgo.DefaultProduceTopic(topic))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	header := func(id int64) []kgo.RecordHeader {
+		return []kgo.RecordHeader{{Key: "outbox-id", Value: []byte(strconv.FormatInt(id, 10))}}
+	}
+	// A row committed in Kafka half an hour ago and never deleted.
+	var left int64
+	if err := db.Pool.QueryRow(ctx, `INSERT INTO outbox (topic, key, value, created_at) VALUES ($1, 'z', 'left', now() - interval '30 minutes') RETURNING id`, topic).Scan(&left); err != nil {
+		t.Fatal(err)
+	}
+	// A dead letter that is in Kafka.
+	dead := left + 100
+	if _, err := db.Pool.Exec(ctx, `INSERT INTO outbox_dead_letter (id, topic, key, value, created_at, error) VALUES ($1, $2, 'y', 'dead', now(), 'refused')`, dead, topic); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []*kgo.Record{
+		{Key: []byte(faultsKeys[ids[4]%int64(len(faultsKeys))]), Value: []byte("again"), Headers: header(ids[4])},
+		{Key: []byte("z"), Value: []byte("left"), Headers: header(left)},
+		{Key: []byte("y"), Value: []byte("dead"), Headers: header(dead)},
+	} {
+		if err := cl.ProduceSync(ctx, r).FirstErr(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rep, err = verify.Run(ctx, vcfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]int64{verify.Duplicate: ids[4], verify.NotDeleted: left, verify.DeadInKafka: dead}
+	for kind, id := range want {
+		found := false
+		for _, f := range rep.Findings {
+			found = found || f.Kind == kind && f.ID == id
+		}
+		if rep.Counts[kind] != 1 || !found {
+			t.Errorf("%s: counted %d, want 1 finding naming id %d (findings %v)", kind, rep.Counts[kind], id, rep.Findings)
+		}
+	}
+	if rep.Clean() || rep.Deleted != len(ids) || rep.Counts[verify.Phantom] != 0 || rep.Counts[verify.Missing] != 0 {
+		t.Errorf("verify with the faults: clean %v, deleted %d (want %d), counts %v", rep.Clean(), rep.Deleted, len(ids), rep.Counts)
 	}
 }
