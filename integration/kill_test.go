@@ -35,13 +35,31 @@ import (
 // SIGTERM, which must exit 0. A read_committed consumer must then see every
 // row exactly once, in id order per key.
 func TestKillNineUnderLoadExactlyOnce(t *testing.T) {
-	rounds := killRounds(t)
+	killNineUnderLoad(t, killRounds(t), outbox.Mark)
+}
+
+// TestKillNineUnderLoadExactlyOnceDeleteMode is the same soak with
+// OUTBOX_ON_PUBLISH=delete, in fewer rounds (one of each kind; at most
+// OUTBOX_KILL_ROUNDS): every row committed by the writers reaches Kafka
+// exactly once, and the relay deletes every one (a test trigger records the
+// deleted ids, which stand for the rows).
+func TestKillNineUnderLoadExactlyOnceDeleteMode(t *testing.T) {
+	killNineUnderLoad(t, min(killRounds(t), 4), outbox.Delete)
+}
+
+// killNineUnderLoad is the kill -9 soak of rounds rounds, with the relay
+// settling published rows as onPublish says.
+func killNineUnderLoad(t *testing.T, rounds int, onPublish outbox.OnPublish) {
 	bin := buildRelayBinary(t)
 	db := testenv.NewDB(t)
 	topic := testenv.RandomName("payments-")
 	k := testenv.NewKafka(t, 3, topic)
-	env := relayProcessEnv(db, k, testenv.RandomName("relay-"), testenv.RandomName("checkpoints-"))
+	env := append(relayProcessEnv(db, k, testenv.RandomName("relay-"), testenv.RandomName("checkpoints-")), "OUTBOX_ON_PUBLISH="+string(onPublish))
 	logs := newRelayLogs(t, "kill")
+	countPublished := countPublished
+	if onPublish == outbox.Delete {
+		countPublished = recordDeletedIDs(t, db)
+	}
 
 	w := startLoadWriter(t, db, topic, loadKeys(40), time.Millisecond)
 	defer w.halt()
@@ -140,6 +158,12 @@ func TestKillNineUnderLoadExactlyOnce(t *testing.T) {
 	}
 
 	ids := outboxIDs(t, db, "")
+	if onPublish == outbox.Delete {
+		if len(ids) > 0 {
+			t.Fatalf("in delete mode the drained outbox still holds %d rows: %v", len(ids), ids[:min(len(ids), 20)])
+		}
+		ids = deletedIDs(t, db)
+	}
 	if int64(len(ids)) != written {
 		t.Fatalf("the writers committed %d rows, the outbox holds %d", written, len(ids))
 	}
@@ -247,7 +271,7 @@ func holdInMarkWindow(t *testing.T, db *testenv.DB, p *relayProcess) (release fu
 	t.Helper()
 	ctx := context.Background()
 	const waitingMarks = `SELECT pid FROM pg_stat_activity WHERE datname = current_database()
-  AND wait_event_type = 'Lock' AND query LIKE '%UPDATE %SET published_at = now()%'`
+  AND wait_event_type = 'Lock' AND (query LIKE '%UPDATE %SET published_at = now()%' OR query LIKE '%DELETE FROM %published_at IS NULL AND EXISTS (SELECT FROM lease)%')`
 	var tx pgx.Tx
 	for deadline := time.Now().Add(30 * time.Second); ; {
 		var err error
@@ -631,6 +655,42 @@ func loadKeys(n int) []string {
 		keys[i] = fmt.Sprintf("acct-%02d", i)
 	}
 	return keys
+}
+
+// recordDeletedIDs installs a trigger that records the id of every row
+// deleted from the outbox in outbox_deleted_ids, and returns a count of
+// them: what stands for the published rows in delete mode.
+func recordDeletedIDs(t *testing.T, db *testenv.DB) func(*testing.T, *testenv.DB) int64 {
+	t.Helper()
+	if _, err := db.Pool.Exec(context.Background(), `CREATE TABLE outbox_deleted_ids (id bigint PRIMARY KEY);
+CREATE FUNCTION outbox_record_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO outbox_deleted_ids (id) VALUES (OLD.id); RETURN OLD; END $$;
+CREATE TRIGGER outbox_record_deleted AFTER DELETE ON outbox FOR EACH ROW EXECUTE FUNCTION outbox_record_deleted();
+GRANT ALL ON outbox_deleted_ids TO PUBLIC`); err != nil {
+		t.Fatal(err)
+	}
+	return func(t *testing.T, db *testenv.DB) int64 {
+		t.Helper()
+		var n int64
+		if err := db.Pool.QueryRow(context.Background(), `SELECT count(*) FROM outbox_deleted_ids`).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+}
+
+// deletedIDs returns the ids recordDeletedIDs recorded, in order.
+func deletedIDs(t *testing.T, db *testenv.DB) []int64 {
+	t.Helper()
+	rows, err := db.Pool.Query(context.Background(), `SELECT id FROM outbox_deleted_ids ORDER BY id`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ids
 }
 
 func countPublished(t *testing.T, db *testenv.DB) int64 {

@@ -16,6 +16,9 @@ import (
 // was never published, and is left unmarked (I5). Idempotent: recovery
 // applies a checkpoint's window any number of times.
 func (s *Store) MarkCommitted(ctx context.Context, l Lease, ids []int64, created []time.Time) (int64, error) {
+	if s.deleting() { // OUTBOX_ON_PUBLISH=delete: the same proof, in ondelete.go
+		return s.deleteCommitted(ctx, l, ids, created)
+	}
 	return s.markUnderLease(ctx, l, len(ids), `UPDATE `+s.t.Ident()+` o SET published_at = now()
     FROM unnest($1::bigint[], $4::timestamptz[]) AS c(id, created)
     WHERE o.id = c.id AND o.created_at = c.created AND o.published_at IS NULL AND EXISTS (SELECT FROM lease)
@@ -28,6 +31,9 @@ func (s *Store) MarkCommitted(ctx context.Context, l Lease, ids []int64, created
 // was written cannot be the row it recorded. Left unmarked by mistake, a row
 // is published again (a duplicate), never lost.
 func (s *Store) MarkCommittedBefore(ctx context.Context, l Lease, ids []int64, written time.Time) (int64, error) {
+	if s.deleting() { // OUTBOX_ON_PUBLISH=delete: the same proof, in ondelete.go
+		return s.deleteCommittedBefore(ctx, l, ids, written)
+	}
 	return s.markUnderLease(ctx, l, len(ids), `UPDATE `+s.t.Ident()+` SET published_at = now()
     WHERE id = ANY($1::bigint[]) AND created_at <= $4 AND published_at IS NULL AND EXISTS (SELECT FROM lease)
     RETURNING 1`, ids, l.Shard, l.Token, written)

@@ -31,6 +31,8 @@ type Store struct {
 	pool  *pgxpool.Pool
 	t     Table
 	order DeadLetterOrder
+	// onPublish: Delete makes every mark a delete (WithOnPublish).
+	onPublish OnPublish
 }
 
 // DeadLetterOrder is what a dead letter does to the later rows of its key
@@ -280,8 +282,12 @@ func (s *Store) leaseCTE(shardArg, tokenArg int) string {
 // MarkPublished sets published_at on the rows whose ids are given and that
 // are not yet marked, and returns how many it marked. It is idempotent, so
 // recovery can apply a checkpoint any number of times. It changes nothing and
-// returns ErrLeaseLost when l is no longer the shard's current lease.
+// returns ErrLeaseLost when l is no longer the shard's current lease. Under
+// Delete (WithOnPublish) it deletes the rows instead.
 func (s *Store) MarkPublished(ctx context.Context, l Lease, ids []int64) (int64, error) {
+	if s.deleting() {
+		return s.deletePublished(ctx, l, ids)
+	}
 	return s.markUnderLease(ctx, l, len(ids), `UPDATE `+s.t.Ident()+` SET published_at = now()
     WHERE id = ANY($1::bigint[]) AND published_at IS NULL AND EXISTS (SELECT FROM lease)
     RETURNING 1`, ids, l.Shard, l.Token)
@@ -296,8 +302,12 @@ func (s *Store) MarkPublished(ctx context.Context, l Lease, ids []int64) (int64,
 // a new owner confirmed its own. It changes nothing and returns ErrLeaseLost
 // when l is no longer the shard's current lease. (One statement, not a
 // transaction of several: a relay frozen between two of them would hold the
-// owner row and block the takeover.)
+// owner row and block the takeover.) Under Delete (WithOnPublish) it deletes
+// the rows instead, and returns the ids it deleted.
 func (s *Store) MarkInflight(ctx context.Context, l Lease, ids []int64) (marked []int64, batch int64, err error) {
+	if s.deleting() {
+		return s.deleteInflight(ctx, l, ids)
+	}
 	var held bool
 	var b *int64
 	err = s.pool.QueryRow(ctx, `WITH `+s.leaseCTE(2, 3)+`, marked AS (

@@ -96,6 +96,11 @@ type Config struct {
 	// discarded; empty means hold-key) or skip (they are published without
 	// it).
 	DeadLetterOrder string `env:"OUTBOX_DEAD_LETTER_ORDER" envDefault:"hold-key"`
+	// OnPublish is what happens to a row once published: mark (set
+	// published_at and keep it; empty means mark) or delete (delete it in
+	// the statement that would have marked it). Not part of the table's
+	// recorded identity: see outbox.OnPublish.
+	OnPublish string `env:"OUTBOX_ON_PUBLISH" envDefault:"mark"`
 	// Acks is Kafka's acks: 0, 1 or all; empty takes the mode's default
 	// (all; 0 for at-most-once).
 	Acks string `env:"OUTBOX_KAFKA_ACKS"`
@@ -337,6 +342,9 @@ func (c Config) Validate() error {
 	}
 	if _, err := outbox.ParseDeadLetterOrder(c.DeadLetterOrder); err != nil {
 		add("OUTBOX_DEAD_LETTER_ORDER: %v", err)
+	}
+	if _, err := outbox.ParseOnPublish(c.OnPublish); err != nil {
+		add("OUTBOX_ON_PUBLISH: %v", err)
 	}
 	if c.ReadMaxBytes < 0 {
 		add("OUTBOX_BATCH_MAX_BYTES is %d: expected a positive number of bytes (default %d, 16 MiB)", c.ReadMaxBytes, DefaultReadMaxBytes)

@@ -20,7 +20,8 @@ func TestConfigDefaults(t *testing.T) {
 	}
 	if cfg.Table != "outbox" || cfg.Schema != "public" || cfg.BatchSize != 500 || cfg.PollInterval != time.Second ||
 		cfg.Shards != 1 || len(cfg.KafkaBrokers) != 2 || cfg.MetricsAddr != ":9090" || cfg.ReadMaxBytes != 16<<20 ||
-		cfg.CreateTopics || cfg.CreateTopicPartitions != -1 || cfg.CreateTopicReplicationFactor != -1 || cfg.OwnerLease != 10*time.Second {
+		cfg.CreateTopics || cfg.CreateTopicPartitions != -1 || cfg.CreateTopicReplicationFactor != -1 || cfg.OwnerLease != 10*time.Second ||
+		cfg.OnPublish != "mark" {
 		t.Fatalf("defaults: %+v", cfg)
 	}
 }
@@ -49,6 +50,7 @@ func TestConfigErrorsNameTheVariable(t *testing.T) {
 		{append(base(), "OUTBOX_KAFKA_BROKERS=nohostport"), []string{"OUTBOX_KAFKA_BROKERS has \"nohostport\": expected host:port"}},
 		{append(base(), "OUTBOX_KAFKA_SASL_MECHANISM=GSSAPI"), []string{"OUTBOX_KAFKA_SASL_MECHANISM"}},
 		{append(base(), "OUTBOX_LOG_LEVEL=loud"), []string{"OUTBOX_LOG_LEVEL"}},
+		{append(base(), "OUTBOX_ON_PUBLISH=remove"), []string{`OUTBOX_ON_PUBLISH: "remove" is not an on-publish action: use mark`, "or delete"}},
 		{[]string{"OUTBOX_DATABASE_URL=postgres://relay:s3cret-pw@db:notaport/app", "OUTBOX_KAFKA_BROKERS=k:1"}, []string{"OUTBOX_DATABASE_URL is malformed"}},
 		{append(base(), "OUTBOX_OWNER_LEASE=500ms"), []string{"OUTBOX_OWNER_LEASE is 500ms: expected at least 1s"}},
 		{append(base(), "OUTBOX_OWNER_LEASE=2s", "OUTBOX_REBALANCE_INTERVAL=2s"), []string{"OUTBOX_OWNER_LEASE is 2s", "more than OUTBOX_REBALANCE_INTERVAL (2s)"}},

@@ -120,7 +120,8 @@ func New(cfg Config, pool *pgxpool.Pool, opts ...Option) (*Relay, error) {
 	}
 	r.pool = own
 	r.order, _ = outbox.ParseDeadLetterOrder(cfg.DeadLetterOrder) // validated
-	r.store = outbox.NewStore(r.pool, t).WithDeadLetterOrder(r.order)
+	onPublish, _ := outbox.ParseOnPublish(cfg.OnPublish)          // validated
+	r.store = outbox.NewStore(r.pool, t).WithDeadLetterOrder(r.order).WithOnPublish(onPublish)
 	r.m = NewMetrics(r.reg)
 	r.m.Shards.Set(float64(cfg.Shards))
 	settings, warnings, err := cfg.Settings()
@@ -220,7 +221,14 @@ func (r *Relay) Run(ctx context.Context) error {
 		return err
 	}
 	r.log.Info("relay started", "delivery", string(r.mode), "shards", r.cfg.Shards, "batch_size", r.cfg.BatchSize,
-		"checkpoint_topic", r.cfg.CheckpointTopic, "incarnation", r.incarnation)
+		"checkpoint_topic", r.cfg.CheckpointTopic, "incarnation", r.incarnation, "on_publish", string(r.store.OnPublish()))
+	if r.store.OnPublish() == outbox.Delete && r.cfg.Retention > 0 {
+		// Still run: it removes what a relay in mark mode left (before a
+		// switch to delete, or alongside), at the cost of one probe of an
+		// empty index a minute.
+		r.log.Info("OUTBOX_ON_PUBLISH=delete: published rows are deleted as they are published, so OUTBOX_RETENTION has nothing of this relay's to delete; "+
+			"it only removes rows marked published by a relay in mark mode", "retention", r.cfg.Retention.String())
+	}
 
 	runCtx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)

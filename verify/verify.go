@@ -12,6 +12,17 @@
 // allocated once, one per key and partition for the order check, and the
 // fetch buffers (2 MiB a partition, 8 partitions at a time); records are
 // streamed, never held.
+//
+// With OUTBOX_ON_PUBLISH=delete (Config.OnPublish) a published row is gone
+// from the table, so verify reads Kafka from Config.Since ago (the table
+// cannot say when deleted rows were created), in the topics the remaining
+// rows name and Config.Topics (it cannot say where they went), and counts a
+// record whose outbox-id has no row as Deleted: published, then deleted. Its
+// content cannot be compared, a phantom cannot be told from it, and a row
+// deleted without being published cannot be found; duplicates (one
+// outbox-id twice), key order, dead letters in Kafka and rows left in the
+// table are checked as in mark mode. One entry per deleted record's id is
+// kept (for the duplicate check).
 package verify
 
 import (
@@ -63,6 +74,18 @@ type Config struct {
 	Limit int
 	// Logger receives progress and retries (default: discard).
 	Logger *slog.Logger
+	// OnPublish is the relay's OUTBOX_ON_PUBLISH (empty: mark). Under
+	// outbox.Delete a record whose outbox-id has no row is a row published
+	// and deleted (Report.Deleted), not a phantom; Kafka is read from Since
+	// ago (less Margin) even for an id window, or from the window's oldest
+	// row if older; and an unpublished row that a committed record holds
+	// for longer than Stale is a NotDeleted finding. Also right for a table
+	// where relays in mark mode ran too.
+	OnPublish outbox.OnPublish
+	// Topics are read besides the topics the window's rows name: under
+	// Delete, name the topics of the deleted rows, which the table no
+	// longer holds.
+	Topics []string
 }
 
 // Kinds of findings.
@@ -74,6 +97,10 @@ const (
 	DeadInKafka      = "dead_letter_in_kafka" // dead-lettered, yet committed in Kafka
 	OutOfOrder       = "out_of_order"         // a warning: a key's records not in id order on their partition
 	StaleUnpublished = "stale_unpublished"    // unpublished for longer than Stale
+	// NotDeleted (delete mode): a committed record holds the row, yet it
+	// is still in the table, unpublished, after Stale: recovery deletes it
+	// only within its window; past it the row is published again.
+	NotDeleted = "published_not_deleted"
 )
 
 // Finding is one discrepancy.
@@ -97,6 +124,12 @@ type Report struct {
 	Unpublished  int       `json:"unpublished"`
 	DeadLettered int       `json:"dead_lettered"`
 	Records      int       `json:"records"` // records read whose outbox-id is in the window
+	// OnPublish is the mode verified for: mark, or delete.
+	OnPublish string `json:"on_publish"`
+	// Deleted (delete mode): outbox-ids of the window in Kafka whose row is
+	// neither in the table nor in the dead-letter table: published and
+	// deleted. Their content cannot be compared with a row.
+	Deleted int `json:"deleted"`
 	// Counts by kind; OutOfOrder is a warning and does not make the
 	// report unclean.
 	Counts   map[string]int `json:"counts"`
@@ -157,6 +190,12 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	for _, k := range []string{Missing, Duplicate, Differ, Phantom, DeadInKafka, OutOfOrder, StaleUnpublished} {
 		v.rep.Counts[k] = 0
 	}
+	v.rep.OnPublish = string(outbox.Mark)
+	if cfg.OnPublish == outbox.Delete {
+		v.rep.OnPublish = string(outbox.Delete)
+		v.rep.Counts[NotDeleted] = 0
+		v.gone = map[int64]*goneRecord{}
+	}
 	cl, err := kgo.NewClient(append([]kgo.Opt{kgo.SeedBrokers(cfg.Brokers...), kgo.WithLogger(txn.KafkaLogger(cfg.Logger, kgo.LogLevelWarn))}, cfg.KafkaOptions...)...)
 	if err != nil {
 		return nil, fmt.Errorf("%w: kafka client: %w", ErrCannotCheck, err)
@@ -192,6 +231,9 @@ type verifier struct {
 	now          time.Time
 	truncated    []string  // partitions whose retention cut into the window
 	orphans      []Finding // records of ids in the window's range without a row of the window
+	// gone (delete mode only) are the outbox-ids read without a row of the
+	// window, by id: the records of deleted rows.
+	gone map[int64]*goneRecord
 
 	mu       sync.Mutex
 	findings []Finding
@@ -241,6 +283,11 @@ func (v *verifier) readTable(ctx context.Context, adm *kadm.Client) error {
 		return nil
 	}); err != nil {
 		return err
+	}
+	for _, t := range v.cfg.Topics {
+		if !slices.Contains(names, t) {
+			names = append(names, t)
+		}
 	}
 	if err := v.learnTopics(ctx, adm, names); err != nil {
 		return err
@@ -396,10 +443,16 @@ func (v *verifier) readKafka(ctx context.Context, cl *kgo.Client, adm *kadm.Clie
 			topics = append(topics, t)
 		}
 	}
-	if len(topics) == 0 || len(v.rows) == 0 {
+	if len(topics) == 0 || len(v.rows) == 0 && !v.deleting() {
 		return nil
 	}
 	from := v.oldest.Add(-v.cfg.Margin)
+	if v.deleting() {
+		// The table no longer says when deleted rows were created.
+		if since := v.now.Add(-v.cfg.Since); v.oldest.IsZero() || since.Before(v.oldest) {
+			from = since.Add(-v.cfg.Margin)
+		}
+	}
 	starts, err := adm.ListOffsetsAfterMilli(ctx, from.UnixMilli(), topics...)
 	if err != nil {
 		return fmt.Errorf("offsets at %s: %w", from.Format(time.RFC3339), err)
@@ -491,6 +544,15 @@ func (v *verifier) check(r *kgo.Record, order map[string]int64) {
 		}
 		headers[h.Key] = string(h.Value)
 	}
+	if v.deleting() {
+		if id < 1 || v.cfg.ToID > 0 && (id < v.cfg.FromID || id > v.cfg.ToID) {
+			return // no outbox-id, or outside the id window
+		}
+		if i := v.find(id); i < 0 {
+			v.deleted(r, id, order)
+			return
+		}
+	}
 	switch {
 	case id < v.minID || v.cfg.ToID > 0 && id > v.cfg.ToID:
 		return // no outbox-id, or before the window
@@ -550,6 +612,47 @@ func (v *verifier) check(r *kgo.Record, order map[string]int64) {
 	}
 }
 
+// goneRecord is what verify keeps, in delete mode, of an outbox-id read
+// without a row of the window.
+type goneRecord struct {
+	seen      int32
+	partition int32
+	firstOff  int64
+	topic     string
+}
+
+func (v *verifier) deleting() bool { return v.gone != nil }
+
+// deleted notes, in delete mode, a record whose id has no row of the window:
+// the record of a row published and deleted (looked up once Kafka is read:
+// the row may be in the table outside the window). Its content cannot be
+// compared; a second record of the id is a duplicate, and the order of its
+// key is checked as for a row's.
+func (v *verifier) deleted(r *kgo.Record, id int64, order map[string]int64) {
+	v.mu.Lock()
+	g := v.gone[id]
+	if g == nil {
+		g = &goneRecord{partition: r.Partition, firstOff: r.Offset, topic: r.Topic}
+		v.gone[id] = g
+	}
+	g.seen++
+	seen, first := g.seen, g.firstOff
+	v.rep.Records++
+	v.mu.Unlock()
+	if seen == 2 {
+		v.add(Finding{Kind: Duplicate, ID: id, Topic: r.Topic, Partition: r.Partition, Offsets: []int64{first, r.Offset},
+			Detail: "committed twice (the row is deleted: its content cannot be compared)"})
+	}
+	if r.Key != nil && seen == 1 {
+		k := string(r.Key)
+		if last, ok := order[k]; ok && id < last {
+			v.add(Finding{Kind: OutOfOrder, ID: id, Topic: r.Topic, Partition: r.Partition, Offsets: []int64{r.Offset},
+				Detail: fmt.Sprintf("key %q: id %d after id %d (two transactions wrote the key without locking it; see the README's order limit)", r.Key, id, last)})
+		}
+		order[k] = max(order[k], id)
+	}
+}
+
 // orphan notes a record whose id has no row of the window.
 func (v *verifier) orphan(r *kgo.Record, id int64) {
 	v.mu.Lock()
@@ -561,6 +664,9 @@ func (v *verifier) orphan(r *kgo.Record, id int64) {
 // phantoms keeps, of the records without a row of the window, those whose id
 // is neither in the table nor in the dead-letter table at all.
 func (v *verifier) phantoms(ctx context.Context) error {
+	if v.deleting() {
+		return v.countDeleted(ctx)
+	}
 	if len(v.orphans) == 0 {
 		return nil
 	}
@@ -589,6 +695,29 @@ UNION SELECT id FROM `+v.cfg.Table.DeadLetterIdent()+` WHERE id = ANY($1)`, ids)
 	return nil
 }
 
+// countDeleted counts, in delete mode, the ids read without a row of the
+// window that are neither in the table nor in the dead-letter table at all:
+// rows published and deleted. (Ids of rows outside the window are left out,
+// as mark mode leaves them out of the phantoms.)
+func (v *verifier) countDeleted(ctx context.Context) error {
+	ids := slices.Sorted(maps.Keys(v.gone))
+	for len(ids) > 0 {
+		chunk := ids[:min(len(ids), 50000)]
+		ids = ids[len(chunk):]
+		rows, err := v.cfg.Pool.Query(ctx, `SELECT id FROM `+v.cfg.Table.Ident()+` WHERE id = ANY($1)
+UNION SELECT id FROM `+v.cfg.Table.DeadLetterIdent()+` WHERE id = ANY($1)`, chunk)
+		if err != nil {
+			return err
+		}
+		found, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+		if err != nil {
+			return err
+		}
+		v.rep.Deleted += len(chunk) - len(found)
+	}
+	return nil
+}
+
 // conclude finds the rows Kafka lacks and the rows waiting too long, and
 // orders the findings (by kind, then id).
 func (v *verifier) conclude() {
@@ -598,12 +727,16 @@ func (v *verifier) conclude() {
 		case r.state == statePublished && r.seen == 0:
 			v.add(Finding{Kind: Missing, ID: r.id, Topic: v.topics[r.topic], Partition: r.partition,
 				Detail: "marked published, but no committed record holds it"})
+		case v.deleting() && r.state == stateUnpublished && r.seen > 0 && r.created < staleBefore:
+			v.add(Finding{Kind: NotDeleted, ID: r.id, Topic: v.topics[r.topic], Partition: r.partition, Offsets: []int64{r.firstOff},
+				Detail: fmt.Sprintf("a committed record holds the row, yet it is still in the table, unpublished, since %s: the relay's delete did not happen (recovery deletes it only within OUTBOX_RECOVERY_WINDOW; past it the row is published again)",
+					time.UnixMicro(r.created).UTC().Format(time.RFC3339))})
 		case r.state == stateUnpublished && r.seen == 0 && r.created < staleBefore:
 			v.add(Finding{Kind: StaleUnpublished, ID: r.id, Topic: v.topics[r.topic], Partition: r.partition,
 				Detail: fmt.Sprintf("unpublished since %s", time.UnixMicro(r.created).UTC().Format(time.RFC3339))})
 		}
 	}
-	rank := map[string]int{Missing: 0, Duplicate: 1, Differ: 2, Phantom: 3, DeadInKafka: 4, StaleUnpublished: 5, OutOfOrder: 6}
+	rank := map[string]int{Missing: 0, Duplicate: 1, Differ: 2, Phantom: 3, DeadInKafka: 4, NotDeleted: 5, StaleUnpublished: 6, OutOfOrder: 7}
 	slices.SortStableFunc(v.findings, func(a, b Finding) int {
 		if d := rank[a.Kind] - rank[b.Kind]; d != 0 {
 			return d
@@ -631,6 +764,11 @@ func (r *Report) WriteText(w io.Writer) error {
 		r.Table, window, verdict, r.Rows, r.Published, r.Unpublished, r.DeadLettered, r.Records,
 		r.Counts[Missing], r.Counts[Duplicate], r.Counts[Differ], r.Counts[Phantom], r.Counts[DeadInKafka], r.Counts[StaleUnpublished], r.Counts[OutOfOrder],
 		r.Elapsed.Round(time.Millisecond))
+	if err == nil && r.OnPublish == string(outbox.Delete) {
+		_, err = fmt.Fprintf(w, "on-publish=delete: deleted=%d published_not_deleted=%d. %d records hold rows published and deleted: their content cannot be compared with the table, "+
+			"a record of no row cannot be told from them (no phantom check), and a row deleted without being published cannot be found (no missing check); "+
+			"checked: duplicates, key order, dead letters in Kafka, and the rows still in the table\n", r.Deleted, r.Counts[NotDeleted], r.Deleted)
+	}
 	for _, f := range r.Findings {
 		if err != nil {
 			break

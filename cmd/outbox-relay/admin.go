@@ -26,7 +26,8 @@ type dbSettings struct {
 	order     outbox.DeadLetterOrder
 	// shards is OUTBOX_SHARDS, 0 when unset: `migrate up` builds the
 	// shard index for it when the table has no recorded count yet.
-	shards int
+	shards    int
+	onPublish outbox.OnPublish
 }
 
 func readDBSettings(environ []string, needURL bool) (dbSettings, error) {
@@ -48,8 +49,15 @@ func readDBSettings(environ []string, needURL bool) (dbSettings, error) {
 				return s, fmt.Errorf("OUTBOX_SHARDS is %q: expected 1 to 1024", v)
 			}
 			s.shards = n
+		case "OUTBOX_ON_PUBLISH":
+			s.onPublish = outbox.OnPublish(v)
 		}
 	}
+	onPublish, err := outbox.ParseOnPublish(string(s.onPublish))
+	if err != nil {
+		return s, fmt.Errorf("OUTBOX_ON_PUBLISH: %w", err)
+	}
+	s.onPublish = onPublish
 	order, err := outbox.ParseDeadLetterOrder(s.orderName)
 	if err != nil {
 		return s, fmt.Errorf("OUTBOX_DEAD_LETTER_ORDER: %w", err)
@@ -213,6 +221,19 @@ func runStatus(ctx context.Context, environ []string, stdout io.Writer) error {
 	fmt.Fprintf(stdout, "unpublished rows:    %d\n", b.Rows)
 	if !b.OldestCreate.IsZero() {
 		fmt.Fprintf(stdout, "oldest unpublished:  %s ago\n", time.Since(b.OldestCreate).Round(time.Millisecond))
+	}
+	if s.onPublish == outbox.Delete {
+		// What the table can no longer show: how many rows were published.
+		fmt.Fprintln(stdout, "on publish:          delete (OUTBOX_ON_PUBLISH): published rows are deleted, so the table shows the backlog and dead letters only; what was published is in Kafka: `outbox-relay verify -topics ...`")
+		var marked int64
+		if err := pool.QueryRow(ctx, `SELECT count(*) FROM `+s.outboxTable().Ident()+` WHERE published_at IS NOT NULL`).Scan(&marked); err != nil {
+			return fmt.Errorf("count rows marked published: %w", err)
+		}
+		if marked > 0 {
+			fmt.Fprintf(stdout, "marked published:    %d (left by a relay in mark mode; OUTBOX_RETENTION deletes them)\n", marked)
+		}
+	} else {
+		fmt.Fprintln(stdout, "on publish:          mark (OUTBOX_ON_PUBLISH): published rows are kept with published_at until OUTBOX_RETENTION")
 	}
 	var dead, discarded int64
 	if err := pool.QueryRow(ctx, `SELECT count(*), count(discarded_at) FROM `+s.outboxTable().DeadLetterIdent()).Scan(&dead, &discarded); err != nil {

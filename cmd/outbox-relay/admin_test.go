@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 
@@ -60,6 +61,23 @@ INSERT INTO billing.events_dead_letter (id, topic, value, created_at, error) VAL
 	code, out, _ := cli(t, env, "status")
 	if code != 0 || !strings.Contains(out, "unpublished rows:    2") || !strings.Contains(out, "dead letters:        1") {
 		t.Fatalf("status: code %d\n%s", code, out)
+	}
+	if !strings.Contains(out, "on publish:          mark") {
+		t.Fatalf("status does not say published rows are marked:\n%s", out)
+	}
+	if _, err := conn.Exec(ctx, `INSERT INTO billing.events (topic, value, published_at) VALUES ('t', 'old', now())`); err != nil {
+		t.Fatal(err)
+	}
+	deleteEnv := append(slices.Clone(env), "OUTBOX_ON_PUBLISH=delete")
+	if code, out, _ := cli(t, deleteEnv, "status"); code != 0 || !strings.Contains(out, "on publish:          delete") ||
+		!strings.Contains(out, "the table shows the backlog and dead letters only") || !strings.Contains(out, "marked published:    1 (left by a relay in mark mode") {
+		t.Fatalf("status in delete mode: code %d\n%s", code, out)
+	}
+	if code, _, errs := cli(t, append(slices.Clone(env), "OUTBOX_ON_PUBLISH=drop"), "status"); code == 0 || !strings.Contains(errs, "OUTBOX_ON_PUBLISH") {
+		t.Fatalf("status with OUTBOX_ON_PUBLISH=drop: code %d, %s", code, errs)
+	}
+	if _, err := conn.Exec(ctx, `DELETE FROM billing.events WHERE value = 'old'`); err != nil {
+		t.Fatal(err)
 	}
 	if code, out, _ := cli(t, env, "dlq", "list"); code != 0 || !strings.Contains(out, "MESSAGE_TOO_LARGE: too big") || !strings.Contains(out, "99") {
 		t.Fatalf("dlq list: code %d\n%s", code, out)

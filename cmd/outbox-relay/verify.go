@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"strings"
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/outbox"
@@ -34,6 +35,7 @@ func runVerify(ctx context.Context, args, environ []string, stdout, stderr io.Wr
 	margin := fs.Duration("margin", 10*time.Minute, "start reading Kafka this much before the window's oldest row (clock skew)")
 	limit := fs.Int("limit", 20, "findings to list (all are counted)")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
+	topics := fs.String("topics", "", "topics to read besides those the window's rows name, comma-separated; required with OUTBOX_ON_PUBLISH=delete, where published rows are gone from the table")
 	if err := fs.Parse(args); err != nil {
 		return verifyCannotCheck
 	}
@@ -53,6 +55,16 @@ func runVerify(ctx context.Context, args, environ []string, stdout, stderr io.Wr
 	if err != nil {
 		return fail(fmt.Errorf("configuration: %w", err))
 	}
+	onPublish, _ := outbox.ParseOnPublish(cfg.OnPublish) // validated
+	var topicList []string
+	for t := range strings.SplitSeq(*topics, ",") {
+		if t = strings.TrimSpace(t); t != "" {
+			topicList = append(topicList, t)
+		}
+	}
+	if onPublish == outbox.Delete && len(topicList) == 0 {
+		return fail(errors.New("OUTBOX_ON_PUBLISH=delete: published rows are deleted, so the table no longer names their topics: give them with -topics (comma-separated)"))
+	}
 	kopts, err := relay.KafkaOptions(cfg)
 	if err != nil {
 		return fail(fmt.Errorf("configuration: %w", err))
@@ -66,7 +78,7 @@ func runVerify(ctx context.Context, args, environ []string, stdout, stderr io.Wr
 		Pool: pool, Table: outbox.Table{Schema: cfg.Schema, Name: cfg.Table},
 		Brokers: cfg.KafkaBrokers, KafkaOptions: kopts, CheckpointTopic: cfg.CheckpointTopic,
 		Since: *since, FromID: *fromID, ToID: *toID, Stale: *stale, Margin: *margin, Limit: *limit,
-		Logger: newLogger(stderr, "warn"),
+		Logger: newLogger(stderr, "warn"), OnPublish: onPublish, Topics: topicList,
 	})
 	if rep != nil {
 		if *asJSON {

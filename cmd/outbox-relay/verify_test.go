@@ -152,3 +152,18 @@ func TestVerifyFindsAndNamesEveryInjectedFault(t *testing.T) {
 		t.Fatalf("verify with Kafka unreachable: exit %d, want 2 and a reason\n%s", code, errs)
 	}
 }
+
+// TestVerifyInDeleteModeNeedsTheTopics: with OUTBOX_ON_PUBLISH=delete the
+// table no longer names the topics of published rows, so verify refuses to
+// run without -topics (exit 2, saying why) rather than check nothing and
+// call it clean.
+func TestVerifyInDeleteModeNeedsTheTopics(t *testing.T) {
+	env := []string{"OUTBOX_DATABASE_URL=postgres://relay@127.0.0.1:1/none", "OUTBOX_KAFKA_BROKERS=127.0.0.1:1", "OUTBOX_ON_PUBLISH=delete"}
+	code, _, errs := cli(t, env, "verify", "-since", "1h")
+	if code != 2 || !strings.Contains(errs, "OUTBOX_ON_PUBLISH=delete") || !strings.Contains(errs, "-topics") {
+		t.Fatalf("verify in delete mode without -topics: exit %d, want 2 and a reason naming -topics\n%s", code, errs)
+	}
+	if code, _, errs := cli(t, append(env[:2:2], "OUTBOX_ON_PUBLISH=purge"), "verify"); code != 2 || !strings.Contains(errs, "OUTBOX_ON_PUBLISH") {
+		t.Fatalf("verify with OUTBOX_ON_PUBLISH=purge: exit %d, want 2 naming the variable\n%s", code, errs)
+	}
+}
