@@ -68,7 +68,7 @@ func (s *Store) deleting() bool { return s.onPublish == Delete }
 // deletePublished is MarkPublished under Delete: it deletes the unpublished
 // rows with the given ids.
 func (s *Store) deletePublished(ctx context.Context, l Lease, ids []int64) (int64, error) {
-	return s.deleteUnderLease(ctx, l, len(ids), `DELETE FROM `+s.t.Ident()+`
+	return s.underLease(ctx, l, len(ids), "delete %d published rows of shard %d from %s", `DELETE FROM `+s.t.Ident()+`
     WHERE id = ANY($1::bigint[]) AND published_at IS NULL AND EXISTS (SELECT FROM lease)
     RETURNING 1`, ids, l.Shard, l.Token)
 }
@@ -80,7 +80,7 @@ func (s *Store) deletePublished(ctx context.Context, l Lease, ids []int64) (int6
 // already deleted matches nothing, so recovery may apply a checkpoint's
 // window any number of times.
 func (s *Store) deleteCommitted(ctx context.Context, l Lease, ids []int64, created []time.Time) (int64, error) {
-	return s.deleteUnderLease(ctx, l, len(ids), `DELETE FROM `+s.t.Ident()+` o
+	return s.underLease(ctx, l, len(ids), "delete %d published rows of shard %d from %s", `DELETE FROM `+s.t.Ident()+` o
     USING unnest($1::bigint[], $4::timestamptz[]) AS c(id, created)
     WHERE o.id = c.id AND o.created_at = c.created AND o.published_at IS NULL AND EXISTS (SELECT FROM lease)
     RETURNING 1`, ids, l.Shard, l.Token, created)
@@ -90,30 +90,9 @@ func (s *Store) deleteCommitted(ctx context.Context, l Lease, ids []int64, creat
 // format version 1 carry ids without fingerprints, so a row is deleted only
 // when it was created no later than the checkpoint was written.
 func (s *Store) deleteCommittedBefore(ctx context.Context, l Lease, ids []int64, written time.Time) (int64, error) {
-	return s.deleteUnderLease(ctx, l, len(ids), `DELETE FROM `+s.t.Ident()+`
+	return s.underLease(ctx, l, len(ids), "delete %d published rows of shard %d from %s", `DELETE FROM `+s.t.Ident()+`
     WHERE id = ANY($1::bigint[]) AND created_at <= $4 AND published_at IS NULL AND EXISTS (SELECT FROM lease)
     RETURNING 1`, ids, l.Shard, l.Token, written)
-}
-
-// deleteUnderLease runs del (a DELETE ... RETURNING that refers to the CTE
-// "lease", with the lease's shard and token as $2 and $3) under lease l,
-// and returns how many rows it deleted, or ErrLeaseLost (then it deleted
-// nothing).
-func (s *Store) deleteUnderLease(ctx context.Context, l Lease, rows int, del string, args ...any) (int64, error) {
-	if rows == 0 {
-		return 0, nil
-	}
-	var held bool
-	var n int64
-	err := s.pool.QueryRow(ctx, `WITH `+s.leaseCTE(2, 3)+`, deleted AS (`+del+`)
-SELECT EXISTS (SELECT FROM lease), (SELECT count(*) FROM deleted)`, args...).Scan(&held, &n)
-	if err == nil && !held {
-		err = ErrLeaseLost
-	}
-	if err != nil {
-		return 0, fmt.Errorf("delete %d published rows of shard %d from %s: %w", rows, l.Shard, s.t, err)
-	}
-	return n, nil
 }
 
 // deleteInflight is MarkInflight under Delete: in one statement it deletes

@@ -19,7 +19,7 @@ func (s *Store) MarkCommitted(ctx context.Context, l Lease, ids []int64, created
 	if s.deleting() { // OUTBOX_ON_PUBLISH=delete: the same proof, in ondelete.go
 		return s.deleteCommitted(ctx, l, ids, created)
 	}
-	return s.markUnderLease(ctx, l, len(ids), `UPDATE `+s.t.Ident()+` o SET published_at = now()
+	return s.underLease(ctx, l, len(ids), markWhat, `UPDATE `+s.t.Ident()+` o SET published_at = now()
     FROM unnest($1::bigint[], $4::timestamptz[]) AS c(id, created)
     WHERE o.id = c.id AND o.created_at = c.created AND o.published_at IS NULL AND EXISTS (SELECT FROM lease)
     RETURNING 1`, ids, l.Shard, l.Token, created)
@@ -34,27 +34,32 @@ func (s *Store) MarkCommittedBefore(ctx context.Context, l Lease, ids []int64, w
 	if s.deleting() { // OUTBOX_ON_PUBLISH=delete: the same proof, in ondelete.go
 		return s.deleteCommittedBefore(ctx, l, ids, written)
 	}
-	return s.markUnderLease(ctx, l, len(ids), `UPDATE `+s.t.Ident()+` SET published_at = now()
+	return s.underLease(ctx, l, len(ids), markWhat, `UPDATE `+s.t.Ident()+` SET published_at = now()
     WHERE id = ANY($1::bigint[]) AND created_at <= $4 AND published_at IS NULL AND EXISTS (SELECT FROM lease)
     RETURNING 1`, ids, l.Shard, l.Token, written)
 }
 
-// markUnderLease runs update (a data-modifying statement that refers to the
-// CTE "lease", with the lease's shard and token as $2 and $3) under lease l,
-// and returns how many rows it marked, or ErrLeaseLost.
-func (s *Store) markUnderLease(ctx context.Context, l Lease, rows int, update string, args ...any) (int64, error) {
+// markWhat names a mark in underLease's errors.
+const markWhat = "mark %d rows of shard %d published in %s"
+
+// underLease runs stmt (a data-modifying statement with RETURNING that refers
+// to the CTE "lease", with the lease's shard and token as $2 and $3: a mark,
+// or under Delete a delete) under lease l, and returns how many rows it
+// changed, or ErrLeaseLost (then it changed nothing). what names the
+// statement in errors, with the row count, the shard and the table as verbs.
+func (s *Store) underLease(ctx context.Context, l Lease, rows int, what, stmt string, args ...any) (int64, error) {
 	if rows == 0 {
 		return 0, nil
 	}
 	var held bool
 	var n int64
-	err := s.pool.QueryRow(ctx, `WITH `+s.leaseCTE(2, 3)+`, marked AS (`+update+`)
-SELECT EXISTS (SELECT FROM lease), (SELECT count(*) FROM marked)`, args...).Scan(&held, &n)
+	err := s.pool.QueryRow(ctx, `WITH `+s.leaseCTE(2, 3)+`, changed AS (`+stmt+`)
+SELECT EXISTS (SELECT FROM lease), (SELECT count(*) FROM changed)`, args...).Scan(&held, &n)
 	if err == nil && !held {
 		err = ErrLeaseLost
 	}
 	if err != nil {
-		return 0, fmt.Errorf("mark %d rows of shard %d published in %s: %w", rows, l.Shard, s.t, err)
+		return 0, fmt.Errorf(what+": %w", rows, l.Shard, s.t, err)
 	}
 	return n, nil
 }

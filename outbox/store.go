@@ -288,7 +288,7 @@ func (s *Store) MarkPublished(ctx context.Context, l Lease, ids []int64) (int64,
 	if s.deleting() {
 		return s.deletePublished(ctx, l, ids)
 	}
-	return s.markUnderLease(ctx, l, len(ids), `UPDATE `+s.t.Ident()+` SET published_at = now()
+	return s.underLease(ctx, l, len(ids), markWhat, `UPDATE `+s.t.Ident()+` SET published_at = now()
     WHERE id = ANY($1::bigint[]) AND published_at IS NULL AND EXISTS (SELECT FROM lease)
     RETURNING 1`, ids, l.Shard, l.Token)
 }
