@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -168,7 +169,7 @@ func DrainRelay(ctx context.Context, pool *pgxpool.Pool, cfg relay.Config, rows 
 	}
 	reg := prometheus.NewRegistry()
 	start := time.Now()
-	run, err := StartRelay(ctx, pool, cfg, append(opts, relay.WithRegisterer(reg))...)
+	run, err := StartRelay(ctx, pool, cfg, append(slices.Clone(opts), relay.WithRegisterer(reg))...)
 	if err != nil {
 		return 0, err
 	}

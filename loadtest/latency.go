@@ -133,7 +133,7 @@ func Latency(ctx context.Context, c LatencyConfig) (LatencyResult, error) {
 	}
 	defer consumer.Close()
 
-	run, err := StartRelay(ctx, c.Pool, c.Relay, append(c.RelayOptions, relay.WithRegisterer(prometheus.NewRegistry()))...)
+	run, err := StartRelay(ctx, c.Pool, c.Relay, append(slices.Clone(c.RelayOptions), relay.WithRegisterer(prometheus.NewRegistry()))...)
 	if err != nil {
 		return LatencyResult{}, fmt.Errorf("latency: %w", err)
 	}
