@@ -9,8 +9,11 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/outbox-relay/outbox-relay/integration/testenv"
+	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
 )
 
@@ -71,4 +74,45 @@ func TestCrashAfterNextCommitBeforePreviousMark(t *testing.T) {
 	if got := faultsMetric(t, reg, "outbox_relay_published_records_total"); got != batch {
 		t.Errorf("the second relay published %v records, want only the %d of the batch never sent", got, batch)
 	}
+}
+
+// TestReadAheadBegunBeforeADeadLetterPublishesNoHeldRow: the pipelined loop
+// reads batch 2 while batch 1's transaction runs. Kafka refuses one record
+// of batch 1 inside the transaction (MESSAGE_TOO_LARGE): the batch is split,
+// the record's row is dead-lettered, and under hold-key the later rows of
+// its key are held. Batch 2 was read before that dead letter existed, so it
+// holds rows of the key that must not be published (I4): the read-ahead is
+// dropped and batch 2 read again, with the hold in force. A read_committed
+// consumer sees every row but the dead letter and the rows it holds.
+func TestReadAheadBegunBeforeADeadLetterPublishesNoHeldRow(t *testing.T) {
+	modesNeedControl(t, "MESSAGE_TOO_LARGE on Produce")
+	db := testenv.NewDB(t)
+	topic := testenv.RandomName("payments-")
+	k := testenv.NewKafka(t, 3, topic)
+	const batch = 10
+	ids := db.Insert(t, topic, 3*batch, faultsKeys) // keys acct-1..acct-5 in turn
+	bad := ids[2]                                   // acct-3, in batch 1
+	var want, held []int64
+	for i, id := range ids {
+		switch {
+		case id == bad:
+		case faultsKeys[i%len(faultsKeys)] == faultsKeys[2] && id > bad:
+			held = append(held, id)
+		default:
+			want = append(want, id)
+		}
+	}
+	modesInject(t, k, kmsg.Produce, -1, modesProduceFailingRecord(bad, kerr.MessageTooLarge))
+	cfg := testenv.RelayConfig(db, k)
+	cfg.BatchSize = batch
+	testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)))
+
+	st := outbox.NewStore(db.Pool, db.Table)
+	faultsEventually(t, 30*time.Second, "the culprit is dead-lettered and every row not held is marked", func() bool {
+		dead, err := st.ListDeadLetters(context.Background(), 10)
+		return err == nil && len(dead) == 1 && dead[0].ID == bad && db.Unpublished(t) == len(held)
+	})
+	seen := k.NewConsumer(t, topic).WaitFor(t, len(want), 30*time.Second)
+	testenv.CheckExactlyOnce(t, want, seen)
+	waitHeld(t, st, 1, int64(len(held)), 1)
 }

@@ -13,22 +13,29 @@ import (
 //
 // Every commit visible to a statement has its commit record before the
 // current WAL insert position, so when the flush position has passed it
-// there is nothing to do (one round trip). Otherwise it commits a write of
-// its own, at least locally durable (the relay's connections never commit
-// with synchronous_commit=off), which flushes the WAL up to it, and with it
-// every earlier commit: it renews the shard's lease, and returns ErrLeaseLost
-// if l is no longer current (a relay that lost the shard then stops before
-// producing).
+// there is nothing to do. Otherwise the statement locks the shard's owner
+// row FOR KEY SHARE: a row lock writes WAL and takes a transaction id, so
+// the statement's commit (at least locally durable: the relay's connections
+// never commit with synchronous_commit=off) flushes the WAL up to its own
+// commit record, and with it every earlier commit. It is one round trip
+// either way, and it returns ErrLeaseLost if l is no longer current (a relay
+// that lost the shard then stops before producing).
+//
+// FOR KEY SHARE, not an UPDATE of the owner row: a pipelined mark in flight
+// holds that row FOR SHARE until it commits (the lease check of every mark),
+// and an UPDATE would wait for it, putting the mark back on the loop's
+// critical path. Two share locks do not wait for each other; a takeover's
+// UPDATE of the token still waits for both.
 func (s *Store) MakeVisibleDurable(ctx context.Context, l Lease) error {
-	var flushed bool
-	if err := s.pool.QueryRow(ctx, `SELECT pg_current_wal_flush_lsn() >= pg_current_wal_insert_lsn()`).Scan(&flushed); err != nil {
-		return fmt.Errorf("compare the WAL flush and insert positions: %w", err)
-	}
-	if flushed {
-		return nil
-	}
-	tag, err := s.pool.Exec(ctx, `UPDATE `+s.t.OwnerIdent()+` SET renewed_at = now() WHERE shard = $1 AND token = $2`, l.Shard, l.Token)
-	if err == nil && tag.RowsAffected() == 0 {
+	var held bool
+	err := s.pool.QueryRow(ctx, `WITH behind AS MATERIALIZED (
+    SELECT pg_current_wal_flush_lsn() < pg_current_wal_insert_lsn() AS yes
+), flush AS MATERIALIZED (
+    SELECT FROM `+s.t.OwnerIdent()+` WHERE shard = $1 AND token = $2 AND (SELECT yes FROM behind) FOR KEY SHARE
+)
+SELECT EXISTS (SELECT FROM `+s.t.OwnerIdent()+` WHERE shard = $1 AND token = $2) AND
+    (NOT (SELECT yes FROM behind) OR EXISTS (SELECT FROM flush))`, l.Shard, l.Token).Scan(&held)
+	if err == nil && !held {
 		err = ErrLeaseLost
 	}
 	if err != nil {

@@ -90,14 +90,16 @@ func (t Table) WakeChannel() string {
 
 // shardFilter restricts a query to the rows of one shard when there are
 // several: rows map to shards by a hash of their key, keyless rows by id.
-// I4: every row of one key lands in the same shard.
+// I4: every row of one key lands in the same shard. The shard count is
+// written into the statement as a literal (an int, never user text), so
+// that the expression is the one the shard index is built on
+// (ShardIndexSQL) and the planner can use that index, also in a generic
+// plan; the shard is parameter $argN.
 func shardFilter(shard, shards int, argN int) (string, []any) {
 	if shards <= 1 {
 		return "", nil
 	}
-	n := strconv.Itoa(argN)
-	return ` AND (CASE WHEN key IS NULL THEN id % $` + n + ` ELSE (hashtextextended(encode(key, 'hex'), 0) % $` + n + ` + $` + n + `) % $` + n + ` END) = $` + strconv.Itoa(argN+1),
-		[]any{int64(shards), int64(shard)}
+	return ` AND ` + shardExpr(shards) + ` = $` + strconv.Itoa(argN), []any{int64(shard)}
 }
 
 // ReadBatch returns unpublished rows of one shard in id order, without the
@@ -121,25 +123,11 @@ func (s *Store) ReadBatch(ctx context.Context, shard, shards, limit int, maxByte
 // entries. ReadBatch is ReadBatchAfter from 0: one query, one hold filter.
 func (s *Store) ReadBatchAfter(ctx context.Context, shard, shards, limit int, maxBytes int64, after int64) ([]Row, error) {
 	args := []any{limit, after}
-	hold := ""
-	if s.order != Skip {
-		hold = ` AND NOT ` + s.heldFilter()
-	}
-	filter, fargs := shardFilter(shard, shards, 3)
-	q := `SELECT id, topic, key, value, headers::text, partition, created_at FROM ` + s.t.Ident() +
-		` o WHERE published_at IS NULL AND id > $2` + filter + hold + ` ORDER BY id LIMIT $1`
 	if maxBytes > 0 {
 		args = append(args, maxBytes)
-		filter, fargs = shardFilter(shard, shards, 4)
-		q = `SELECT id, topic, key, value, headers, partition, created_at FROM (
-    SELECT *, row_number() OVER w AS n,
-        sum(coalesce(octet_length(key), 0) + coalesce(octet_length(value), 0) + coalesce(octet_length(headers), 0)) OVER w AS upto
-    FROM (SELECT id, topic, key, value, headers::text AS headers, partition, created_at FROM ` + s.t.Ident() +
-			` o WHERE published_at IS NULL AND id > $2` + filter + hold + ` ORDER BY id LIMIT $1) AS candidates
-    WINDOW w AS (ORDER BY id ROWS UNBOUNDED PRECEDING)
-) AS batch WHERE n = 1 OR upto <= $3 ORDER BY id`
 	}
-	rows, err := s.pool.Query(ctx, q, append(args, fargs...)...)
+	_, fargs := shardFilter(shard, shards, 0)
+	rows, err := s.pool.Query(ctx, s.ReadBatchSQL(shards, maxBytes > 0), append(args, fargs...)...)
 	if err != nil {
 		return nil, fmt.Errorf("read unpublished rows of %s after id %d: %w", s.t, after, err)
 	}
@@ -156,6 +144,30 @@ func (s *Store) ReadBatchAfter(ctx context.Context, shard, shards, limit int, ma
 		return nil, fmt.Errorf("read unpublished rows of %s after id %d: %w", s.t, after, err)
 	}
 	return out, nil
+}
+
+// ReadBatchSQL is the statement ReadBatchAfter runs on a table of shards
+// shards, with a byte bound (bounded) or without: $1 is the row limit, $2
+// the id to read after, $3 the byte bound if bounded, and the next one the
+// shard if shards > 1. It is here to be EXPLAINed.
+func (s *Store) ReadBatchSQL(shards int, bounded bool) string {
+	hold := ""
+	if s.order != Skip {
+		hold = ` AND NOT ` + s.heldFilter()
+	}
+	if !bounded {
+		filter, _ := shardFilter(0, shards, 3)
+		return `SELECT id, topic, key, value, headers::text, partition, created_at FROM ` + s.t.Ident() +
+			` o WHERE published_at IS NULL AND id > $2` + filter + hold + ` ORDER BY id LIMIT $1`
+	}
+	filter, _ := shardFilter(0, shards, 4)
+	return `SELECT id, topic, key, value, headers, partition, created_at FROM (
+    SELECT *, row_number() OVER w AS n,
+        sum(coalesce(octet_length(key), 0) + coalesce(octet_length(value), 0) + coalesce(octet_length(headers), 0)) OVER w AS upto
+    FROM (SELECT id, topic, key, value, headers::text AS headers, partition, created_at FROM ` + s.t.Ident() +
+		` o WHERE published_at IS NULL AND id > $2` + filter + hold + ` ORDER BY id LIMIT $1) AS candidates
+    WINDOW w AS (ORDER BY id ROWS UNBOUNDED PRECEDING)
+) AS batch WHERE n = 1 OR upto <= $3 ORDER BY id`
 }
 
 // Lease is a relay's hold on one shard: the fencing token it got when it

@@ -83,6 +83,11 @@ type Config struct {
 	// MetricsAddr is where /metrics, /healthz and /readyz listen; set but
 	// empty disables the HTTP server; unset means ":9090".
 	MetricsAddr string `env:"OUTBOX_METRICS_ADDR"`
+	// Pprof serves net/http/pprof's profiles under /debug/pprof/ on the
+	// MetricsAddr listener (registered on the relay's own mux, never on
+	// http.DefaultServeMux). Off by default: a profile shows the process's
+	// internals, and a CPU profile costs while it runs.
+	Pprof bool `env:"OUTBOX_PPROF" envDefault:"false"`
 	// Delivery is the delivery mode: exactly-once, at-least-once or
 	// at-most-once.
 	Delivery string `env:"OUTBOX_DELIVERY" envDefault:"exactly-once"`

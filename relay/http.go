@@ -9,7 +9,8 @@ import (
 
 // Handler serves /metrics from gatherer, /healthz (the process is alive) and
 // /readyz (the relay has started, is not shutting down and runs every shard
-// it holds; otherwise 503 and the reason).
+// it holds; otherwise 503 and the reason). With OUTBOX_PPROF=true it also
+// serves net/http/pprof's profiles under /debug/pprof/ (off: 404).
 func (r *Relay) Handler(gatherer prometheus.Gatherer) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(gatherer, promhttp.HandlerOpts{}))
@@ -23,5 +24,8 @@ func (r *Relay) Handler(gatherer prometheus.Gatherer) http.Handler {
 		}
 		_, _ = w.Write([]byte("ready\n"))
 	})
+	if r.cfg.Pprof {
+		registerPprof(mux)
+	}
 	return mux
 }

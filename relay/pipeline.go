@@ -33,16 +33,90 @@ func WithSerialLoop() Option { return func(r *Relay) { r.serial = true } }
 // loop would have found it.
 const maxFloored = 32
 
-// pipeline is the state of one shard's pipelined publish loop: the mark of
-// the last committed batch, running while the next batch is read and its
-// transaction runs. It belongs to the shard's worker goroutine alone.
+// pipeline is the state of one shard's pipelined publish loop. Three
+// batches are in the air at once: batch n-1's mark, running while batch n's
+// transaction runs, and batch n+1's read (the read-ahead), running while
+// batch n's transaction does too. It belongs to the shard's worker
+// goroutine alone (the goroutines it starts write only their own results).
 type pipeline struct {
 	pending *pendingMark
+	ahead   *readAhead
 	// floor is the last id of the last batch read: every row of the shard
-	// up to it is marked, dead-lettered or in the pending mark.
+	// up to it is marked, dead-lettered, held, in the pending mark or in
+	// the transaction running now.
 	floor   int64
 	floored int  // reads above the floor since the last plain read
 	short   bool // the last read found fewer rows than a batch
+	// deadLettered counts the dead-letter moves of the loop: a read-ahead
+	// that began before one is not used (see readAhead).
+	deadLettered int
+}
+
+// readAhead is the read of batch n+1, above batch n's last id, started when
+// batch n's transaction is about to begin and running while it does.
+//
+// It is used only as the read that would have followed: after batch n's
+// transaction committed (else the loop ends and it is dropped), and only if
+// no row was moved to the dead-letter table since it began. A dead letter
+// of batch n (a record Kafka refused inside the transaction) holds the later
+// rows of its key (hold-key), and a read that began before it was committed
+// may hold rows of that key: I4 forbids publishing them, so such a
+// read-ahead is dropped and the batch read again, with the hold in force.
+type readAhead struct {
+	rows         []outbox.Row
+	err          error
+	deadLettered int // pipeline.deadLettered when it began
+	done         chan struct{}
+	cancel       context.CancelFunc
+}
+
+// wait waits for the read to end and returns its rows.
+func (ra *readAhead) wait() ([]outbox.Row, error) {
+	<-ra.done
+	ra.cancel()
+	return ra.rows, ra.err
+}
+
+// startReadAhead starts reading the batch after the one whose transaction is
+// about to begin, above its last id (pl.floor), unless the next read is to
+// settle the mark and read from the start (a short batch, or maxFloored
+// reads above the floor: see readBatch). The read outlives the batch's
+// context but not the database budget; endPipeline or the next readBatch
+// waits for it.
+func (r *Relay) startReadAhead(ctx context.Context, s int32, pl *pipeline) {
+	if pl == nil || pl.ahead != nil || pl.short || pl.floored >= maxFloored {
+		return
+	}
+	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.dbBudget())
+	ra := &readAhead{deadLettered: pl.deadLettered, done: make(chan struct{}), cancel: cancel}
+	after := pl.floor
+	go func() {
+		defer close(ra.done)
+		ra.rows, ra.err = r.store.ReadBatchAfter(actx, int(s), r.cfg.Shards, r.cfg.BatchSize, r.cfg.readMaxBytes(), after)
+	}()
+	pl.ahead = ra
+}
+
+// takeReadAhead returns the read-ahead's rows when it may stand for the
+// next read (see readAhead), and ok false otherwise (none, failed, or begun
+// before a dead letter): the caller then reads.
+func (pl *pipeline) takeReadAhead() (rows []outbox.Row, ok bool) {
+	ra := pl.ahead
+	if ra == nil {
+		return nil, false
+	}
+	pl.ahead = nil
+	rows, err := ra.wait()
+	return rows, err == nil && ra.deadLettered == pl.deadLettered
+}
+
+// dropReadAhead waits for a read-ahead in flight and forgets it.
+func (pl *pipeline) dropReadAhead() {
+	if pl.ahead != nil {
+		pl.ahead.cancel()
+		pl.ahead.wait() //nolint:errcheck // dropped: its rows are read again
+		pl.ahead = nil
+	}
 }
 
 // pendingMark is a mark running in its own goroutine.
@@ -85,6 +159,19 @@ func maxEncodedBatch(n int) int { return binary.MaxVarintLen64 * (1 + 2*n) }
 // id order); after a short batch, or maxFloored reads above the floor, it
 // first waits for the mark and reads from the start.
 func (r *Relay) readBatch(ctx context.Context, s int32, l *lease, pl *pipeline, log *slog.Logger) ([]outbox.Row, error) {
+	if pl != nil && pl.ahead != nil {
+		l.step(r.dbBudget())
+		if rows, ok := pl.takeReadAhead(); ok {
+			// The read above the floor that follows a full batch, done
+			// while that batch's transaction ran.
+			pl.floored++
+			pl.short = len(rows) < r.cfg.BatchSize
+			if len(rows) > 0 {
+				pl.floor = rows[len(rows)-1].ID
+			}
+			return rows, nil
+		}
+	}
 	if pl != nil && pl.pending != nil && (pl.short || pl.floored >= maxFloored) {
 		if err := r.settleMark(ctx, s, l, pl, log); err != nil {
 			return nil, err
@@ -208,6 +295,9 @@ func (r *Relay) settleMark(ctx context.Context, s int32, l *lease, pl *pipeline,
 func (r *Relay) endPipeline(ctx context.Context, s int32, l *lease, log *slog.Logger, err error) error {
 	pl := l.pipe
 	l.pipe = nil
+	if pl != nil {
+		pl.dropReadAhead()
+	}
 	if pl == nil || pl.pending == nil {
 		return err
 	}

@@ -264,6 +264,7 @@ func (r *Relay) start(ctx context.Context) error {
 	if err := r.checkIdentity(ctx); err != nil {
 		return err
 	}
+	r.warnWithoutShardIndex(ctx)
 	for _, w := range r.warnings {
 		r.log.Warn(w)
 	}

@@ -160,10 +160,23 @@ func (r *Relay) Reshard(ctx context.Context) (outbox.Identity, error) {
 	if err := txn.GrowCheckpointTopic(ctx, r.tcfg, r.cfg.Shards); err != nil {
 		return old, fmt.Errorf("reshard: %w", err)
 	}
+	// The index serving the new count's shard filter, built before the
+	// count is recorded (a failed build records nothing: run reshard
+	// again), and also when nothing changes, which repairs a missing one.
+	if err := r.buildShardIndex(ctx, conn); err != nil {
+		return old, fmt.Errorf("reshard: %w", err)
+	}
 	if changed {
 		if err := r.store.SetIdentity(ctx, r.identity()); err != nil {
 			return old, err
 		}
+	}
+	// The other counts' indexes serve no query now; a failed drop costs
+	// the writers some index maintenance, nothing more.
+	if dropped, err := outbox.DropShardIndexes(ctx, conn, r.store.Table(), r.cfg.Shards); err != nil {
+		r.log.Warn("reshard: could not drop the shard index of the old shard count; drop it by hand (DROP INDEX CONCURRENTLY)", "err", err)
+	} else if len(dropped) > 0 {
+		r.log.Info("dropped shard indexes of other shard counts", "indexes", dropped)
 	}
 	r.log.Info("resharded", "from_shards", old.Shards, "to_shards", r.cfg.Shards,
 		"from_relay_name", old.RelayName, "to_relay_name", r.cfg.RelayName,

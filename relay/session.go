@@ -76,6 +76,10 @@ func durableSession(cc *pgx.ConnConfig, cfg Config, log *slog.Logger) {
 // creating it costs nothing until it is used.
 func ownPool(pool *pgxpool.Pool, cfg Config, log *slog.Logger) (*pgxpool.Pool, error) {
 	pcfg := pool.Config() // a copy
+	// Each pipelined shard runs up to three statements at once (the mark
+	// of the last batch, the read of the next, and its own step), besides
+	// the ownership and wake-up connections, which are not pooled.
+	pcfg.MaxConns = max(pcfg.MaxConns, int32(3*cfg.Shards+2))
 	prepareConnConfig(pcfg.ConnConfig, cfg)
 	durableSession(pcfg.ConnConfig, cfg, log)
 	p, err := pgxpool.NewWithConfig(context.Background(), pcfg)

@@ -447,6 +447,14 @@ func (r *Relay) publishRows(ctx context.Context, s int32, l *lease, p *txn.Produ
 			return err
 		}
 	}
+	if len(held) == 0 && len(recs) > 0 {
+		// Pipelined: read the next batch while this one's transaction
+		// runs. Not after a dead letter of this batch held a key: the
+		// rows it holds are not published, and the next read, above this
+		// batch, must not be taken before they are (the plain read after
+		// a short batch finds them once released).
+		r.startReadAhead(ctx, s, l.pipe)
+	}
 	return r.publish(ctx, s, l, p, recs, created, held, log)
 }
 
@@ -527,6 +535,11 @@ func (r *Relay) deadLetter(ctx context.Context, s int32, l *lease, dead []outbox
 		return nil
 	}
 	l.step(r.dbBudget())
+	if l.pipe != nil {
+		// A read-ahead begun before this move may hold rows of the keys it
+		// holds: it is not used (readAhead).
+		l.pipe.deadLettered++
+	}
 	n, err := r.store.MoveToDeadLetter(ctx, l.Lease, dead)
 	if err != nil {
 		return err

@@ -24,6 +24,9 @@ type dbSettings struct {
 	table     string
 	orderName string
 	order     outbox.DeadLetterOrder
+	// shards is OUTBOX_SHARDS, 0 when unset: `migrate up` builds the
+	// shard index for it when the table has no recorded count yet.
+	shards int
 }
 
 func readDBSettings(environ []string, needURL bool) (dbSettings, error) {
@@ -39,6 +42,12 @@ func readDBSettings(environ []string, needURL bool) (dbSettings, error) {
 			s.table = v
 		case "OUTBOX_DEAD_LETTER_ORDER":
 			s.orderName = v
+		case "OUTBOX_SHARDS":
+			n, err := strconv.Atoi(strings.TrimSpace(v))
+			if err != nil || n < 1 || n > 1024 {
+				return s, fmt.Errorf("OUTBOX_SHARDS is %q: expected 1 to 1024", v)
+			}
+			s.shards = n
 		}
 	}
 	order, err := outbox.ParseDeadLetterOrder(s.orderName)
@@ -94,6 +103,11 @@ func runMigrate(ctx context.Context, args, environ []string, stdout io.Writer) e
 		if err != nil {
 			return err
 		}
+		if s.shards > 1 {
+			sql += fmt.Sprintf("-- the shard index for OUTBOX_SHARDS=%d: not a versioned migration (`outbox-relay migrate up` builds it for the\n"+
+				"-- table's shard count, `outbox-relay reshard` replaces it when the count changes); CONCURRENTLY runs outside a transaction\n%s;\n",
+				s.shards, s.outboxTable().ShardIndexSQL(s.shards))
+		}
 		_, err = io.WriteString(stdout, sql)
 		return err
 	}
@@ -114,7 +128,7 @@ func runMigrate(ctx context.Context, args, environ []string, stdout io.Writer) e
 		for _, mig := range ran {
 			fmt.Fprintf(stdout, "applied %04d_%s to %s\n", mig.Version, mig.Name, s.outboxTable())
 		}
-		return nil
+		return buildShardIndex(ctx, pool, s, stdout)
 	case "status":
 		st, err := m.Status(ctx)
 		if err != nil {
@@ -133,6 +147,41 @@ func runMigrate(ctx context.Context, args, environ []string, stdout io.Writer) e
 	default:
 		return fmt.Errorf("unknown migrate command %q: use up, status or sql", args[0])
 	}
+}
+
+// buildShardIndex is the end of `migrate up`: the index serving the shard
+// filter (outbox.ShardIndexSQL) for the table's shard count, the recorded
+// one, or OUTBOX_SHARDS while none is recorded. It builds without blocking
+// writers, so it may run while relays run; it drops nothing (reshard
+// replaces the index of an old count).
+func buildShardIndex(ctx context.Context, pool *pgxpool.Pool, s dbSettings, stdout io.Writer) error {
+	t := s.outboxTable()
+	var recorded *int
+	if err := pool.QueryRow(ctx, `SELECT shards FROM `+t.StateIdent()).Scan(&recorded); err != nil {
+		return fmt.Errorf("read the shard count recorded for %s: %w", t, err)
+	}
+	n := s.shards
+	if recorded != nil {
+		if s.shards != 0 && s.shards != *recorded {
+			fmt.Fprintf(stdout, "OUTBOX_SHARDS is %d but %s is split into %d shards: the shard index is for %d (`outbox-relay reshard` changes the count, and its index)\n",
+				s.shards, t, *recorded, *recorded)
+		}
+		n = *recorded
+	}
+	if n <= 1 {
+		return nil
+	}
+	start := time.Now()
+	built, err := outbox.CreateShardIndex(ctx, pool, t, n)
+	if err != nil {
+		return err
+	}
+	if built {
+		fmt.Fprintf(stdout, "built the shard index %s for %d shards in %s\n", t.ShardIndexName(n), n, time.Since(start).Round(time.Millisecond))
+	} else {
+		fmt.Fprintf(stdout, "the shard index %s for %d shards is in place\n", t.ShardIndexName(n), n)
+	}
+	return nil
 }
 
 // runStatus is `outbox-relay status`.

@@ -4,13 +4,18 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outbox-relay/outbox-relay/integration/testenv"
+	"github.com/outbox-relay/outbox-relay/outbox"
 )
 
 // cli runs the binary's entry point in-process and returns its exit code,
@@ -160,5 +165,65 @@ UPDATE outbox SET published_at = now() WHERE id = 1`); err != nil {
 	}
 	if code, out, _ := cli(t, env, "status"); code != 0 || !strings.Contains(out, "held rows:           0 of 0 keys") {
 		t.Fatalf("status after requeue: code %d\n%s", code, out)
+	}
+}
+
+// TestMigrateBuildsTheShardIndex: `migrate up` with OUTBOX_SHARDS=4 builds
+// the shard index (and finds it in place the second time); once a count is
+// recorded, migrate up builds the index for the recorded one, whatever
+// OUTBOX_SHARDS says. `migrate sql` prints the index statement only with
+// OUTBOX_SHARDS above 1, and its whole output applies with psql (the index
+// is built CONCURRENTLY, outside a transaction).
+func TestMigrateBuildsTheShardIndex(t *testing.T) {
+	ctx := context.Background()
+	url := testenv.CreateDatabase(t)
+	env := []string{"OUTBOX_DATABASE_URL=" + url, "OUTBOX_SHARDS=4"}
+	if code, out, errs := cli(t, env, "migrate", "up"); code != 0 || !strings.Contains(out, "built the shard index outbox_shards4_idx for 4 shards") {
+		t.Fatalf("migrate up with OUTBOX_SHARDS=4: code %d\n%s%s", code, out, errs)
+	}
+	if code, out, errs := cli(t, env, "migrate", "up"); code != 0 || !strings.Contains(out, "the shard index outbox_shards4_idx for 4 shards is in place") {
+		t.Fatalf("second migrate up: code %d\n%s%s", code, out, errs)
+	}
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, `UPDATE outbox_relay_state SET shards = 2`); err != nil {
+		t.Fatal(err)
+	}
+	if code, out, errs := cli(t, env, "migrate", "up"); code != 0 || !strings.Contains(out, "split into 2 shards") ||
+		!strings.Contains(out, "built the shard index outbox_shards2_idx for 2 shards") {
+		t.Fatalf("migrate up with 2 shards recorded: code %d\n%s%s", code, out, errs)
+	}
+	if code, _, errs := cli(t, []string{"OUTBOX_DATABASE_URL=" + url, "OUTBOX_SHARDS=many"}, "migrate", "up"); code != 1 || !strings.Contains(errs, `OUTBOX_SHARDS is "many"`) {
+		t.Fatalf("migrate up with OUTBOX_SHARDS=many: code %d, %s", code, errs)
+	}
+
+	if _, out, _ := cli(t, nil, "migrate", "sql"); strings.Contains(out, "CREATE INDEX CONCURRENTLY") {
+		t.Fatalf("migrate sql with one shard prints a shard index")
+	}
+	code, out, _ := cli(t, []string{"OUTBOX_SHARDS=4"}, "migrate", "sql")
+	if code != 0 || !strings.Contains(out, `CREATE INDEX CONCURRENTLY IF NOT EXISTS "outbox_shards4_idx"`) {
+		t.Fatalf("migrate sql with OUTBOX_SHARDS=4: code %d\n%s", code, out)
+	}
+	if _, err := exec.LookPath("psql"); err != nil {
+		t.Fatalf("psql not found: install postgresql-client")
+	}
+	fresh := testenv.CreateDatabase(t)
+	f := filepath.Join(t.TempDir(), "outbox.sql")
+	if err := os.WriteFile(f, []byte(out), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := exec.Command("psql", fresh, "-v", "ON_ERROR_STOP=1", "-q", "-f", f).CombinedOutput(); err != nil {
+		t.Fatalf("psql -f (migrate sql with OUTBOX_SHARDS=4): %v\n%s", err, res)
+	}
+	p, err := pgxpool.New(ctx, fresh)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if ok, err := outbox.HasShardIndex(ctx, p, outbox.DefaultTable, 4); err != nil || !ok {
+		t.Fatalf("after psql -f, no valid shard index (%v)", err)
 	}
 }

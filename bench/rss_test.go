@@ -1,0 +1,153 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-relay/outbox-relay/integration/testenv"
+	"github.com/outbox-relay/outbox-relay/outbox"
+)
+
+// BenchmarkRelayRSS: b.N rows of 1 KiB values (keys over 1000 accounts) are
+// loaded with COPY, then the built relay binary (`outbox-relay run`, in its
+// own process, default settings: exactly-once, one shard, OUTBOX_BATCH_SIZE
+// 500) drains them into an in-process kfake cluster (3 partitions) over
+// TCP. The clock runs from the process's start until no row is unpublished.
+// It reports the relay process's peak RSS (VmHWM, read from /proc while it
+// runs: the broker's memory is this process's, not the relay's) and rows/s.
+// OUTBOX_BENCH_BATCH_SIZE sets the relay's batch size instead.
+//
+//	go test -run '^$' -bench RelayRSS -benchtime 1000000x -timeout 60m ./bench/
+func BenchmarkRelayRSS(b *testing.B) {
+	b.StopTimer()
+	ctx := context.Background()
+	const valueSize = 1 << 10
+	db := testenv.NewDB(b)
+	rssTopic := "bench-rss"
+	k := testenv.NewKafka(b, 3, rssTopic)
+	v := make([]byte, valueSize)
+	for i := range v {
+		v[i] = 'a' + byte(i%26)
+	}
+	for done := 0; done < b.N; {
+		m := min(b.N-done, 10000)
+		msgs := make([]outbox.Message, m)
+		for i := range msgs {
+			msgs[i] = outbox.Message{Topic: rssTopic, Key: []byte("acct-" + strconv.Itoa((done+i)%1000)), Value: v}
+		}
+		// WriteMany uses COPY from outbox.CopyThreshold rows.
+		if err := pgx.BeginFunc(ctx, db.Pool, func(tx pgx.Tx) error { return db.Table.WriteMany(ctx, tx, msgs) }); err != nil {
+			b.Fatal(err)
+		}
+		done += m
+	}
+	if _, err := db.Pool.Exec(ctx, `VACUUM ANALYZE outbox`); err != nil {
+		b.Fatal(err)
+	}
+
+	bin := filepath.Join(b.TempDir(), "outbox-relay")
+	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/outbox-relay").CombinedOutput(); err != nil {
+		b.Fatalf("build: %v\n%s", err, out)
+	}
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "OUTBOX_") {
+			env = append(env, kv)
+		}
+	}
+	env = append(env, "OUTBOX_DATABASE_URL="+db.URL, "OUTBOX_KAFKA_BROKERS="+strings.Join(k.Brokers, ","),
+		"OUTBOX_METRICS_ADDR=127.0.0.1:0", "OUTBOX_LOG_LEVEL=warn", "OUTBOX_RETENTION=0")
+	if n := os.Getenv("OUTBOX_BENCH_BATCH_SIZE"); n != "" {
+		env = append(env, "OUTBOX_BATCH_SIZE="+n)
+	}
+	logFile, err := os.Create(filepath.Join(b.TempDir(), "relay.log"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer logFile.Close()
+	cmd := exec.Command(bin, "run")
+	cmd.Env = env
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	b.ResetTimer()
+	b.StartTimer()
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	stopped := false
+	defer func() {
+		if !stopped {
+			_ = cmd.Process.Kill()
+		}
+	}()
+	var hwm atomic.Int64 // KiB
+	stopWatch := make(chan struct{})
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		for {
+			raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid))
+			if err != nil {
+				return
+			}
+			for _, l := range strings.Split(string(raw), "\n") {
+				var kib int64
+				if _, err := fmt.Sscanf(l, "VmHWM: %d kB", &kib); err == nil && kib > hwm.Load() {
+					hwm.Store(kib)
+				}
+			}
+			select {
+			case <-stopWatch:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}()
+	deadline := time.Now().Add(50 * time.Minute)
+	for {
+		var left bool
+		if err := db.Pool.QueryRow(ctx, `SELECT EXISTS (SELECT FROM outbox WHERE published_at IS NULL)`).Scan(&left); err != nil {
+			b.Fatal(err)
+		}
+		if !left {
+			break
+		}
+		select {
+		case err := <-exited:
+			stopped = true
+			log, _ := os.ReadFile(logFile.Name())
+			b.Fatalf("the relay exited before publishing every row: %v\n%s", err, log)
+		case <-time.After(100 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			b.Fatal("the relay did not publish every row in 50 minutes")
+		}
+	}
+	elapsed := time.Since(start)
+	b.StopTimer()
+	close(stopWatch)
+	<-watched
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	err = <-exited
+	stopped = true
+	if err != nil {
+		log, _ := os.ReadFile(logFile.Name())
+		b.Fatalf("the relay did not stop cleanly on SIGTERM: %v\n%s", err, log)
+	}
+	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "rows/s")
+	b.ReportMetric(float64(hwm.Load())/1024, "max-RSS-MiB")
+	b.ReportMetric(elapsed.Seconds(), "s")
+}
