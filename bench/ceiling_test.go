@@ -8,6 +8,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/integration/testenv"
 	"github.com/outbox-relay/outbox-relay/loadtest"
+	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
 )
 
@@ -22,7 +23,8 @@ import (
 // (ceiling-delete-rows/s, a reference for OUTBOX_ON_PUBLISH=delete). The
 // machine is shared and noisy: compare ratios, measured side by side.
 //
-// The loops are package loadtest's, the ones `outbox-relay bench` runs.
+// The loops are package loadtest's, the ones `outbox-relay bench` runs. With
+// several shards the table has its shard index, as `migrate up` builds it.
 // Rows are a byte budget: BENCH_CEILING_ROWS (default 200000) rows of 200
 // bytes, proportionally fewer of larger rows (at least 5000, or
 // BENCH_CEILING_ROWS if smaller), so a 10 KiB run loads about as many bytes
@@ -60,6 +62,10 @@ func ceiling(b *testing.B, mode string, batch, size, shards, rows, rounds int) {
 	ctx := context.Background()
 	db := testenv.NewDB(b)
 	k := testenv.NewKafka(b, 3, topic)
+	// As `migrate up` does for a table of several shards.
+	if _, err := outbox.CreateShardIndex(ctx, db.Pool, db.Table, shards); err != nil {
+		b.Fatal(err)
+	}
 	cfg := testenv.RelayConfig(db, k)
 	cfg.Delivery = mode
 	cfg.BatchSize = batch

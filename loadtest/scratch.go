@@ -70,6 +70,11 @@ func NewScratch(ctx context.Context, pool *pgxpool.Pool, brokers []string, kopts
 	if err != nil {
 		return s, fmt.Errorf("migrate the scratch table %s: %w", s.Table, err)
 	}
+	// As `migrate up` does for a table of several shards: the index that
+	// serves the shard filter, for the relay's reads and the ceiling's.
+	if _, err := outbox.CreateShardIndex(ctx, pool, s.Table, shards); err != nil {
+		return s, fmt.Errorf("scratch table: %w", err)
+	}
 
 	cl, err := kgo.NewClient(append([]kgo.Opt{kgo.SeedBrokers(brokers...)}, kopts...)...)
 	if err != nil {
