@@ -97,7 +97,7 @@ func ceiling(b *testing.B, mode string, batch, size, shards, rows, rounds int) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		return float64(rows) / d.Seconds()
+		return d.Rate()
 	}
 	var dbRates, relayRates, serialRates, deleteRates []float64
 	for range rounds {

@@ -158,12 +158,38 @@ func drainShard(ctx context.Context, pool *pgxpool.Pool, t outbox.Table, done st
 	}
 }
 
+// Drain is what DrainRelay measured.
+type Drain struct {
+	// Rows is how many rows the relay published.
+	Rows int
+	// Elapsed is from the relay's start until it had published every row.
+	Elapsed time.Duration
+	// Start is from the relay's start until its first published rows were
+	// seen (start-up, ownership, recovery and the first batch), and
+	// FirstRows how many they were.
+	Start     time.Duration
+	FirstRows int
+}
+
+// Rate is the rows a second over Elapsed, the relay's start included.
+func (d Drain) Rate() float64 { return float64(d.Rows) / d.Elapsed.Seconds() }
+
+// SteadyRate is the rows a second from the first published rows to the
+// last, without the relay's start; 0 when there is nothing after the first.
+func (d Drain) SteadyRate() float64 {
+	if d.Rows <= d.FirstRows || d.Elapsed <= d.Start {
+		return 0
+	}
+	return float64(d.Rows-d.FirstRows) / (d.Elapsed - d.Start).Seconds()
+}
+
 // DrainRelay starts a relay (relay.New with cfg on pool, opts added) on the
-// loaded rows and returns the time from its start (start-up and recovery
-// included) until it has published rows rows (outbox_relay_published_records_total,
-// counted once marked). It stops the relay before it returns. It gives up
-// after timeout (0: 10 minutes).
-func DrainRelay(ctx context.Context, pool *pgxpool.Pool, cfg relay.Config, rows int, timeout time.Duration, opts ...relay.Option) (time.Duration, error) {
+// loaded rows and measures the time from its start (start-up and recovery
+// included) until it has published rows rows
+// (outbox_relay_published_records_total, counted once marked), polled every
+// 5 ms. It stops the relay before it returns. It gives up after timeout (0:
+// 10 minutes).
+func DrainRelay(ctx context.Context, pool *pgxpool.Pool, cfg relay.Config, rows int, timeout time.Duration, opts ...relay.Option) (Drain, error) {
 	if timeout == 0 {
 		timeout = 10 * time.Minute
 	}
@@ -171,28 +197,33 @@ func DrainRelay(ctx context.Context, pool *pgxpool.Pool, cfg relay.Config, rows 
 	start := time.Now()
 	run, err := StartRelay(ctx, pool, cfg, append(slices.Clone(opts), relay.WithRegisterer(reg))...)
 	if err != nil {
-		return 0, err
+		return Drain{}, err
 	}
-	elapsed, err := func() (time.Duration, error) {
+	d := Drain{Rows: rows}
+	err = func() error {
 		tick := time.NewTicker(5 * time.Millisecond)
 		defer tick.Stop()
 		for {
 			n, err := Published(reg)
 			if err != nil {
-				return 0, err
+				return err
+			}
+			if n > 0 && d.FirstRows == 0 {
+				d.Start, d.FirstRows = time.Since(start), n
 			}
 			if n >= rows {
-				return time.Since(start), nil
+				d.Elapsed = time.Since(start)
+				return nil
 			}
 			if time.Since(start) > timeout {
-				return 0, fmt.Errorf("relay drain: %d of %d rows published after %v", n, rows, timeout)
+				return fmt.Errorf("relay drain: %d of %d rows published after %v", n, rows, timeout)
 			}
 			select {
 			case <-ctx.Done():
-				return 0, fmt.Errorf("relay drain: %w", context.Cause(ctx))
+				return fmt.Errorf("relay drain: %w", context.Cause(ctx))
 			case err := <-run.done:
 				run.done <- err
-				return 0, fmt.Errorf("relay drain: the relay stopped after %d of %d rows: %v", n, rows, err)
+				return fmt.Errorf("relay drain: the relay stopped after %d of %d rows: %v", n, rows, err)
 			case <-tick.C:
 			}
 		}
@@ -200,7 +231,7 @@ func DrainRelay(ctx context.Context, pool *pgxpool.Pool, cfg relay.Config, rows 
 	if serr := run.Stop(); serr != nil && err == nil {
 		err = fmt.Errorf("relay drain: stop the relay: %w", serr)
 	}
-	return elapsed, err
+	return d, err
 }
 
 // Published sums outbox_relay_published_records_total over the shards: rows

@@ -118,6 +118,10 @@ type Measurement struct {
 	Rows    int     `json:"rows"`
 	Seconds float64 `json:"seconds"`
 	Rate    float64 `json:"rows_per_s"`
+	// StartSeconds is the relay's start until its first published rows,
+	// included in Seconds; SteadyRate the rate after it (relay only).
+	StartSeconds float64 `json:"start_seconds,omitempty"`
+	SteadyRate   float64 `json:"steady_rows_per_s,omitempty"`
 }
 
 // Report is what a run measured.
@@ -130,9 +134,11 @@ type Report struct {
 	Settings map[string]any `json:"settings"`
 	// Measurements are the drains, round by round, then the medians.
 	Measurements []Measurement `json:"measurements,omitempty"`
-	// Ratio is the median relay rate over the median ceiling rate; 0 when
-	// not measured.
-	Ratio float64 `json:"ratio,omitempty"`
+	// Ratio is the median relay rate (its start included) over the median
+	// ceiling rate, SteadyRatio the same with the relay's steady rate; 0
+	// when not measured.
+	Ratio       float64 `json:"ratio,omitempty"`
+	SteadyRatio float64 `json:"steady_ratio,omitempty"`
 	// Latency is the latency phase's result, nil when skipped.
 	Latency *LatencyResult `json:"latency,omitempty"`
 	// Notes say what was not measured and why.
@@ -231,7 +237,14 @@ func Run(ctx context.Context, c Config) (rep *Report, err error) {
 			if m.Round > 0 {
 				round, secs = fmt.Sprint(m.Round), fmt.Sprintf("%.2f", m.Seconds)
 			}
-			fmt.Fprintf(out, "%-16s %6s %9d %9s %10.0f\n", m.Name, round, m.Rows, secs, m.Rate)
+			extra := ""
+			if m.SteadyRate > 0 {
+				extra = fmt.Sprintf("   steady %.0f rows/s", m.SteadyRate)
+				if m.Round > 0 {
+					extra = fmt.Sprintf("   start %.2f s, steady %.0f rows/s", m.StartSeconds, m.SteadyRate)
+				}
+			}
+			fmt.Fprintf(out, "%-16s %6s %9d %9s %10.0f%s\n", m.Name, round, m.Rows, secs, m.Rate, extra)
 		}
 		ceilingName := "ceiling-" + string(c.OnPublish)
 		relayToo := c.OnPublish == Mark
@@ -240,7 +253,7 @@ func Run(ctx context.Context, c Config) (rep *Report, err error) {
 			// version. When it is, set it in cfg here and drop this note.
 			rep.Notes = append(rep.Notes, "-on-publish delete: the relay side needs OUTBOX_ON_PUBLISH=delete, which this relay does not have yet; only the delete ceiling was measured")
 		}
-		var ceil, rel []float64
+		var ceil, rel, steady []float64
 		for r := 1; r <= c.Rounds; r++ {
 			if err := Load(ctx, pool, sc.Table, sc.Topic, c.Rows, c.RowBytes); err != nil {
 				return rep, err
@@ -263,21 +276,22 @@ func Run(ctx context.Context, c Config) (rep *Report, err error) {
 			if err := Load(ctx, pool, sc.Table, sc.Topic, c.Rows, c.RowBytes); err != nil {
 				return rep, err
 			}
-			d, err = DrainRelay(ctx, pool, cfg, c.Rows, 0, relay.WithLogger(c.Logger), relay.WithKafkaOptions(c.KafkaOptions...))
+			dr, err := DrainRelay(ctx, pool, cfg, c.Rows, 0, relay.WithLogger(c.Logger), relay.WithKafkaOptions(c.KafkaOptions...))
 			if err != nil {
 				return rep, err
 			}
-			rel = append(rel, float64(c.Rows)/d.Seconds())
-			line(Measurement{Name: "relay", Round: r, Rows: c.Rows, Seconds: d.Seconds(), Rate: rel[len(rel)-1]})
+			rel, steady = append(rel, dr.Rate()), append(steady, dr.SteadyRate())
+			line(Measurement{Name: "relay", Round: r, Rows: c.Rows, Seconds: dr.Elapsed.Seconds(), Rate: dr.Rate(),
+				StartSeconds: dr.Start.Seconds(), SteadyRate: dr.SteadyRate()})
 			if err := step("relay"); err != nil {
 				return rep, err
 			}
 		}
 		line(Measurement{Name: ceilingName, Rows: c.Rows, Rate: Median(ceil)})
 		if relayToo {
-			line(Measurement{Name: "relay", Rows: c.Rows, Rate: Median(rel)})
-			rep.Ratio = Median(rel) / Median(ceil)
-			fmt.Fprintf(out, "%-16s %6s %9s %9s %10.2f\n", "ratio", "median", "", "", rep.Ratio)
+			line(Measurement{Name: "relay", Rows: c.Rows, Rate: Median(rel), SteadyRate: Median(steady)})
+			rep.Ratio, rep.SteadyRatio = Median(rel)/Median(ceil), Median(steady)/Median(ceil)
+			fmt.Fprintf(out, "%-16s %6s %9s %9s %10.2f   steady %.2f\n", "ratio", "median", "", "", rep.Ratio, rep.SteadyRatio)
 		}
 		// Empty the table for the latency phase: it measures from no backlog.
 		if _, err := pool.Exec(ctx, `TRUNCATE `+sc.Table.Ident()); err != nil {
