@@ -7,6 +7,7 @@
 //	outbox-relay reshard              change the shard count safely
 //	outbox-relay dlq list|requeue ID...|discard --reason TEXT ID...
 //	outbox-relay verify [-since 24h | -from-id N -to-id M] [-json]
+//	outbox-relay bench [-rows N ...]  relay against the database-only ceiling, and latency, in a scratch schema and topics
 //	outbox-relay demo [-events N]     embedded Kafka, payments simulator, checker, ledger (inbox)
 //	outbox-relay version
 package main
@@ -49,6 +50,12 @@ Usage:
                                         give dead letters up (kept for audit), releasing their keys
   outbox-relay verify [-since 24h | -from-id N -to-id M] [-json]
                                         reconcile Kafka with the table (exit 0 clean, 1 discrepancies, 2 could not check)
+  outbox-relay bench [-rows N] [-row-bytes N] [-batch N] [-shards N] [-rounds N] [-delivery MODE]
+                    [-on-publish mark|delete] [-rate N] [-latency-duration 10s]
+                    [-skip-latency] [-skip-throughput] [-keep] [-json]
+                                        measure on your database and Kafka, in a scratch schema and scratch
+                                        topics removed afterwards: the relay's rows/s against the database-only
+                                        ceiling (ratio), and commit-to-consume latency at -rate rows/s
   outbox-relay demo [-events N]         embedded Kafka + payments simulator + exactly-once checker + ledger
   outbox-relay version                  print the version
 
@@ -81,6 +88,8 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 		err = runDLQ(ctx, args[1:], environ, stdout)
 	case "verify":
 		return runVerify(ctx, args[1:], environ, stdout, stderr)
+	case "bench":
+		err = runBench(ctx, args[1:], environ, stdout, stderr)
 	case "demo":
 		err = runDemo(ctx, args[1:], environ, stdout, stderr)
 	case "demo-ledger": // hidden: the demo's ledger alone, for the kill tests

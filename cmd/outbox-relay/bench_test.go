@@ -1,0 +1,83 @@
+package main
+
+import (
+	"context"
+	"strings"
+	"testing"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kgo"
+
+	"github.com/outbox-relay/outbox-relay/integration/testenv"
+)
+
+// TestBenchPrintsTheFiguresAndLeavesNothingBehind: a small `outbox-relay
+// bench` against a real PostgreSQL and Kafka over TCP prints the ceiling,
+// the relay, their ratio and the latency percentiles, every row arrived
+// once, and no scratch schema or topic is left.
+func TestBenchPrintsTheFiguresAndLeavesNothingBehind(t *testing.T) {
+	url := testenv.CreateDatabase(t)
+	k := testenv.NewKafka(t, 3)
+	env := []string{"OUTBOX_DATABASE_URL=" + url, "OUTBOX_KAFKA_BROKERS=" + strings.Join(k.Brokers, ",")}
+	code, out, errs := cli(t, env, "bench", "-rows", "3000", "-batch", "500", "-rounds", "1", "-rate", "400", "-latency-duration", "1s")
+	if code != 0 {
+		t.Fatalf("bench: exit %d\n%s\nstderr: %s", code, out, errs)
+	}
+	t.Logf("bench output:\n%s", out)
+	for _, want := range []string{"scratch: schema outbox_bench_", "ceiling-mark", "relay ", "ratio", "p50", "p99", "every row exactly once: yes", "removed schema outbox_bench_"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("bench output lacks %q:\n%s", want, out)
+		}
+	}
+	requireNoScratchLeft(t, url, k.Brokers)
+}
+
+// TestBenchRefusesBadFlagsNamingThem: bad flags are refused before anything
+// is created, each named with the fix.
+func TestBenchRefusesBadFlagsNamingThem(t *testing.T) {
+	env := []string{"OUTBOX_DATABASE_URL=postgres://nobody@127.0.0.1:1/none", "OUTBOX_KAFKA_BROKERS=127.0.0.1:1"}
+	code, _, errs := cli(t, env, "bench", "-rows", "0", "-on-publish", "drop", "-delivery", "twice", "-skip-latency", "-skip-throughput")
+	if code == 0 {
+		t.Fatal("bench with bad flags exited 0")
+	}
+	for _, want := range []string{"-rows 0", "-on-publish \"drop\": expected mark", "-delivery", "leave nothing to measure"} {
+		if !strings.Contains(errs, want) {
+			t.Errorf("the error lacks %q: %s", want, errs)
+		}
+	}
+}
+
+// requireNoScratchLeft fails the test when a scratch schema (pg_namespace)
+// or scratch topic (Kafka metadata) of the bench is left.
+func requireNoScratchLeft(t *testing.T, url string, brokers []string) {
+	t.Helper()
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	var schemas []string
+	rows, _ := conn.Query(ctx, `SELECT nspname FROM pg_namespace WHERE nspname LIKE 'outbox_bench_%'`)
+	if schemas, err = pgx.CollectRows(rows, pgx.RowTo[string]); err != nil {
+		t.Fatal(err)
+	}
+	if len(schemas) > 0 {
+		t.Errorf("scratch schemas left: %v", schemas)
+	}
+	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	topics, err := kadm.NewClient(cl).ListTopics(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range topics.Names() {
+		if strings.HasPrefix(name, "outbox-bench-") {
+			t.Errorf("scratch topic left: %s", name)
+		}
+	}
+}
