@@ -18,10 +18,12 @@ import (
 // shard filter) drains freshly loaded rows, then the relay drains the same
 // number of freshly loaded rows, then the relay with its pipeline off
 // (relay.WithSerialLoop), in turns, BENCH_CEILING_ROUNDS times (default 3).
-// It reports the median rate of each and their ratios to the ceiling, and
-// the ceiling of a loop that deletes its batches instead of marking them
-// (ceiling-delete-rows/s, a reference for OUTBOX_ON_PUBLISH=delete). The
-// machine is shared and noisy: compare ratios, measured side by side.
+// It reports the median rate of each and their ratios to the ceiling. Then,
+// in the same rounds, the same for OUTBOX_ON_PUBLISH=delete: the ceiling of
+// a loop that deletes its batches instead of marking them
+// (ceiling-delete-rows/s) and the relay in delete mode (relay-delete-rows/s,
+// delete-ratio). The machine is shared and noisy: compare ratios, measured
+// side by side.
 //
 // The loops are package loadtest's, the ones `outbox-relay bench` runs. With
 // several shards the table has its shard index, as `migrate up` builds it.
@@ -78,7 +80,7 @@ func ceiling(b *testing.B, mode string, batch, size, shards, rows, rounds int) {
 			b.Fatal(err)
 		}
 	}
-	drainDB := func(on loadtest.OnPublish) float64 {
+	drainDB := func(on outbox.OnPublish) float64 {
 		b.Helper()
 		load()
 		d, n, err := loadtest.DrainCeiling(ctx, db.Pool, db.Table, batch, shards, on)
@@ -90,32 +92,38 @@ func ceiling(b *testing.B, mode string, batch, size, shards, rows, rounds int) {
 		}
 		return float64(n) / d.Seconds()
 	}
-	drainRelay := func(opts ...relay.Option) float64 {
+	drainRelay := func(on outbox.OnPublish, opts ...relay.Option) float64 {
 		b.Helper()
 		load()
+		cfg := cfg
+		cfg.OnPublish = string(on)
 		d, err := loadtest.DrainRelay(ctx, db.Pool, cfg, rows, 0, opts...)
 		if err != nil {
 			b.Fatal(err)
 		}
 		return d.Rate()
 	}
-	var dbRates, relayRates, serialRates, deleteRates []float64
+	var dbRates, relayRates, serialRates, deleteRates, relayDeleteRates []float64
 	for range rounds {
 		for range b.N {
-			dbRates = append(dbRates, drainDB(loadtest.Mark))
-			relayRates = append(relayRates, drainRelay())
+			dbRates = append(dbRates, drainDB(outbox.Mark))
+			relayRates = append(relayRates, drainRelay(outbox.Mark))
 			// The same relay with the pipeline off: what the pipeline buys,
 			// on the same rows in the same run.
-			serialRates = append(serialRates, drainRelay(relay.WithSerialLoop()))
-			deleteRates = append(deleteRates, drainDB(loadtest.Delete))
+			serialRates = append(serialRates, drainRelay(outbox.Mark, relay.WithSerialLoop()))
+			// OUTBOX_ON_PUBLISH=delete, against its own ceiling.
+			deleteRates = append(deleteRates, drainDB(outbox.Delete))
+			relayDeleteRates = append(relayDeleteRates, drainRelay(outbox.Delete))
 		}
 	}
-	db1, r1, s1 := median(dbRates), median(relayRates), median(serialRates)
+	db1, r1, s1, d1, rd1 := median(dbRates), median(relayRates), median(serialRates), median(deleteRates), median(relayDeleteRates)
 	b.ReportMetric(float64(rows), "rows")
 	b.ReportMetric(db1, "ceiling-rows/s")
 	b.ReportMetric(r1, "relay-rows/s")
 	b.ReportMetric(r1/db1, "ratio")
 	b.ReportMetric(s1, "serial-rows/s")
 	b.ReportMetric(s1/db1, "serial-ratio")
-	b.ReportMetric(median(deleteRates), "ceiling-delete-rows/s")
+	b.ReportMetric(d1, "ceiling-delete-rows/s")
+	b.ReportMetric(rd1, "relay-delete-rows/s")
+	b.ReportMetric(rd1/d1, "delete-ratio")
 }

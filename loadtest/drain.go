@@ -17,27 +17,6 @@ import (
 	"github.com/outbox-relay/outbox-relay/relay"
 )
 
-// OnPublish is what the database-only ceiling does to a batch it has read:
-// mark it published (UPDATE, what the relay does today) or delete it.
-type OnPublish string
-
-const (
-	// Mark sets published_at on the batch's rows (UPDATE ... WHERE id = ANY).
-	Mark OnPublish = "mark"
-	// Delete deletes the batch's rows (DELETE ... WHERE id = ANY): the
-	// ceiling of a relay that keeps no published rows in the table.
-	Delete OnPublish = "delete"
-)
-
-// ParseOnPublish parses the -on-publish flag.
-func ParseOnPublish(s string) (OnPublish, error) {
-	switch OnPublish(s) {
-	case Mark, Delete:
-		return OnPublish(s), nil
-	}
-	return "", fmt.Errorf("-on-publish %q: expected mark (UPDATE published_at, the relay's default) or delete (DELETE the published rows)", s)
-}
-
 // loadChunk is the most rows Load writes in one transaction.
 const loadChunk = 10000
 
@@ -88,12 +67,12 @@ func Load(ctx context.Context, pool *pgxpool.Pool, t outbox.Table, topic string,
 // (outbox.ShardFilter), then marks the batch published (UPDATE ... WHERE id
 // = ANY) or deletes it (on), and repeats until the shard has no row left. It
 // returns the time taken and the rows drained.
-func DrainCeiling(ctx context.Context, pool *pgxpool.Pool, t outbox.Table, batch, shards int, on OnPublish) (time.Duration, int, error) {
+func DrainCeiling(ctx context.Context, pool *pgxpool.Pool, t outbox.Table, batch, shards int, on outbox.OnPublish) (time.Duration, int, error) {
 	var done string
 	switch on {
-	case Mark:
+	case outbox.Mark:
 		done = `UPDATE ` + t.Ident() + ` SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL`
-	case Delete:
+	case outbox.Delete:
 		done = `DELETE FROM ` + t.Ident() + ` WHERE id = ANY($1)`
 	default:
 		return 0, 0, fmt.Errorf("ceiling: on-publish %q: expected mark or delete", on)
@@ -187,7 +166,7 @@ func (d Drain) SteadyRate() float64 {
 // loaded rows and measures the time from its start (start-up and recovery
 // included) until it has published rows rows
 // (outbox_relay_published_records_total, counted once marked), polled every
-// 5 ms. It stops the relay before it returns. It gives up after timeout (0:
+// 10 ms (a gather of the relay's metrics costs CPU the relay shares). It stops the relay before it returns. It gives up after timeout (0:
 // 10 minutes).
 func DrainRelay(ctx context.Context, pool *pgxpool.Pool, cfg relay.Config, rows int, timeout time.Duration, opts ...relay.Option) (Drain, error) {
 	if timeout == 0 {
@@ -201,7 +180,7 @@ func DrainRelay(ctx context.Context, pool *pgxpool.Pool, cfg relay.Config, rows 
 	}
 	d := Drain{Rows: rows}
 	err = func() error {
-		tick := time.NewTicker(5 * time.Millisecond)
+		tick := time.NewTicker(10 * time.Millisecond)
 		defer tick.Stop()
 		for {
 			n, err := Published(reg)

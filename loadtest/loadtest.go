@@ -22,6 +22,7 @@ import (
 
 	"github.com/twmb/franz-go/pkg/kgo"
 
+	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/txn"
 )
@@ -43,8 +44,9 @@ type Config struct {
 	Delivery      string
 	// Rounds is how many times the ceiling and the relay each drain.
 	Rounds int
-	// OnPublish is what the ceiling does to a batch read: mark or delete.
-	OnPublish OnPublish
+	// OnPublish is what the relay and the ceiling do to a published row:
+	// mark it or delete it (OUTBOX_ON_PUBLISH).
+	OnPublish outbox.OnPublish
 	// Rate rows a second are written for LatencyDuration in the latency
 	// phase.
 	Rate            int
@@ -87,8 +89,8 @@ func (c Config) Validate() error {
 	if c.Rounds < 1 {
 		add("-rounds %d: expected at least 1", c.Rounds)
 	}
-	if _, err := ParseOnPublish(string(c.OnPublish)); err != nil {
-		add("%v", err)
+	if _, err := outbox.ParseOnPublish(string(c.OnPublish)); err != nil || c.OnPublish == "" {
+		add("-on-publish %q: expected mark or delete (OUTBOX_ON_PUBLISH: what the relay and the ceiling do to a published row)", c.OnPublish)
 	}
 	if !c.SkipLatency {
 		if c.Rate < 1 {
@@ -141,8 +143,6 @@ type Report struct {
 	SteadyRatio float64 `json:"steady_ratio,omitempty"`
 	// Latency is the latency phase's result, nil when skipped.
 	Latency *LatencyResult `json:"latency,omitempty"`
-	// Notes say what was not measured and why.
-	Notes []string `json:"notes,omitempty"`
 	// Removed is true when the scratch objects were removed.
 	Removed bool `json:"removed"`
 }
@@ -247,12 +247,8 @@ func Run(ctx context.Context, c Config) (rep *Report, err error) {
 			fmt.Fprintf(out, "%-16s %6s %9d %9s %10.0f%s\n", m.Name, round, m.Rows, secs, m.Rate, extra)
 		}
 		ceilingName := "ceiling-" + string(c.OnPublish)
-		relayToo := c.OnPublish == Mark
-		if !relayToo {
-			// The relay marks; OUTBOX_ON_PUBLISH=delete is not in this
-			// version. When it is, set it in cfg here and drop this note.
-			rep.Notes = append(rep.Notes, "-on-publish delete: the relay side needs OUTBOX_ON_PUBLISH=delete, which this relay does not have yet; only the delete ceiling was measured")
-		}
+		// The relay settles published rows as the ceiling does.
+		cfg.OnPublish = string(c.OnPublish)
 		var ceil, rel, steady []float64
 		for r := 1; r <= c.Rounds; r++ {
 			if err := Load(ctx, pool, sc.Table, sc.Topic, c.Rows, c.RowBytes); err != nil {
@@ -270,9 +266,6 @@ func Run(ctx context.Context, c Config) (rep *Report, err error) {
 			if err := step("ceiling"); err != nil {
 				return rep, err
 			}
-			if !relayToo {
-				continue
-			}
 			if err := Load(ctx, pool, sc.Table, sc.Topic, c.Rows, c.RowBytes); err != nil {
 				return rep, err
 			}
@@ -288,11 +281,9 @@ func Run(ctx context.Context, c Config) (rep *Report, err error) {
 			}
 		}
 		line(Measurement{Name: ceilingName, Rows: c.Rows, Rate: Median(ceil)})
-		if relayToo {
-			line(Measurement{Name: "relay", Rows: c.Rows, Rate: Median(rel), SteadyRate: Median(steady)})
-			rep.Ratio, rep.SteadyRatio = Median(rel)/Median(ceil), Median(steady)/Median(ceil)
-			fmt.Fprintf(out, "%-16s %6s %9s %9s %10.2f   steady %.2f\n", "ratio", "median", "", "", rep.Ratio, rep.SteadyRatio)
-		}
+		line(Measurement{Name: "relay", Rows: c.Rows, Rate: Median(rel), SteadyRate: Median(steady)})
+		rep.Ratio, rep.SteadyRatio = Median(rel)/Median(ceil), Median(steady)/Median(ceil)
+		fmt.Fprintf(out, "%-16s %6s %9s %9s %10.2f   steady %.2f\n", "ratio", "median", "", "", rep.Ratio, rep.SteadyRatio)
 		// Empty the table for the latency phase: it measures from no backlog.
 		if _, err := pool.Exec(ctx, `TRUNCATE `+sc.Table.Ident()); err != nil {
 			return rep, fmt.Errorf("empty %s: %w", sc.Table, err)
@@ -327,9 +318,6 @@ func Run(ctx context.Context, c Config) (rep *Report, err error) {
 		if res.Missing > 0 {
 			return rep, fmt.Errorf("latency: %d rows did not arrive", res.Missing)
 		}
-	}
-	for _, n := range rep.Notes {
-		fmt.Fprintf(out, "note: %s\n", n)
 	}
 	return rep, nil
 }

@@ -15,6 +15,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/outbox-relay/outbox-relay/integration/testenv"
+	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
 )
 
@@ -30,7 +31,7 @@ func smallRun(t *testing.T) (Config, string, []string) {
 	}
 	return Config{
 		Relay: cfg, Rows: 2000, RowBytes: 100, Batch: 500, Shards: 2, Delivery: "exactly-once", Rounds: 1,
-		OnPublish: Mark, Rate: 200, LatencyDuration: 500 * time.Millisecond,
+		OnPublish: outbox.Mark, Rate: 200, LatencyDuration: 500 * time.Millisecond,
 	}, dbURL, k.Brokers
 }
 
@@ -117,9 +118,9 @@ func TestCeilingLoopsDrainEveryRowOfEveryShard(t *testing.T) {
 	db := testenv.NewDB(t)
 	ctx := context.Background()
 	for _, tc := range []struct {
-		on     OnPublish
+		on     outbox.OnPublish
 		shards int
-	}{{Mark, 1}, {Mark, 3}, {Delete, 1}, {Delete, 3}} {
+	}{{outbox.Mark, 1}, {outbox.Mark, 3}, {outbox.Delete, 1}, {outbox.Delete, 3}} {
 		if err := Load(ctx, db.Pool, db.Table, "bench", 2500, 50); err != nil {
 			t.Fatal(err)
 		}
@@ -129,7 +130,7 @@ func TestCeilingLoopsDrainEveryRowOfEveryShard(t *testing.T) {
 		}
 		left, all := count(t, db.Pool, `published_at IS NULL`), count(t, db.Pool, `true`)
 		want := 2500
-		if tc.on == Delete {
+		if tc.on == outbox.Delete {
 			want = 0
 		}
 		if n != 2500 || left != 0 || all != want {

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/loadtest"
+	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
 )
 
@@ -26,7 +27,7 @@ func runBench(ctx context.Context, args, environ []string, stdout, stderr io.Wri
 	shards := fs.Int("shards", 0, "shards (default: OUTBOX_SHARDS)")
 	rounds := fs.Int("rounds", 3, "drains of the ceiling and of the relay, in turns")
 	delivery := fs.String("delivery", "", "exactly-once, at-least-once or at-most-once (default: OUTBOX_DELIVERY)")
-	onPublish := fs.String("on-publish", "mark", "what the database-only ceiling does to a batch: mark or delete")
+	onPublish := fs.String("on-publish", "", "what the relay and the database-only ceiling do to a published row: mark or delete (default: OUTBOX_ON_PUBLISH, else mark)")
 	rate := fs.Int("rate", 2000, "rows committed per second in the latency phase")
 	latency := fs.Duration("latency-duration", 10*time.Second, "how long the latency phase writes")
 	skipLatency := fs.Bool("skip-latency", false, "leave the latency phase out")
@@ -50,9 +51,12 @@ func runBench(ctx context.Context, args, environ []string, stdout, stderr io.Wri
 	c := loadtest.Config{
 		Relay: cfg, KafkaOptions: kopts,
 		Rows: *rows, RowBytes: *rowBytes, Batch: *batch, Shards: *shards, Delivery: *delivery,
-		Rounds: *rounds, OnPublish: loadtest.OnPublish(*onPublish), Rate: *rate, LatencyDuration: *latency,
+		Rounds: *rounds, OnPublish: outbox.OnPublish(*onPublish), Rate: *rate, LatencyDuration: *latency,
 		SkipLatency: *skipLatency, SkipThroughput: *skipThroughput, Keep: *keep,
 		Logger: newLogger(stderr, "warn"), Out: stdout,
+	}
+	if c.OnPublish == "" {
+		c.OnPublish = outbox.OnPublish(cfg.OnPublish)
 	}
 	if c.Batch == 0 {
 		c.Batch = cfg.BatchSize
