@@ -118,6 +118,11 @@ func killNineUnderLoad(t *testing.T, rounds int, onPublish outbox.OnPublish) {
 		if kind == inMarkWindow {
 			release = holdInMarkWindow(t, db, p)
 		}
+		// A burst just before the kill, so that it lands while a batch is
+		// read, published or marked, however quickly the relay kept up
+		// with the steady writer (in delete mode it drains as fast as the
+		// writer commits).
+		w.burst(t, db, topic, 200)
 		backlog := db.Unpublished(t)
 		p.kill(t)
 		if st := p.state(); !killedBySIGKILL(st) {
@@ -631,6 +636,21 @@ func startLoadWriter(t *testing.T, db *testenv.DB, topic string, keys []string, 
 		}
 	}()
 	return w
+}
+
+// burst commits n rows of topic in one transaction, counted with the
+// writer's rows.
+func (w *loadWriter) burst(t *testing.T, db *testenv.DB, topic string, n int) {
+	t.Helper()
+	msgs := make([]outbox.Message, n)
+	for i := range msgs {
+		msgs[i] = outbox.Message{Topic: topic, Key: []byte(fmt.Sprintf("burst-%d", i%7)), Value: fmt.Appendf(nil, `{"burst":%d}`, i)}
+	}
+	ctx := context.Background()
+	if err := pgx.BeginFunc(ctx, db.Pool, func(tx pgx.Tx) error { return db.Table.Write(ctx, tx, msgs...) }); err != nil {
+		t.Fatalf("burst of %d rows: %v", n, err)
+	}
+	w.rows.Add(int64(n))
 }
 
 // halt stops the writer without checking it (deferred, for early failures).
