@@ -1,8 +1,11 @@
 package bench
 
 import (
+	"cmp"
 	"context"
 	"fmt"
+	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -24,6 +27,9 @@ import (
 // (ceiling-delete-rows/s) and the relay in delete mode (relay-delete-rows/s,
 // delete-ratio). The machine is shared and noisy: compare ratios, measured
 // side by side.
+//
+// BENCH_CEILING_LOOPS (default "serial,delete") picks the loops run besides
+// the ceiling and the relay: "none" runs only those two (the matrix).
 //
 // The loops are package loadtest's, the ones `outbox-relay bench` runs. With
 // several shards the table has its shard index, as `migrate up` builds it.
@@ -61,6 +67,16 @@ func rowsFor(rows, size int) int {
 
 func ceiling(b *testing.B, mode string, batch, size, shards, rows, rounds int) {
 	b.StopTimer()
+	loops := map[string]bool{}
+	for _, l := range strings.Split(cmp.Or(os.Getenv("BENCH_CEILING_LOOPS"), "serial,delete"), ",") {
+		switch l = strings.TrimSpace(l); l {
+		case "serial", "delete":
+			loops[l] = true
+		case "none":
+		default:
+			b.Fatalf("BENCH_CEILING_LOOPS: %q is not a loop: use serial, delete, both (comma-separated) or none", l)
+		}
+	}
 	ctx := context.Background()
 	db := testenv.NewDB(b)
 	k := testenv.NewKafka(b, 3, topic)
@@ -110,20 +126,30 @@ func ceiling(b *testing.B, mode string, batch, size, shards, rows, rounds int) {
 			relayRates = append(relayRates, drainRelay(outbox.Mark))
 			// The same relay with the pipeline off: what the pipeline buys,
 			// on the same rows in the same run.
-			serialRates = append(serialRates, drainRelay(outbox.Mark, relay.WithSerialLoop()))
-			// OUTBOX_ON_PUBLISH=delete, against its own ceiling.
-			deleteRates = append(deleteRates, drainDB(outbox.Delete))
-			relayDeleteRates = append(relayDeleteRates, drainRelay(outbox.Delete))
+			if loops["serial"] {
+				serialRates = append(serialRates, drainRelay(outbox.Mark, relay.WithSerialLoop()))
+			}
+			if loops["delete"] {
+				// OUTBOX_ON_PUBLISH=delete, against its own ceiling.
+				deleteRates = append(deleteRates, drainDB(outbox.Delete))
+				relayDeleteRates = append(relayDeleteRates, drainRelay(outbox.Delete))
+			}
 		}
 	}
-	db1, r1, s1, d1, rd1 := median(dbRates), median(relayRates), median(serialRates), median(deleteRates), median(relayDeleteRates)
+	db1, r1 := median(dbRates), median(relayRates)
 	b.ReportMetric(float64(rows), "rows")
 	b.ReportMetric(db1, "ceiling-rows/s")
 	b.ReportMetric(r1, "relay-rows/s")
 	b.ReportMetric(r1/db1, "ratio")
-	b.ReportMetric(s1, "serial-rows/s")
-	b.ReportMetric(s1/db1, "serial-ratio")
-	b.ReportMetric(d1, "ceiling-delete-rows/s")
-	b.ReportMetric(rd1, "relay-delete-rows/s")
-	b.ReportMetric(rd1/d1, "delete-ratio")
+	if loops["serial"] {
+		s1 := median(serialRates)
+		b.ReportMetric(s1, "serial-rows/s")
+		b.ReportMetric(s1/db1, "serial-ratio")
+	}
+	if loops["delete"] {
+		d1, rd1 := median(deleteRates), median(relayDeleteRates)
+		b.ReportMetric(d1, "ceiling-delete-rows/s")
+		b.ReportMetric(rd1, "relay-delete-rows/s")
+		b.ReportMetric(rd1/d1, "delete-ratio")
+	}
 }
