@@ -3,13 +3,17 @@ package integration
 import (
 	"context"
 	"slices"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/twmb/franz-go/pkg/kgo"
+
 	"github.com/outbox-relay/outbox-relay/integration/testenv"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/verify"
 )
 
 // keyIDs returns the outbox ids of key's records, in the order Kafka has
@@ -198,5 +202,49 @@ func TestRowCommittedLateIsNotOvertakenByItsKey(t *testing.T) {
 			}
 			testenv.CheckExactlyOnce(t, append([]int64{a, b}, ids...), seen)
 		})
+	}
+}
+
+// TestDeleteModeVerifyFindsARecordOfAnIDNeverIssued: in delete mode verify
+// takes a record whose row is gone for a row published and deleted. A
+// record whose outbox-id is above every id the table's sequence ever
+// handed out (another database or table publishing into the same topic
+// under the same header, a staging relay pointed at production Kafka) is no
+// such row: verify must report it as a phantom and not count it as deleted,
+// or the report is CLEAN while the topic holds an event no row of the ledger
+// ever was.
+func TestDeleteModeVerifyFindsARecordOfAnIDNeverIssued(t *testing.T) {
+	ctx := context.Background()
+	db := testenv.NewDB(t)
+	topic := testenv.RandomName("payments-")
+	k := testenv.NewKafka(t, 3, topic)
+	ids := db.Insert(t, topic, 20, faultsKeys)
+	run := testenv.StartRelay(t, db, deleteModeConfig(db, k))
+	faultsEventually(t, 30*time.Second, "every row published and deleted", func() bool { return tableRows(t, db) == 0 })
+	if err := run.Stop(); err != nil {
+		t.Fatal(err)
+	}
+
+	cl, err := kgo.NewClient(kgo.SeedBrokers(k.Brokers...), kgo.DefaultProduceTopic(topic))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	forged := ids[len(ids)-1] + 1000
+	if err := cl.ProduceSync(ctx, &kgo.Record{Key: []byte("acct-1"), Value: []byte("debit 1000000"),
+		Headers: []kgo.RecordHeader{{Key: "outbox-id", Value: []byte(strconv.FormatInt(forged, 10))}}}).FirstErr(); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := verify.Run(ctx, verify.Config{Pool: db.Pool, Table: db.Table, Brokers: k.Brokers, Since: time.Hour, OnPublish: outbox.Delete, Topics: []string{topic}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, f := range rep.Findings {
+		found = found || f.Kind == verify.Phantom && f.ID == forged
+	}
+	if rep.Clean() || !found || rep.Deleted != len(ids) {
+		t.Fatalf("verify in delete mode with a record of id %d, above every id the table issued: clean %v, deleted %d (want %d), findings %v; want a phantom naming it",
+			forged, rep.Clean(), rep.Deleted, len(ids), rep.Findings)
 	}
 }
