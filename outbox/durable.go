@@ -32,7 +32,19 @@ import (
 // critical path. Two share locks do not wait for each other; a takeover's
 // UPDATE of the token does not wait for this one.
 func (s *Store) ReadDurable(ctx context.Context, l Lease, shards, limit int, maxBytes int64, after int64) ([]Row, error) {
-	return s.read(ctx, &l, int(l.Shard), shards, limit, maxBytes, after)
+	return s.read(ctx, &l, int(l.Shard), shards, limit, maxBytes, after, nil)
+}
+
+// ReadDurableSkipping is ReadDurable from the start of the shard's
+// unpublished rows, without the rows whose ids are in skip: the read of a
+// pipelined loop while batches it read are still in flight (in a Kafka
+// transaction, or committed with their mark not yet durable). It reads past
+// those rows by id, not above a floor, so that a row below them that became
+// readable since (committed late, released by `dlq discard`, put back by
+// `dlq requeue`) is read now, in id order, before the later rows of its key
+// (I4).
+func (s *Store) ReadDurableSkipping(ctx context.Context, l Lease, shards, limit int, maxBytes int64, skip []int64) ([]Row, error) {
+	return s.read(ctx, &l, int(l.Shard), shards, limit, maxBytes, 0, skip)
 }
 
 // durableRead wraps a read statement so that every row also carries

@@ -124,18 +124,24 @@ func (s *Store) ReadBatch(ctx context.Context, shard, shards, limit int, maxByte
 // skips them and keeps the shard's id order (I4), without walking their index
 // entries. ReadBatch is ReadBatchAfter from 0: one query, one hold filter.
 func (s *Store) ReadBatchAfter(ctx context.Context, shard, shards, limit int, maxBytes int64, after int64) ([]Row, error) {
-	return s.read(ctx, nil, shard, shards, limit, maxBytes, after)
+	return s.read(ctx, nil, shard, shards, limit, maxBytes, after, nil)
 }
 
-// read runs ReadBatchSQL; with a lease, wrapped by durableRead.
-func (s *Store) read(ctx context.Context, l *Lease, shard, shards, limit int, maxBytes int64, after int64) ([]Row, error) {
+// read runs ReadBatchSQL, without the rows whose ids are in skip; with a
+// lease, wrapped by durableRead.
+func (s *Store) read(ctx context.Context, l *Lease, shard, shards, limit int, maxBytes int64, after int64, skip []int64) ([]Row, error) {
 	args := []any{limit, after}
 	if maxBytes > 0 {
 		args = append(args, maxBytes)
 	}
 	_, fargs := shardFilter(shard, shards, 0)
 	args = append(args, fargs...)
-	q := s.ReadBatchSQL(shards, maxBytes > 0)
+	skipArg := 0
+	if len(skip) > 0 {
+		args = append(args, skip)
+		skipArg = len(args)
+	}
+	q := s.readSQL(shards, maxBytes > 0, skipArg)
 	if l != nil {
 		q = s.durableRead(q, len(args)+1)
 		args = append(args, l.Shard, l.Token)
@@ -175,10 +181,18 @@ func (s *Store) read(ctx context.Context, l *Lease, shard, shards, limit int, ma
 // shards, with a byte bound (bounded) or without: $1 is the row limit, $2
 // the id to read after, $3 the byte bound if bounded, and the next one the
 // shard if shards > 1. It is here to be EXPLAINed.
-func (s *Store) ReadBatchSQL(shards int, bounded bool) string {
+func (s *Store) ReadBatchSQL(shards int, bounded bool) string { return s.readSQL(shards, bounded, 0) }
+
+// readSQL is ReadBatchSQL, also leaving out the rows whose ids are in the
+// bigint[] parameter $skipArg when skipArg > 0 (an anti-join the planner
+// hashes: the ids of the batches in flight, see ReadDurableSkipping).
+func (s *Store) readSQL(shards int, bounded bool, skipArg int) string {
 	hold := ""
 	if s.order != Skip {
 		hold = ` AND NOT ` + s.heldFilter()
+	}
+	if skipArg > 0 {
+		hold += ` AND NOT EXISTS (SELECT FROM unnest($` + strconv.Itoa(skipArg) + `::bigint[]) AS skip(id) WHERE skip.id = o.id)`
 	}
 	if !bounded {
 		filter, _ := shardFilter(0, shards, 3)

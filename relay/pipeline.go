@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"log/slog"
+	"slices"
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/outbox"
@@ -29,14 +30,16 @@ const FailAfterReadAhead = "after-read-ahead"
 // only: it measures what the pipeline buys).
 func WithSerialLoop() Option { return func(r *Relay) { r.serial = true } }
 
-// maxFloored bounds how many reads in a row a shard makes above the floor
-// (the last id of the batch whose mark is in flight). A row whose id is below
-// the floor but that committed only after the rows above it were read (ids
-// are taken at insert, rows become visible at commit) is skipped by such a
-// read; after maxFloored of them, or after any short batch, the loop waits
-// for the mark and reads from the start of the unpublished rows again, so
-// such a row waits at most that many batches, as a later batch of the serial
-// loop would have found it.
+// maxFloored bounds how many reads in a row a shard makes while a mark is
+// in flight (reads that leave out the ids of the batches in flight, see
+// pipeline.inflight); after maxFloored of them, or after any short batch,
+// the loop waits for the mark and reads plainly from the start of the
+// unpublished rows again. A read in flight does not skip a row below the
+// batches in flight that became readable late (a late commit, `dlq
+// discard`, `dlq requeue`): reading only above the last id in flight did,
+// and the later rows of the row's key overtook it (I4;
+// TestDiscardDuringTheReadAheadPublishesTheReleasedKeyInIDOrder,
+// TestRowCommittedLateIsNotOvertakenByItsKey).
 const maxFloored = 32
 
 // pipeline is the state of one shard's pipelined publish loop. Three
@@ -47,10 +50,13 @@ const maxFloored = 32
 type pipeline struct {
 	pending *pendingMark
 	ahead   *readAhead
-	// floor is the last id of the last batch read: every row of the shard
-	// up to it is marked, dead-lettered, held, in the pending mark or in
-	// the transaction running now.
-	floor   int64
+	// last is the ids of the last batch read: with the pending mark's ids,
+	// the rows a read must leave out (see inflight). A read leaves them out
+	// by id, not by reading above the last of them: a row below them that
+	// became readable since (committed late by a writer that took its id
+	// early, released by `dlq discard`, put back at its id by `dlq requeue`)
+	// must be read before the later rows of its key (I4).
+	last    []int64
 	floored int  // reads above the floor since the last plain read
 	short   bool // the last read found fewer rows than a batch
 	// deadLettered counts the dead-letter moves of the loop: a read-ahead
@@ -84,9 +90,9 @@ func (ra *readAhead) wait() ([]outbox.Row, error) {
 }
 
 // startReadAhead starts reading the batch after the one whose transaction is
-// about to begin, above its last id (pl.floor), unless the next read is to
-// settle the mark and read from the start (a short batch, or maxFloored
-// reads above the floor: see readBatch). The read outlives the batch's
+// about to begin, leaving out the rows in flight (pl.inflight), unless the
+// next read is to settle the mark and read from the start (a short batch, or
+// maxFloored reads in a row: see readBatch). The read outlives the batch's
 // context but not the database budget; endPipeline or the next readBatch
 // waits for it.
 func (r *Relay) startReadAhead(ctx context.Context, s int32, l *lease) {
@@ -96,10 +102,10 @@ func (r *Relay) startReadAhead(ctx context.Context, s int32, l *lease) {
 	}
 	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.dbBudget())
 	ra := &readAhead{deadLettered: pl.deadLettered, done: make(chan struct{}), cancel: cancel}
-	after := pl.floor
+	skip := pl.inflight()
 	go func() {
 		defer close(ra.done)
-		ra.rows, ra.err = r.read(actx, s, l, after)
+		ra.rows, ra.err = r.read(actx, s, l, skip)
 	}()
 	pl.ahead = ra
 }
@@ -162,23 +168,21 @@ func (r *Relay) pipelined() bool {
 func maxEncodedBatch(n int) int { return binary.MaxVarintLen64 * (1 + 2*n) }
 
 // readBatch reads the shard's next batch. With a mark in flight it reads
-// above the floor (I4: never a row of a batch not yet durably marked, and in
-// id order); after a short batch, or maxFloored reads above the floor, it
+// without the rows in flight (I4: never a row of a batch not yet durably
+// marked, and in id order); after a short batch, or maxFloored such reads, it
 // first waits for the mark and reads from the start.
 func (r *Relay) readBatch(ctx context.Context, s int32, l *lease, pl *pipeline, log *slog.Logger) ([]outbox.Row, error) {
 	if pl != nil && pl.ahead != nil {
 		l.step(r.dbBudget())
 		if rows, ok := pl.takeReadAhead(); ok {
-			// The read above the floor that follows a full batch, done
-			// while that batch's transaction ran.
+			// The read that follows a full batch, done while that
+			// batch's transaction ran.
 			if err := r.failpoint(ctx, FailAfterReadAhead, s, rowIDs(rows)); err != nil {
 				return nil, err
 			}
 			pl.floored++
 			pl.short = len(rows) < r.cfg.BatchSize
-			if len(rows) > 0 {
-				pl.floor = rows[len(rows)-1].ID
-			}
+			pl.last = rowIDs(rows)
 			return rows, nil
 		}
 	}
@@ -192,21 +196,29 @@ func (r *Relay) readBatch(ctx context.Context, s int32, l *lease, pl *pipeline, 
 	var err error
 	if pl != nil && pl.pending != nil {
 		pl.floored++
-		rows, err = r.read(ctx, s, l, pl.floor)
+		rows, err = r.read(ctx, s, l, pl.inflight())
 	} else {
 		if pl != nil {
 			pl.floored = 0
 		}
-		rows, err = r.read(ctx, s, l, 0)
+		rows, err = r.read(ctx, s, l, nil)
 	}
 	if err != nil || pl == nil {
 		return rows, err
 	}
 	pl.short = len(rows) < r.cfg.BatchSize
-	if len(rows) > 0 {
-		pl.floor = rows[len(rows)-1].ID
-	}
+	pl.last = rowIDs(rows)
 	return rows, nil
+}
+
+// inflight is the ids of the rows read and not yet durably settled: the
+// last batch read (in its transaction, or committed) and the batch whose
+// mark is pending. A read while they are in flight leaves them out.
+func (pl *pipeline) inflight() []int64 {
+	if pl.pending == nil {
+		return pl.last
+	}
+	return append(slices.Clone(pl.pending.ids), pl.last...)
 }
 
 // read reads the shard's unpublished rows above id after (0: from the
@@ -214,11 +226,12 @@ func (r *Relay) readBatch(ctx context.Context, s int32, l *lease, pl *pipeline, 
 // the read also makes every commit it saw durable, so no row of a commit a
 // database crash could still lose is published. At-most-once marks its rows
 // before producing them, and that mark's commit is the flush.
-func (r *Relay) read(ctx context.Context, s int32, l *lease, after int64) ([]outbox.Row, error) {
+func (r *Relay) read(ctx context.Context, s int32, l *lease, skip []int64) ([]outbox.Row, error) {
 	if r.mode == txn.AtMostOnce {
-		return r.store.ReadBatchAfter(ctx, int(s), r.cfg.Shards, r.cfg.BatchSize, r.cfg.readMaxBytes(), after)
+		// Never pipelined: nothing in flight to skip.
+		return r.store.ReadBatchAfter(ctx, int(s), r.cfg.Shards, r.cfg.BatchSize, r.cfg.readMaxBytes(), 0)
 	}
-	return r.store.ReadDurable(ctx, l.Lease, r.cfg.Shards, r.cfg.BatchSize, r.cfg.readMaxBytes(), after)
+	return r.store.ReadDurableSkipping(ctx, l.Lease, r.cfg.Shards, r.cfg.BatchSize, r.cfg.readMaxBytes(), skip)
 }
 
 // markBatch marks a committed batch published. In the serial loop it marks

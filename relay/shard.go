@@ -349,7 +349,7 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, l *lease, p *txn.Produ
 			return err
 		}
 		if len(rows) == 0 && pl != nil && pl.pending != nil {
-			// Nothing above the floor: settle the mark in flight and
+			// Nothing but the rows in flight: settle the mark and
 			// read again from the start before going idle.
 			if err := r.settleMark(ctx, s, l, pl, log); err != nil {
 				return err

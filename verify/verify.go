@@ -701,6 +701,26 @@ UNION SELECT id FROM `+v.cfg.Table.DeadLetterIdent()+` WHERE id = ANY($1)`, ids)
 // as mark mode leaves them out of the phantoms.)
 func (v *verifier) countDeleted(ctx context.Context) error {
 	ids := slices.Sorted(maps.Keys(v.gone))
+	// An id above the last value of the table's id sequence was never
+	// handed out: its record is no row's of this table (another database
+	// or table publishing into the topic, a forged record), and is a
+	// phantom, not a deleted row. last_value is NULL when the sequence has
+	// not handed out an id or this role may not read it: then nothing is
+	// concluded.
+	var last *int64
+	if err := v.cfg.Pool.QueryRow(ctx, `SELECT s.last_value FROM pg_sequences s
+WHERE format('%I.%I', s.schemaname, s.sequencename) = pg_get_serial_sequence($1, 'id')`, v.cfg.Table.Ident()).Scan(&last); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+		return err
+	}
+	if last != nil {
+		cut, _ := slices.BinarySearch(ids, *last+1)
+		for _, id := range ids[cut:] {
+			g := v.gone[id]
+			v.add(Finding{Kind: Phantom, ID: id, Topic: g.topic, Partition: g.partition, Offsets: []int64{g.firstOff},
+				Detail: fmt.Sprintf("a record with this outbox-id, above the last id the table's sequence handed out (%d): no row of this table had it", *last)})
+		}
+		ids = ids[:cut]
+	}
 	for len(ids) > 0 {
 		chunk := ids[:min(len(ids), 50000)]
 		ids = ids[len(chunk):]
