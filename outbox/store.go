@@ -184,15 +184,18 @@ func (s *Store) read(ctx context.Context, l *Lease, shard, shards, limit int, ma
 func (s *Store) ReadBatchSQL(shards int, bounded bool) string { return s.readSQL(shards, bounded, 0) }
 
 // readSQL is ReadBatchSQL, also leaving out the rows whose ids are in the
-// bigint[] parameter $skipArg when skipArg > 0 (an anti-join the planner
-// hashes: the ids of the batches in flight, see ReadDurableSkipping).
+// bigint[] parameter $skipArg when skipArg > 0 (the ids of the batches in
+// flight, see ReadDurableSkipping): a filter of the index walk that
+// PostgreSQL evaluates with a hash of the array. An anti-join with the
+// unnested array instead sorts the array and merges: 3.3 ms against 2.3 ms
+// of server time for a batch of 1,000 past 2,000 ids in flight.
 func (s *Store) readSQL(shards int, bounded bool, skipArg int) string {
 	hold := ""
 	if s.order != Skip {
 		hold = ` AND NOT ` + s.heldFilter()
 	}
 	if skipArg > 0 {
-		hold += ` AND NOT EXISTS (SELECT FROM unnest($` + strconv.Itoa(skipArg) + `::bigint[]) AS skip(id) WHERE skip.id = o.id)`
+		hold += ` AND o.id <> ALL ($` + strconv.Itoa(skipArg) + `::bigint[])`
 	}
 	if !bounded {
 		filter, _ := shardFilter(0, shards, 3)
