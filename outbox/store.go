@@ -110,9 +110,13 @@ func shardFilter(shard, shards int, argN int) (string, []any) {
 // headers (as JSON text) in all, but always at least the first row, so that a
 // single row larger than maxBytes is still read, on its own.
 //
-// It is one query: the sizes are octet_length of the candidate rows' columns,
-// which PostgreSQL reads from a stored value's header without fetching
-// (detoasting) it, and only the rows before the cut are sent.
+// It is one query when no row is larger than maxBytes/limit: every row comes
+// with its size (octet_length of its columns, which PostgreSQL reads from a
+// stored value's header without fetching, detoasting, it), the relay cuts
+// in id order at maxBytes, and the rows past the cut are dropped as they
+// arrive, never held. A larger row comes with its size alone, and its
+// columns are read by a second query only if it is kept, so that what the
+// server sends stays about maxBytes, wherever the cut falls.
 func (s *Store) ReadBatch(ctx context.Context, shard, shards, limit int, maxBytes int64) ([]Row, error) {
 	return s.ReadBatchAfter(ctx, shard, shards, limit, maxBytes, 0)
 }
@@ -131,8 +135,10 @@ func (s *Store) ReadBatchAfter(ctx context.Context, shard, shards, limit int, ma
 // lease, wrapped by durableRead.
 func (s *Store) read(ctx context.Context, l *Lease, shard, shards, limit int, maxBytes int64, after int64, skip []int64) ([]Row, error) {
 	args := []any{limit, after}
+	var bound byteBound
 	if maxBytes > 0 {
-		args = append(args, maxBytes)
+		bound = byteBound{max: maxBytes, inline: max(1, maxBytes/int64(max(limit, 1)))}
+		args = append(args, bound.inline)
 	}
 	_, fargs := shardFilter(shard, shards, 0)
 	args = append(args, fargs...)
@@ -146,41 +152,128 @@ func (s *Store) read(ctx context.Context, l *Lease, shard, shards, limit int, ma
 		q = s.durableRead(q, len(args)+1)
 		args = append(args, l.Shard, l.Token)
 	}
-	rows, err := s.pool.Query(ctx, q, args...)
-	if err != nil {
+	fail := func(err error) ([]Row, error) {
 		return nil, fmt.Errorf("read unpublished rows of %s after id %d: %w", s.t, after, err)
 	}
-	held := true
-	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (Row, error) {
+	rows, err := s.pool.Query(ctx, q, args...)
+	if err != nil {
+		return fail(err)
+	}
+	defer rows.Close()
+	var (
+		out     []Row
+		total   int64
+		outside []int // rows of out whose columns are read apart (readOutside)
+		ok      = true
+	)
+	for rows.Next() {
 		var row Row
 		var headers *string
+		var size int64
+		var durable bool
 		dest := []any{&row.ID, &row.Topic, &row.Key, &row.Value, &headers, &row.Partition, &row.CreatedAt}
-		var ok bool
-		if l != nil {
-			dest = append(dest, &ok)
+		if bound.max > 0 {
+			dest = append(dest, &size)
 		}
-		err := r.Scan(dest...)
+		if l != nil {
+			dest = append(dest, &durable)
+		}
+		if err := rows.Scan(dest...); err != nil {
+			return fail(err)
+		}
+		if l != nil && !durable {
+			ok = false
+		}
+		if bound.max > 0 {
+			// The cut: rows in id order while their bytes stay within the
+			// bound, and always the first. The rows past it are not kept
+			// (Close reads and drops them: each at most bound.inline
+			// bytes, as larger ones come without their columns).
+			if len(out) > 0 && total+size > bound.max {
+				break
+			}
+			total += size
+			if size > bound.inline {
+				outside = append(outside, len(out))
+			}
+		}
 		if headers != nil {
 			row.Headers = []byte(*headers)
 		}
-		if l != nil && !ok {
-			held = false
-		}
-		return row, err
-	})
-	if err == nil && !held {
-		err = ErrLeaseLost
+		out = append(out, row)
 	}
-	if err != nil {
-		return nil, fmt.Errorf("read unpublished rows of %s after id %d: %w", s.t, after, err)
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return fail(err)
+	}
+	if !ok {
+		return fail(ErrLeaseLost)
+	}
+	if err := s.readOutside(ctx, out, outside); err != nil {
+		return fail(err)
 	}
 	return out, nil
 }
 
+// byteBound is a read's bound in bytes (OUTBOX_BATCH_MAX_BYTES): max in
+// all, and inline, the most a row may have to come with its key, value and
+// headers in the read itself (max divided by the row limit, so that the
+// rows a read sends add up to about max at most, wherever it cuts).
+type byteBound struct{ max, inline int64 }
+
+// readOutside reads the key, value and headers of the rows of out at the
+// indexes in which, which the read sent without them (larger than the
+// bound's inline part). Rows are immutable once written; one that is gone,
+// or is another row now (another created_at), fails the read, which the
+// relay then starts again.
+func (s *Store) readOutside(ctx context.Context, out []Row, which []int) error {
+	if len(which) == 0 {
+		return nil
+	}
+	ids := make([]int64, len(which))
+	at := make(map[int64]int, len(which))
+	for i, w := range which {
+		ids[i] = out[w].ID
+		at[out[w].ID] = w
+	}
+	rows, err := s.pool.Query(ctx, `SELECT id, created_at, key, value, headers::text FROM `+s.t.Ident()+` WHERE id = ANY($1::bigint[])`, ids)
+	if err != nil {
+		return fmt.Errorf("read the columns of %d large rows: %w", len(ids), err)
+	}
+	found := 0
+	var (
+		id      int64
+		created time.Time
+		key     []byte
+		value   []byte
+		headers *string
+	)
+	_, err = pgx.ForEachRow(rows, []any{&id, &created, &key, &value, &headers}, func() error {
+		w, ok := at[id]
+		if !ok || !out[w].CreatedAt.Equal(created) {
+			return nil
+		}
+		found++
+		out[w].Key, out[w].Value, out[w].Headers = key, value, nil
+		if headers != nil {
+			out[w].Headers = []byte(*headers)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("read the columns of %d large rows: %w", len(ids), err)
+	}
+	if found != len(ids) {
+		return fmt.Errorf("read the columns of %d large rows: %d of them are gone or changed since the read", len(ids), len(ids)-found)
+	}
+	return nil
+}
+
 // ReadBatchSQL is the statement ReadBatchAfter runs on a table of shards
 // shards, with a byte bound (bounded) or without: $1 is the row limit, $2
-// the id to read after, $3 the byte bound if bounded, and the next one the
-// shard if shards > 1. It is here to be EXPLAINed.
+// the id to read after, $3 if bounded the most bytes a row may have to come
+// with its key, value and headers (larger rows come with their size only),
+// and the next one the shard if shards > 1. It is here to be EXPLAINed.
 func (s *Store) ReadBatchSQL(shards int, bounded bool) string { return s.readSQL(shards, bounded, 0) }
 
 // readSQL is ReadBatchSQL, also leaving out the rows whose ids are in the
@@ -203,13 +296,21 @@ func (s *Store) readSQL(shards int, bounded bool, skipArg int) string {
 			` o WHERE published_at IS NULL AND id > $2` + filter + hold + ` ORDER BY id LIMIT $1`
 	}
 	filter, _ := shardFilter(0, shards, 4)
-	return `SELECT id, topic, key, value, headers, partition, created_at FROM (
-    SELECT *, row_number() OVER w AS n,
-        sum(coalesce(octet_length(key), 0) + coalesce(octet_length(value), 0) + coalesce(octet_length(headers), 0)) OVER w AS upto
-    FROM (SELECT id, topic, key, value, headers::text AS headers, partition, created_at FROM ` + s.t.Ident() +
-		` o WHERE published_at IS NULL AND id > $2` + filter + hold + ` ORDER BY id LIMIT $1) AS candidates
-    WINDOW w AS (ORDER BY id ROWS UNBOUNDED PRECEDING)
-) AS batch WHERE n = 1 OR upto <= $3 ORDER BY id`
+	// Bounded: every row comes with its size in bytes (key, value and
+	// headers as JSON text; octet_length reads a stored value's size from
+	// its header, without fetching a TOASTed value), and with its key,
+	// value and headers only if that size is at most $3, the bound's inline
+	// part; read cuts the rows in order at the bound and reads the columns
+	// of the larger rows it keeps apart (readOutside). One walk of the
+	// index, no window over the rows: a running sum in SQL cost 0.7 ms of
+	// server time for 1,000 rows of 200 bytes, where the read without it
+	// took 0.2 ms.
+	return `SELECT id, topic, CASE WHEN size <= $3 THEN key END, CASE WHEN size <= $3 THEN value END,
+    CASE WHEN size <= $3 THEN headers END, partition, created_at, size
+FROM (SELECT id, topic, key, value, headers::text AS headers, partition, created_at FROM ` + s.t.Ident() +
+		` o WHERE published_at IS NULL AND id > $2` + filter + hold + ` ORDER BY id LIMIT $1) AS c,
+    LATERAL (SELECT coalesce(octet_length(c.key), 0)::bigint + coalesce(octet_length(c.value), 0) + coalesce(octet_length(c.headers), 0) AS size) AS z
+ORDER BY id`
 }
 
 // Lease is a relay's hold on one shard: the fencing token it got when it

@@ -3,6 +3,7 @@ package outbox_test
 import (
 	"context"
 	"errors"
+	"maps"
 	"slices"
 	"strings"
 	"testing"
@@ -252,5 +253,67 @@ func TestReadBatchHoldsTheLaterRowsOfADeadLettersTopicAndKey(t *testing.T) {
 	}
 	if got := read(st, 1<<20); !slices.Equal(got, []int64{3, 4, 5, 6, 7}) {
 		t.Fatalf("after discard, read %v, want 3 4 5 6 7", got)
+	}
+}
+
+// TestReadBatchReadsLargeRowsApartWithTheirColumns: under a byte bound a row
+// larger than the bound's share per row (maxBytes/limit) comes from the read
+// with its size only, and its key, value and headers are read apart if it
+// is kept. Every kept row must come back as written, tombstones (NULL
+// values) included, cut in id order at the bound; the durable read of a
+// relay returns the same.
+func TestReadBatchReadsLargeRowsApartWithTheirColumns(t *testing.T) {
+	ctx := context.Background()
+	db := testenv.NewDB(t)
+	big := strings.Repeat("v", 3000)
+	msgs := []outbox.Message{
+		{Topic: "t", Key: []byte("k1"), Value: []byte("small")},
+		{Topic: "t", Key: []byte("k2"), Value: []byte(big), Headers: map[string]string{"h": "large row"}},
+		{Topic: "t", Key: []byte("k3"), Value: nil},                      // a small tombstone
+		{Topic: "t", Key: []byte(strings.Repeat("k", 2500)), Value: nil}, // a large tombstone
+		{Topic: "t", Key: []byte("k5"), Value: []byte("x"), Headers: map[string]string{"a": "b"}},
+		{Topic: "t", Key: []byte("k6"), Value: []byte(big)}, // past the bound with the rows before it
+	}
+	for _, m := range msgs {
+		if err := db.Table.Write(ctx, db.Pool, m); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st := outbox.NewStore(db.Pool, db.Table)
+	l := takeLease(t, db, st, "reader")
+	check := func(what string, rows []outbox.Row, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		// 8,000 bytes over 6 rows: about 1,333 a row inline; rows 1-5
+		// take 5+3000+13+2+2500+... bytes, row 6 would pass 8,000.
+		if len(rows) != 5 {
+			t.Fatalf("%s: %d rows, want the 5 before the bound", what, len(rows))
+		}
+		for i, row := range rows {
+			m := msgs[i]
+			if row.ID != int64(i+1) || string(row.Key) != string(m.Key) || (row.Value == nil) != (m.Value == nil) || string(row.Value) != string(m.Value) {
+				t.Fatalf("%s: row %d is id %d key %.10q value %d bytes (nil %v), want key %.10q value %d bytes (nil %v)",
+					what, i+1, row.ID, row.Key, len(row.Value), row.Value == nil, m.Key, len(m.Value), m.Value == nil)
+			}
+			if (m.Headers == nil) != (row.Headers == nil) || (m.Headers != nil && !strings.Contains(string(row.Headers), m.Headers[slices.Collect(maps.Keys(m.Headers))[0]])) {
+				t.Fatalf("%s: row %d headers %s, want %v", what, i+1, row.Headers, m.Headers)
+			}
+		}
+	}
+	rows, err := st.ReadBatch(ctx, 0, 1, 6, 8000)
+	check("ReadBatch", rows, err)
+	rows, err = st.ReadDurable(ctx, l, 1, 6, 8000, 0)
+	check("ReadDurable", rows, err)
+	// A single row larger than the bound is read on its own.
+	if rows, err := st.ReadBatch(ctx, 0, 1, 6, 100); err != nil || len(rows) != 1 || string(rows[0].Value) != "small" {
+		t.Fatalf("100 bytes: %d rows (%v), want row 1 alone", len(rows), err)
+	}
+	if _, err := st.MarkPublished(ctx, l, []int64{1}); err != nil {
+		t.Fatal(err)
+	}
+	if rows, err := st.ReadBatch(ctx, 0, 1, 6, 100); err != nil || len(rows) != 1 || rows[0].ID != 2 || string(rows[0].Value) != big {
+		t.Fatalf("100 bytes after row 1: %d rows (%v), want row 2 alone, whole", len(rows), err)
 	}
 }
