@@ -11,8 +11,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/twmb/franz-go/pkg/kadm"
-	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/outbox-relay/outbox-relay/integration/testenv"
 	"github.com/outbox-relay/outbox-relay/outbox"
@@ -57,7 +55,7 @@ func TestAFailureInTheMiddleLeavesNothingBehind(t *testing.T) {
 	if rep == nil || !rep.Removed || !strings.Contains(out.String(), "removed schema") {
 		t.Fatalf("the scratch objects were not reported removed:\n%s", out.String())
 	}
-	requireNoScratchLeft(t, dbURL, brokers)
+	testenv.RequireNoBenchScratchLeft(t, dbURL, brokers)
 }
 
 // TestCtrlCCleansUp: the context is cancelled (Ctrl-C) while a round runs;
@@ -80,7 +78,7 @@ func TestCtrlCCleansUp(t *testing.T) {
 	if rep == nil || !rep.Removed {
 		t.Fatal("the scratch objects were not reported removed")
 	}
-	requireNoScratchLeft(t, dbURL, brokers)
+	testenv.RequireNoBenchScratchLeft(t, dbURL, brokers)
 }
 
 // TestRefusesClearlyWithoutTheCreatePrivilege: a database user that may not
@@ -109,7 +107,7 @@ func TestRefusesClearlyWithoutTheCreatePrivilege(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "CREATE privilege") || !strings.Contains(err.Error(), "OUTBOX_DATABASE_URL") || !strings.Contains(err.Error(), "GRANT CREATE ON DATABASE") {
 		t.Fatalf("Run without the CREATE privilege returned %v", err)
 	}
-	requireNoScratchLeft(t, dbURL, brokers)
+	testenv.RequireNoBenchScratchLeft(t, dbURL, brokers)
 }
 
 // TestCeilingLoopsDrainEveryRowOfEveryShard: the database-only loops mark
@@ -146,38 +144,4 @@ func count(t *testing.T, pool *pgxpool.Pool, where string) int {
 		t.Fatal(err)
 	}
 	return n
-}
-
-// requireNoScratchLeft fails the test when a scratch schema (pg_namespace)
-// or scratch topic (Kafka metadata) is left.
-func requireNoScratchLeft(t *testing.T, dbURL string, brokers []string) {
-	t.Helper()
-	ctx := context.Background()
-	conn, err := pgx.Connect(ctx, dbURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close(ctx)
-	rows, _ := conn.Query(ctx, `SELECT nspname FROM pg_namespace WHERE nspname LIKE 'outbox_bench_%'`)
-	schemas, err := pgx.CollectRows(rows, pgx.RowTo[string])
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(schemas) > 0 {
-		t.Errorf("scratch schemas left: %v", schemas)
-	}
-	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	topics, err := kadm.NewClient(cl).ListTopics(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, name := range topics.Names() {
-		if strings.HasPrefix(name, "outbox-bench-") {
-			t.Errorf("scratch topic left: %s", name)
-		}
-	}
 }

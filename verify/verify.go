@@ -674,12 +674,7 @@ func (v *verifier) phantoms(ctx context.Context) error {
 	for i, f := range v.orphans {
 		ids[i] = f.ID
 	}
-	rows, err := v.cfg.Pool.Query(ctx, `SELECT id FROM `+v.cfg.Table.Ident()+` WHERE id = ANY($1)
-UNION SELECT id FROM `+v.cfg.Table.DeadLetterIdent()+` WHERE id = ANY($1)`, ids)
-	if err != nil {
-		return err
-	}
-	found, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	found, err := v.inTables(ctx, ids)
 	if err != nil {
 		return err
 	}
@@ -724,18 +719,28 @@ WHERE format('%I.%I', s.schemaname, s.sequencename) = pg_get_serial_sequence($1,
 	for len(ids) > 0 {
 		chunk := ids[:min(len(ids), 50000)]
 		ids = ids[len(chunk):]
-		rows, err := v.cfg.Pool.Query(ctx, `SELECT id FROM `+v.cfg.Table.Ident()+` WHERE id = ANY($1)
-UNION SELECT id FROM `+v.cfg.Table.DeadLetterIdent()+` WHERE id = ANY($1)`, chunk)
-		if err != nil {
-			return err
-		}
-		found, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+		found, err := v.inTables(ctx, chunk)
 		if err != nil {
 			return err
 		}
 		v.rep.Deleted += len(chunk) - len(found)
 	}
 	return nil
+}
+
+// inTables returns those of ids that are rows of the table or of the
+// dead-letter table, now.
+func (v *verifier) inTables(ctx context.Context, ids []int64) ([]int64, error) {
+	rows, err := v.cfg.Pool.Query(ctx, `SELECT id FROM `+v.cfg.Table.Ident()+` WHERE id = ANY($1)
+UNION SELECT id FROM `+v.cfg.Table.DeadLetterIdent()+` WHERE id = ANY($1)`, ids)
+	if err != nil {
+		return nil, fmt.Errorf("look up %d ids in %s and its dead-letter table: %w", len(ids), v.cfg.Table, err)
+	}
+	found, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	if err != nil {
+		return nil, fmt.Errorf("look up %d ids in %s and its dead-letter table: %w", len(ids), v.cfg.Table, err)
+	}
+	return found, nil
 }
 
 // conclude finds the rows Kafka lacks and the rows waiting too long, and

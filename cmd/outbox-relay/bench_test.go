@@ -1,13 +1,8 @@
 package main
 
 import (
-	"context"
 	"strings"
 	"testing"
-
-	"github.com/jackc/pgx/v5"
-	"github.com/twmb/franz-go/pkg/kadm"
-	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/outbox-relay/outbox-relay/integration/testenv"
 )
@@ -30,7 +25,7 @@ func TestBenchPrintsTheFiguresAndLeavesNothingBehind(t *testing.T) {
 			t.Errorf("bench output lacks %q:\n%s", want, out)
 		}
 	}
-	requireNoScratchLeft(t, url, k.Brokers)
+	testenv.RequireNoBenchScratchLeft(t, url, k.Brokers)
 }
 
 // TestBenchRefusesBadFlagsNamingThem: bad flags are refused before anything
@@ -44,40 +39,6 @@ func TestBenchRefusesBadFlagsNamingThem(t *testing.T) {
 	for _, want := range []string{"-rows 0", "-on-publish \"drop\": expected mark", "-delivery", "leave nothing to measure"} {
 		if !strings.Contains(errs, want) {
 			t.Errorf("the error lacks %q: %s", want, errs)
-		}
-	}
-}
-
-// requireNoScratchLeft fails the test when a scratch schema (pg_namespace)
-// or scratch topic (Kafka metadata) of the bench is left.
-func requireNoScratchLeft(t *testing.T, url string, brokers []string) {
-	t.Helper()
-	ctx := context.Background()
-	conn, err := pgx.Connect(ctx, url)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close(ctx)
-	var schemas []string
-	rows, _ := conn.Query(ctx, `SELECT nspname FROM pg_namespace WHERE nspname LIKE 'outbox_bench_%'`)
-	if schemas, err = pgx.CollectRows(rows, pgx.RowTo[string]); err != nil {
-		t.Fatal(err)
-	}
-	if len(schemas) > 0 {
-		t.Errorf("scratch schemas left: %v", schemas)
-	}
-	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	topics, err := kadm.NewClient(cl).ListTopics(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, name := range topics.Names() {
-		if strings.HasPrefix(name, "outbox-bench-") {
-			t.Errorf("scratch topic left: %s", name)
 		}
 	}
 }

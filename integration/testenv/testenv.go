@@ -488,3 +488,38 @@ func (r *Running) Wait(tb testing.TB, timeout time.Duration) error {
 		return nil
 	}
 }
+
+// RequireNoBenchScratchLeft fails the test when a scratch schema of
+// `outbox-relay bench` (outbox_bench_*, in pg_namespace) or one of its
+// scratch topics (outbox-bench-*, in Kafka's metadata) is left.
+func RequireNoBenchScratchLeft(t testing.TB, dbURL string, brokers []string) {
+	t.Helper()
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	rows, _ := conn.Query(ctx, `SELECT nspname FROM pg_namespace WHERE nspname LIKE 'outbox_bench_%'`)
+	schemas, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(schemas) > 0 {
+		t.Errorf("scratch schemas left: %v", schemas)
+	}
+	cl, err := kgo.NewClient(kgo.SeedBrokers(brokers...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	topics, err := kadm.NewClient(cl).ListTopics(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range topics.Names() {
+		if strings.HasPrefix(name, "outbox-bench-") {
+			t.Errorf("scratch topic left: %s", name)
+		}
+	}
+}
