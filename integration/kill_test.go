@@ -276,7 +276,7 @@ func holdInMarkWindow(t *testing.T, db *testenv.DB, p *relayProcess) (release fu
 	t.Helper()
 	ctx := context.Background()
 	const waitingMarks = `SELECT pid FROM pg_stat_activity WHERE datname = current_database()
-  AND wait_event_type = 'Lock' AND (query LIKE '%UPDATE %SET published_at = now()%' OR query LIKE '%DELETE FROM %published_at IS NULL AND EXISTS (SELECT FROM lease)%')`
+  AND wait_event_type = 'Lock' AND (query LIKE '%UPDATE %SET published_at = now()%' OR query LIKE '%DELETE FROM %published_at IS NULL AND EXISTS (SELECT FROM %')`
 	var tx pgx.Tx
 	for deadline := time.Now().Add(30 * time.Second); ; {
 		var err error

@@ -69,8 +69,7 @@ func (s *Store) deleting() bool { return s.onPublish == Delete }
 // rows with the given ids.
 func (s *Store) deletePublished(ctx context.Context, l Lease, ids []int64) (int64, error) {
 	return s.underLease(ctx, l, len(ids), "delete %d published rows of shard %d from %s", `DELETE FROM `+s.t.Ident()+`
-    WHERE id = ANY($1::bigint[]) AND published_at IS NULL AND EXISTS (SELECT FROM lease)
-    RETURNING 1`, ids, l.Shard, l.Token)
+    WHERE id = ANY($1::bigint[]) AND published_at IS NULL AND `+s.leaseHeld(2, 3), ids, l.Shard, l.Token)
 }
 
 // deleteCommitted is MarkCommitted under Delete: it deletes the unpublished
@@ -82,8 +81,7 @@ func (s *Store) deletePublished(ctx context.Context, l Lease, ids []int64) (int6
 func (s *Store) deleteCommitted(ctx context.Context, l Lease, ids []int64, created []time.Time) (int64, error) {
 	return s.underLease(ctx, l, len(ids), "delete %d published rows of shard %d from %s", `DELETE FROM `+s.t.Ident()+` o
     USING unnest($1::bigint[], $4::timestamptz[]) AS c(id, created)
-    WHERE o.id = c.id AND o.created_at = c.created AND o.published_at IS NULL AND EXISTS (SELECT FROM lease)
-    RETURNING 1`, ids, l.Shard, l.Token, created)
+    WHERE o.id = c.id AND o.created_at = c.created AND o.published_at IS NULL AND `+s.leaseHeld(2, 3), ids, l.Shard, l.Token, created)
 }
 
 // deleteCommittedBefore is MarkCommittedBefore under Delete: checkpoints of
@@ -91,8 +89,7 @@ func (s *Store) deleteCommitted(ctx context.Context, l Lease, ids []int64, creat
 // when it was created no later than the checkpoint was written.
 func (s *Store) deleteCommittedBefore(ctx context.Context, l Lease, ids []int64, written time.Time) (int64, error) {
 	return s.underLease(ctx, l, len(ids), "delete %d published rows of shard %d from %s", `DELETE FROM `+s.t.Ident()+`
-    WHERE id = ANY($1::bigint[]) AND created_at <= $4 AND published_at IS NULL AND EXISTS (SELECT FROM lease)
-    RETURNING 1`, ids, l.Shard, l.Token, written)
+    WHERE id = ANY($1::bigint[]) AND created_at <= $4 AND published_at IS NULL AND `+s.leaseHeld(2, 3), ids, l.Shard, l.Token, written)
 }
 
 // deleteInflight is MarkInflight under Delete: in one statement it deletes

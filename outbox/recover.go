@@ -21,8 +21,7 @@ func (s *Store) MarkCommitted(ctx context.Context, l Lease, ids []int64, created
 	}
 	return s.underLease(ctx, l, len(ids), markWhat, `UPDATE `+s.t.Ident()+` o SET published_at = now()
     FROM unnest($1::bigint[], $4::timestamptz[]) AS c(id, created)
-    WHERE o.id = c.id AND o.created_at = c.created AND o.published_at IS NULL AND EXISTS (SELECT FROM lease)
-    RETURNING 1`, ids, l.Shard, l.Token, created)
+    WHERE o.id = c.id AND o.created_at = c.created AND o.published_at IS NULL AND `+s.leaseHeld(2, 3), ids, l.Shard, l.Token, created)
 }
 
 // MarkCommittedBefore marks published the rows with the given ids that were
@@ -35,28 +34,37 @@ func (s *Store) MarkCommittedBefore(ctx context.Context, l Lease, ids []int64, w
 		return s.deleteCommittedBefore(ctx, l, ids, written)
 	}
 	return s.underLease(ctx, l, len(ids), markWhat, `UPDATE `+s.t.Ident()+` SET published_at = now()
-    WHERE id = ANY($1::bigint[]) AND created_at <= $4 AND published_at IS NULL AND EXISTS (SELECT FROM lease)
-    RETURNING 1`, ids, l.Shard, l.Token, written)
+    WHERE id = ANY($1::bigint[]) AND created_at <= $4 AND published_at IS NULL AND `+s.leaseHeld(2, 3), ids, l.Shard, l.Token, written)
 }
 
 // markWhat names a mark in underLease's errors.
 const markWhat = "mark %d rows of shard %d published in %s"
 
-// underLease runs stmt (a data-modifying statement with RETURNING that refers
-// to the CTE "lease", with the lease's shard and token as $2 and $3: a mark,
-// or under Delete a delete) under lease l, and returns how many rows it
-// changed, or ErrLeaseLost (then it changed nothing). what names the
-// statement in errors, with the row count, the shard and the table as verbs.
+// underLease runs stmt (a data-modifying statement on the rows of lease l's
+// shard, whose WHERE clause holds s.leaseHeld with the lease's shard and
+// token as $2 and $3: a mark, or under Delete a delete) and returns how many
+// rows it changed, or ErrLeaseLost (then it changed nothing: the lease check
+// locks the owner row FOR SHARE, so a takeover waits for the statement, or
+// the statement sees the new token). When it changed fewer rows than asked,
+// which recovery's re-application of a window does as a rule, one more
+// query tells a lost lease apart: tokens only grow, so a lease held after
+// the statement was held during it. what names the statement in errors,
+// with the row count, the shard and the table as verbs.
+//
+// No RETURNING and no CTE around the statement: the command tag's count is
+// enough, and the wrapper cost 0.6-0.9 ms of server time a 1,000-row mark.
 func (s *Store) underLease(ctx context.Context, l Lease, rows int, what, stmt string, args ...any) (int64, error) {
 	if rows == 0 {
 		return 0, nil
 	}
-	var held bool
-	var n int64
-	err := s.pool.QueryRow(ctx, `WITH `+s.leaseCTE(2, 3)+`, changed AS (`+stmt+`)
-SELECT EXISTS (SELECT FROM lease), (SELECT count(*) FROM changed)`, args...).Scan(&held, &n)
-	if err == nil && !held {
-		err = ErrLeaseLost
+	tag, err := s.pool.Exec(ctx, stmt, args...)
+	n := tag.RowsAffected()
+	if err == nil && n < int64(rows) {
+		var held bool
+		err = s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT FROM `+s.t.OwnerIdent()+` WHERE shard = $1 AND token = $2)`, l.Shard, l.Token).Scan(&held)
+		if err == nil && !held {
+			err = ErrLeaseLost
+		}
 	}
 	if err != nil {
 		return 0, fmt.Errorf(what+": %w", rows, l.Shard, s.t, err)

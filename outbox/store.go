@@ -400,14 +400,21 @@ SELECT l.shard FROM l LEFT JOIN `+s.t.OwnerIdent()+` o ON o.shard = l.shard WHER
 	return lost, nil
 }
 
-// leaseCTE is the first part of every statement that changes rows of a
-// shard: it holds the shard's owner row FOR SHARE if, and only if, the
-// lease given by parameters $shardArg and $tokenArg is current. A takeover
-// (an UPDATE of that row) therefore either waits for the statement to commit,
-// or commits first, and then the statement sees no current lease and
-// changes nothing. Statements refer to it as "lease" and report
-// EXISTS (SELECT FROM lease), so that the caller can tell a lost lease from
-// rows that needed no change.
+// leaseHeld is the condition, in a statement that changes rows of a shard
+// (a mark, a delete), that the lease given by parameters $shardArg and
+// $tokenArg is current; it holds the shard's owner row FOR SHARE if, and
+// only if, it is. A takeover (an UPDATE of that row) therefore either waits
+// for the statement to commit, or commits first, and then the statement
+// sees no current lease and changes nothing.
+func (s *Store) leaseHeld(shardArg, tokenArg int) string {
+	return `EXISTS (SELECT FROM ` + s.t.OwnerIdent() + ` WHERE shard = $` + strconv.Itoa(shardArg) +
+		` AND token = $` + strconv.Itoa(tokenArg) + ` FOR SHARE)`
+}
+
+// leaseCTE is leaseHeld as the first part of a statement that must also
+// report the lease (the at-most-once in-flight record, dead letters):
+// statements refer to it as "lease" and report EXISTS (SELECT FROM lease),
+// so that the caller can tell a lost lease from rows that needed no change.
 func (s *Store) leaseCTE(shardArg, tokenArg int) string {
 	return `lease AS (SELECT FROM ` + s.t.OwnerIdent() + ` WHERE shard = $` + strconv.Itoa(shardArg) +
 		` AND token = $` + strconv.Itoa(tokenArg) + ` FOR SHARE)`
@@ -423,8 +430,7 @@ func (s *Store) MarkPublished(ctx context.Context, l Lease, ids []int64) (int64,
 		return s.deletePublished(ctx, l, ids)
 	}
 	return s.underLease(ctx, l, len(ids), markWhat, `UPDATE `+s.t.Ident()+` SET published_at = now()
-    WHERE id = ANY($1::bigint[]) AND published_at IS NULL AND EXISTS (SELECT FROM lease)
-    RETURNING 1`, ids, l.Shard, l.Token)
+    WHERE id = ANY($1::bigint[]) AND published_at IS NULL AND `+s.leaseHeld(2, 3), ids, l.Shard, l.Token)
 }
 
 // MarkInflight is at-most-once's mark: in one statement it marks ids
