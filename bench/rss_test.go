@@ -2,13 +2,11 @@ package bench
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -93,29 +91,7 @@ func BenchmarkRelayRSS(b *testing.B) {
 			_ = cmd.Process.Kill()
 		}
 	}()
-	var hwm atomic.Int64 // KiB
-	stopWatch := make(chan struct{})
-	watched := make(chan struct{})
-	go func() {
-		defer close(watched)
-		for {
-			raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid))
-			if err != nil {
-				return
-			}
-			for _, l := range strings.Split(string(raw), "\n") {
-				var kib int64
-				if _, err := fmt.Sscanf(l, "VmHWM: %d kB", &kib); err == nil && kib > hwm.Load() {
-					hwm.Store(kib)
-				}
-			}
-			select {
-			case <-stopWatch:
-				return
-			case <-time.After(20 * time.Millisecond):
-			}
-		}
-	}()
+	peakRSS := watchPeakRSS(cmd.Process.Pid)
 	deadline := time.Now().Add(50 * time.Minute)
 	for {
 		var left bool
@@ -138,8 +114,7 @@ func BenchmarkRelayRSS(b *testing.B) {
 	}
 	elapsed := time.Since(start)
 	b.StopTimer()
-	close(stopWatch)
-	<-watched
+	maxRSS := peakRSS()
 	_ = cmd.Process.Signal(syscall.SIGTERM)
 	err = <-exited
 	stopped = true
@@ -148,6 +123,6 @@ func BenchmarkRelayRSS(b *testing.B) {
 		b.Fatalf("the relay did not stop cleanly on SIGTERM: %v\n%s", err, log)
 	}
 	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "rows/s")
-	b.ReportMetric(float64(hwm.Load())/1024, "max-RSS-MiB")
+	b.ReportMetric(maxRSS, "max-RSS-MiB")
 	b.ReportMetric(elapsed.Seconds(), "s")
 }

@@ -3,12 +3,10 @@ package bench
 import (
 	"bytes"
 	"encoding/json"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -61,28 +59,11 @@ func BenchmarkVerify(b *testing.B) {
 	}
 	// The peak RSS of verify's own memory: VmHWM of its process, read
 	// while it runs (a vforked child's rusage would count this process).
-	var hwm atomic.Int64
-	watched := make(chan struct{})
-	go func() {
-		defer close(watched)
-		for {
-			raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", cmd.Process.Pid))
-			if err != nil {
-				return
-			}
-			for _, l := range strings.Split(string(raw), "\n") {
-				var kib int64
-				if _, err := fmt.Sscanf(l, "VmHWM: %d kB", &kib); err == nil && kib > hwm.Load() {
-					hwm.Store(kib)
-				}
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-	}()
+	peakRSS := watchPeakRSS(cmd.Process.Pid)
 	err := cmd.Wait()
 	elapsed := time.Since(start)
 	b.StopTimer()
-	<-watched
+	maxRSS := peakRSS()
 	if err != nil {
 		b.Fatalf("verify: %v\n%s", err, stderr.String())
 	}
@@ -93,8 +74,7 @@ func BenchmarkVerify(b *testing.B) {
 	if !rep.Clean() || rep.Published != b.N || rep.Records != b.N {
 		b.Fatalf("verify: published %d records %d counts %v", rep.Published, rep.Records, rep.Counts)
 	}
-	maxRSS := hwm.Load() // KiB
 	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "rows/s")
-	b.ReportMetric(float64(maxRSS)/1024, "max-RSS-MiB")
+	b.ReportMetric(maxRSS, "max-RSS-MiB")
 	b.ReportMetric(elapsed.Seconds(), "s")
 }
