@@ -274,13 +274,19 @@ func TestSIGTERMExitsCleanly(t *testing.T) {
 // releases the locks.
 func holdInMarkWindow(t *testing.T, db *testenv.DB, p *relayProcess) (release func()) {
 	t.Helper()
+	return awaitBlockedMark(t, db, p, lockUnpublishedRows(t, db))
+}
+
+// lockUnpublishedRows locks every unpublished row FOR UPDATE in a
+// transaction of the test's, retrying until there is one: a relay reads the
+// rows (a read does not wait for row locks) and publishes them, and its
+// mark waits for the locks.
+func lockUnpublishedRows(t *testing.T, db *testenv.DB) pgx.Tx {
+	t.Helper()
 	ctx := context.Background()
-	const waitingMarks = `SELECT pid FROM pg_stat_activity WHERE datname = current_database()
-  AND wait_event_type = 'Lock' AND (query LIKE '%UPDATE %SET published_at = now()%' OR query LIKE '%DELETE FROM %published_at IS NULL AND EXISTS (SELECT FROM %')`
-	var tx pgx.Tx
 	for deadline := time.Now().Add(30 * time.Second); ; {
-		var err error
-		if tx, err = db.Pool.Begin(ctx); err != nil {
+		tx, err := db.Pool.Begin(ctx)
+		if err != nil {
 			t.Fatal(err)
 		}
 		var locked int
@@ -288,7 +294,8 @@ func holdInMarkWindow(t *testing.T, db *testenv.DB, p *relayProcess) (release fu
 			t.Fatal(err)
 		}
 		if locked > 0 {
-			break
+			t.Cleanup(func() { _ = tx.Rollback(ctx) }) // before the pool closes, if the test fails early
+			return tx
 		}
 		_ = tx.Rollback(ctx)
 		if time.Now().After(deadline) {
@@ -296,7 +303,16 @@ func holdInMarkWindow(t *testing.T, db *testenv.DB, p *relayProcess) (release fu
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	t.Cleanup(func() { _ = tx.Rollback(ctx) }) // before the pool closes, if the test fails early
+}
+
+// awaitBlockedMark waits until a mark of relay p waits for the row locks tx
+// holds (the rows are committed in Kafka and unmarked), and returns release,
+// which ends the killed relay's waiting backends and then tx.
+func awaitBlockedMark(t *testing.T, db *testenv.DB, p *relayProcess, tx pgx.Tx) (release func()) {
+	t.Helper()
+	ctx := context.Background()
+	const waitingMarks = `SELECT pid FROM pg_stat_activity WHERE datname = current_database()
+  AND wait_event_type = 'Lock' AND (query LIKE '%UPDATE %SET published_at = now()%' OR query LIKE '%DELETE FROM %published_at IS NULL AND EXISTS (SELECT FROM %')`
 	release = func() {
 		defer tx.Rollback(ctx) //nolint:errcheck
 		for deadline := time.Now().Add(30 * time.Second); ; {

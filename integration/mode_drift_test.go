@@ -27,10 +27,12 @@ func TestRelayWithAnotherDeliveryModeRefusesToRun(t *testing.T) {
 
 	ids := db.Insert(t, topic, 200, loadKeys(10))
 
-	// 1. exactly-once relay, killed with a committed batch waiting for its mark.
+	// 1. exactly-once relay, killed with a committed batch waiting for its
+	// mark: the rows are locked before it starts, so that it publishes them
+	// and its mark waits, however fast it drains 200 rows.
+	locks := lockUnpublishedRows(t, db)
 	eo := startRelayProcess(t, bin, env, logs)
-	waitUntil(t, 60*time.Second, eo, "\"shard recovered\"", func() bool { return len(eo.log.find("shard recovered")) > 0 })
-	release := holdInMarkWindow(t, db, eo)
+	release := awaitBlockedMark(t, db, eo, locks)
 	eo.kill(t)
 	release()
 	unmarked := db.Unpublished(t)

@@ -36,9 +36,12 @@ func TestReshardInAnyModeRecoversTheOldShards(t *testing.T) {
 	ids := db.Insert(t, topic, 400, loadKeys(20))
 	reshard(with("OUTBOX_SHARDS=2"))
 
+	// The rows are locked before the relay starts, so that it publishes
+	// them and its marks wait, however fast it drains 400 rows.
+	locks := lockUnpublishedRows(t, db)
 	eo := startRelayProcess(t, bin, with("OUTBOX_SHARDS=2"), logs)
 	waitUntil(t, 60*time.Second, eo, "two shards recovered", func() bool { return len(eo.log.find("shard recovered")) >= 2 })
-	release := holdInMarkWindow(t, db, eo)
+	release := awaitBlockedMark(t, db, eo, locks)
 	time.Sleep(500 * time.Millisecond) // let the other shard's mark block too
 	eo.kill(t)
 	release()
