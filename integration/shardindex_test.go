@@ -30,9 +30,9 @@ func explainRead(t *testing.T, db *testenv.DB, shards int, bounded, generic bool
 		mode = "force_generic_plan"
 	}
 	q := outbox.NewStore(db.Pool, db.Table).ReadBatchSQL(shards, bounded)
-	args := "500, 0, 2"
+	args := "500, 2"
 	if bounded {
-		args = "500, 0, 16777216, 2"
+		args = "500, 16777, 2"
 	}
 	if _, err := conn.Exec(ctx, `SET plan_cache_mode = `+mode); err != nil {
 		t.Fatal(err)

@@ -5,9 +5,9 @@ import (
 	"strconv"
 )
 
-// ReadDurable is ReadBatchAfter for rows about to be published by the owner
-// of lease l: it returns only once every commit the read saw is durable in
-// the WAL. A writer with synchronous_commit=off has its commit acknowledged
+// ReadDurable is ReadBatch for rows about to be published by the owner of
+// lease l, without the rows whose ids are in skip: it returns only once
+// every commit the read saw is durable in the WAL. A writer with synchronous_commit=off has its commit acknowledged
 // and visible before its WAL is flushed: a row the relay published then
 // could vanish in a database crash, leaving Kafka with an event of a
 // transaction that never happened.
@@ -31,20 +31,16 @@ import (
 // and an UPDATE would wait for it, putting the mark back on the loop's
 // critical path. Two share locks do not wait for each other; a takeover's
 // UPDATE of the token does not wait for this one.
-func (s *Store) ReadDurable(ctx context.Context, l Lease, shards, limit int, maxBytes int64, after int64) ([]Row, error) {
-	return s.read(ctx, &l, int(l.Shard), shards, limit, maxBytes, after, nil)
-}
-
-// ReadDurableSkipping is ReadDurable from the start of the shard's
-// unpublished rows, without the rows whose ids are in skip: the read of a
-// pipelined loop while batches it read are still in flight (in a Kafka
-// transaction, or committed with their mark not yet durable). It reads past
-// those rows by id, not above a floor, so that a row below them that became
-// readable since (committed late, released by `dlq discard`, put back by
-// `dlq requeue`) is read now, in id order, before the later rows of its key
+//
+// skip is for a pipelined loop, whose batches read are still in flight (in
+// a Kafka transaction, or committed with their mark not yet durable): the
+// read leaves them out by id, and reads from the start of the shard's
+// unpublished rows otherwise, so that a row below them that became readable
+// since (committed late, released by `dlq discard`, put back by `dlq
+// requeue`) is read now, in id order, before the later rows of its key
 // (I4).
-func (s *Store) ReadDurableSkipping(ctx context.Context, l Lease, shards, limit int, maxBytes int64, skip []int64) ([]Row, error) {
-	return s.read(ctx, &l, int(l.Shard), shards, limit, maxBytes, 0, skip)
+func (s *Store) ReadDurable(ctx context.Context, l Lease, shards, limit int, maxBytes int64, skip []int64) ([]Row, error) {
+	return s.read(ctx, &l, int(l.Shard), shards, limit, maxBytes, skip)
 }
 
 // durableRead wraps a read statement so that every row also carries

@@ -118,23 +118,13 @@ func shardFilter(shard, shards int, argN int) (string, []any) {
 // columns are read by a second query only if it is kept, so that what the
 // server sends stays about maxBytes, wherever the cut falls.
 func (s *Store) ReadBatch(ctx context.Context, shard, shards, limit int, maxBytes int64) ([]Row, error) {
-	return s.ReadBatchAfter(ctx, shard, shards, limit, maxBytes, 0)
-}
-
-// ReadBatchAfter is ReadBatch restricted to rows with an id above after: the
-// read of a pipelined publish loop while the mark of its previous batch is
-// still in flight. Those rows are committed in Kafka but not yet marked, so
-// ReadBatch would return them again; reading above the last id of that batch
-// skips them and keeps the shard's id order (I4), without walking their index
-// entries. ReadBatch is ReadBatchAfter from 0: one query, one hold filter.
-func (s *Store) ReadBatchAfter(ctx context.Context, shard, shards, limit int, maxBytes int64, after int64) ([]Row, error) {
-	return s.read(ctx, nil, shard, shards, limit, maxBytes, after, nil)
+	return s.read(ctx, nil, shard, shards, limit, maxBytes, nil)
 }
 
 // read runs ReadBatchSQL, without the rows whose ids are in skip; with a
 // lease, wrapped by durableRead.
-func (s *Store) read(ctx context.Context, l *Lease, shard, shards, limit int, maxBytes int64, after int64, skip []int64) ([]Row, error) {
-	args := []any{limit, after}
+func (s *Store) read(ctx context.Context, l *Lease, shard, shards, limit int, maxBytes int64, skip []int64) ([]Row, error) {
+	args := []any{limit}
 	var bound byteBound
 	if maxBytes > 0 {
 		bound = byteBound{max: maxBytes, inline: max(1, maxBytes/int64(max(limit, 1)))}
@@ -153,7 +143,7 @@ func (s *Store) read(ctx context.Context, l *Lease, shard, shards, limit int, ma
 		args = append(args, l.Shard, l.Token)
 	}
 	fail := func(err error) ([]Row, error) {
-		return nil, fmt.Errorf("read unpublished rows of %s after id %d: %w", s.t, after, err)
+		return nil, fmt.Errorf("read unpublished rows of shard %d of %s: %w", shard, s.t, err)
 	}
 	rows, err := s.pool.Query(ctx, q, args...)
 	if err != nil {
@@ -269,18 +259,18 @@ func (s *Store) readOutside(ctx context.Context, out []Row, which []int) error {
 	return nil
 }
 
-// ReadBatchSQL is the statement ReadBatchAfter runs on a table of shards
-// shards, with a byte bound (bounded) or without: $1 is the row limit, $2
-// the id to read after, $3 if bounded the most bytes a row may have to come
-// with its key, value and headers (larger rows come with their size only),
-// and the next one the shard if shards > 1. It is here to be EXPLAINed.
+// ReadBatchSQL is the statement ReadBatch runs on a table of shards
+// shards, with a byte bound (bounded) or without: $1 is the row limit, $2 if
+// bounded the most bytes a row may have to come with its key, value and
+// headers (larger rows come with their size only), and the next one the
+// shard if shards > 1. It is here to be EXPLAINed.
 func (s *Store) ReadBatchSQL(shards int, bounded bool) string { return s.readSQL(shards, bounded, 0) }
 
 // ReadSkippingSQL is ReadBatchSQL that also leaves out the ids of the
-// bigint[] parameter after the others (see ReadDurableSkipping), without
-// the durable wrapper. It is here to be EXPLAINed.
+// bigint[] parameter after the others (see ReadDurable), without the
+// durable wrapper. It is here to be EXPLAINed.
 func (s *Store) ReadSkippingSQL(shards int, bounded bool) string {
-	n := 3
+	n := 2
 	if bounded {
 		n++
 	}
@@ -292,7 +282,7 @@ func (s *Store) ReadSkippingSQL(shards int, bounded bool) string {
 
 // readSQL is ReadBatchSQL, also leaving out the rows whose ids are in the
 // bigint[] parameter $skipArg when skipArg > 0 (the ids of the batches in
-// flight, see ReadDurableSkipping). NOT IN over the unnested array is a
+// flight, see ReadDurable). NOT IN over the unnested array is a
 // hashed subplan, built once a read, in the generic plan a prepared
 // statement gets after five runs too: there, `id <> ALL ($n)` compares each
 // row with the whole array (15 ms a read of 1,000 rows past 2,000 ids in
@@ -307,24 +297,24 @@ func (s *Store) readSQL(shards int, bounded bool, skipArg int) string {
 		hold += ` AND o.id NOT IN (SELECT unnest($` + strconv.Itoa(skipArg) + `::bigint[]))`
 	}
 	if !bounded {
-		filter, _ := shardFilter(0, shards, 3)
+		filter, _ := shardFilter(0, shards, 2)
 		return `SELECT id, topic, key, value, headers::text, partition, created_at FROM ` + s.t.Ident() +
-			` o WHERE published_at IS NULL AND id > $2` + filter + hold + ` ORDER BY id LIMIT $1`
+			` o WHERE published_at IS NULL` + filter + hold + ` ORDER BY id LIMIT $1`
 	}
-	filter, _ := shardFilter(0, shards, 4)
+	filter, _ := shardFilter(0, shards, 3)
 	// Bounded: every row comes with its size in bytes (key, value and
 	// headers as JSON text; octet_length reads a stored value's size from
 	// its header, without fetching a TOASTed value), and with its key,
-	// value and headers only if that size is at most $3, the bound's inline
+	// value and headers only if that size is at most $2, the bound's inline
 	// part; read cuts the rows in order at the bound and reads the columns
 	// of the larger rows it keeps apart (readOutside). One walk of the
 	// index, no window over the rows: a running sum in SQL cost 0.7 ms of
 	// server time for 1,000 rows of 200 bytes, where the read without it
 	// took 0.2 ms.
-	return `SELECT id, topic, CASE WHEN size <= $3 THEN key END, CASE WHEN size <= $3 THEN value END,
-    CASE WHEN size <= $3 THEN headers END, partition, created_at, size
+	return `SELECT id, topic, CASE WHEN size <= $2 THEN key END, CASE WHEN size <= $2 THEN value END,
+    CASE WHEN size <= $2 THEN headers END, partition, created_at, size
 FROM (SELECT id, topic, key, value, headers::text AS headers, partition, created_at FROM ` + s.t.Ident() +
-		` o WHERE published_at IS NULL AND id > $2` + filter + hold + ` ORDER BY id LIMIT $1) AS c,
+		` o WHERE published_at IS NULL` + filter + hold + ` ORDER BY id LIMIT $1) AS c,
     LATERAL (SELECT coalesce(octet_length(c.key), 0)::bigint + coalesce(octet_length(c.value), 0) + coalesce(octet_length(c.headers), 0) AS size) AS z
 ORDER BY id`
 }

@@ -306,7 +306,7 @@ func TestReadBatchReadsLargeRowsApartWithTheirColumns(t *testing.T) {
 	}
 	rows, err := st.ReadBatch(ctx, 0, 1, 6, 8000)
 	check("ReadBatch", rows, err)
-	rows, err = st.ReadDurable(ctx, l, 1, 6, 8000, 0)
+	rows, err = st.ReadDurable(ctx, l, 1, 6, 8000, nil)
 	check("ReadDurable", rows, err)
 	// A single row larger than the bound is read on its own.
 	if rows, err := st.ReadBatch(ctx, 0, 1, 6, 100); err != nil || len(rows) != 1 || string(rows[0].Value) != "small" {
@@ -337,9 +337,9 @@ func TestSkippingReadHashesTheIdsInFlightInEveryPlan(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			args := "1000, 0, '{1,2,3}'"
+			args := "1000, '{1,2,3}'"
 			if bounded {
-				args = "1000, 0, 16777, '{1,2,3}'"
+				args = "1000, 16777, '{1,2,3}'"
 			}
 			var plans []string
 			err = func() error {

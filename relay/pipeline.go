@@ -57,15 +57,16 @@ type pipeline struct {
 	// early, released by `dlq discard`, put back at its id by `dlq requeue`)
 	// must be read before the later rows of its key (I4).
 	last    []int64
-	floored int  // reads above the floor since the last plain read
+	floored int  // reads leaving rows in flight out since the last plain read
 	short   bool // the last read found fewer rows than a batch
 	// deadLettered counts the dead-letter moves of the loop: a read-ahead
 	// that began before one is not used (see readAhead).
 	deadLettered int
 }
 
-// readAhead is the read of batch n+1, above batch n's last id, started when
-// batch n's transaction is about to begin and running while it does.
+// readAhead is the read of batch n+1, leaving out the rows in flight
+// (pipeline.inflight), started when batch n's transaction is about to begin
+// and running while it does.
 //
 // It is used only as the read that would have followed: after batch n's
 // transaction committed (else the loop ends and it is dropped), and only if
@@ -221,17 +222,17 @@ func (pl *pipeline) inflight() []int64 {
 	return append(slices.Clone(pl.pending.ids), pl.last...)
 }
 
-// read reads the shard's unpublished rows above id after (0: from the
-// start). Rows about to be published are read durably (Store.ReadDurable):
+// read reads the shard's unpublished rows but those in skip (the rows in
+// flight). Rows about to be published are read durably (Store.ReadDurable):
 // the read also makes every commit it saw durable, so no row of a commit a
 // database crash could still lose is published. At-most-once marks its rows
 // before producing them, and that mark's commit is the flush.
 func (r *Relay) read(ctx context.Context, s int32, l *lease, skip []int64) ([]outbox.Row, error) {
 	if r.mode == txn.AtMostOnce {
 		// Never pipelined: nothing in flight to skip.
-		return r.store.ReadBatchAfter(ctx, int(s), r.cfg.Shards, r.cfg.BatchSize, r.cfg.readMaxBytes(), 0)
+		return r.store.ReadBatch(ctx, int(s), r.cfg.Shards, r.cfg.BatchSize, r.cfg.readMaxBytes())
 	}
-	return r.store.ReadDurableSkipping(ctx, l.Lease, r.cfg.Shards, r.cfg.BatchSize, r.cfg.readMaxBytes(), skip)
+	return r.store.ReadDurable(ctx, l.Lease, r.cfg.Shards, r.cfg.BatchSize, r.cfg.readMaxBytes(), skip)
 }
 
 // markBatch marks a committed batch published. In the serial loop it marks

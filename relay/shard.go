@@ -439,12 +439,12 @@ func (r *Relay) publishRows(ctx context.Context, s int32, l *lease, p *txn.Produ
 		return err
 	}
 	recs, created = without(recs, created, dead)
-	if len(held) == 0 && len(recs) > 0 {
+	if len(recs) > 0 {
 		// Pipelined: read the next batch while this one's transaction
-		// runs. Not after a dead letter of this batch held a key: the
-		// rows it holds are not published, and the next read, above this
-		// batch, must not be taken before they are (the plain read after
-		// a short batch finds them once released).
+		// runs. The dead letters of this batch so far are committed, so
+		// the read holds their keys' later rows; one of its transaction
+		// (a record Kafka refuses) makes the read-ahead unusable
+		// (readAhead).
 		r.startReadAhead(ctx, s, l)
 	}
 	return r.publish(ctx, s, l, p, recs, created, held, log)
