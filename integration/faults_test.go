@@ -271,6 +271,12 @@ func TestLostProduceAckNoDuplicate(t *testing.T) {
 	cfg := testenv.RelayConfig(db, k)
 	cfg.KafkaBrokers = proxy.Addrs()
 	cfg.BatchSize = 20
+	// A dropped answer the client notices only by its request timeout
+	// (10 s here) must be retried inside the transaction: the relay's
+	// budget for a transaction (nine tenths of transaction.timeout.ms, 9 s
+	// with testenv's 10 s) would end it first and abort the batch (seen
+	// once in CI).
+	cfg.TransactionTimeout = 30 * time.Second
 	reg := prometheus.NewRegistry()
 	testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)), relay.WithRegisterer(reg))
 	c := k.NewConsumer(t, topic)
