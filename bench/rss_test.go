@@ -24,7 +24,12 @@ import (
 // TCP. The clock runs from the process's start until no row is unpublished.
 // It reports the relay process's peak RSS (VmHWM, read from /proc while it
 // runs: the broker's memory is this process's, not the relay's) and rows/s.
-// OUTBOX_BENCH_BATCH_SIZE sets the relay's batch size instead.
+// The binary is built as deploy/Dockerfile builds it (CGO_ENABLED=0,
+// -trimpath, -ldflags "-s -w"); OUTBOX_BENCH_RELAY_BIN=path measures that
+// binary instead (an older build, to compare).
+// OUTBOX_BENCH_BATCH_SIZE sets the relay's batch size instead;
+// OUTBOX_BENCH_RELAY_LOG=path keeps the relay's log there (GODEBUG and the
+// other variables of this process, except OUTBOX_*, reach the relay).
 //
 //	go test -run '^$' -bench RelayRSS -benchtime 1000000x -timeout 60m ./bench/
 func BenchmarkRelayRSS(b *testing.B) {
@@ -54,9 +59,16 @@ func BenchmarkRelayRSS(b *testing.B) {
 		b.Fatal(err)
 	}
 
-	bin := filepath.Join(b.TempDir(), "outbox-relay")
-	if out, err := exec.Command("go", "build", "-o", bin, "../cmd/outbox-relay").CombinedOutput(); err != nil {
-		b.Fatalf("build: %v\n%s", err, out)
+	bin := os.Getenv("OUTBOX_BENCH_RELAY_BIN")
+	if bin == "" {
+		bin = filepath.Join(b.TempDir(), "outbox-relay")
+		// Built as deploy/Dockerfile builds the shipped binary: static,
+		// without cgo's libc and its allocator, and without symbols.
+		build := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, "../cmd/outbox-relay")
+		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := build.CombinedOutput(); err != nil {
+			b.Fatalf("build: %v\n%s", err, out)
+		}
 	}
 	var env []string
 	for _, kv := range os.Environ() {
@@ -65,11 +77,18 @@ func BenchmarkRelayRSS(b *testing.B) {
 		}
 	}
 	env = append(env, "OUTBOX_DATABASE_URL="+db.URL, "OUTBOX_KAFKA_BROKERS="+strings.Join(k.Brokers, ","),
-		"OUTBOX_METRICS_ADDR=127.0.0.1:0", "OUTBOX_LOG_LEVEL=warn", "OUTBOX_RETENTION=0")
+		"OUTBOX_METRICS_ADDR="+metricsAddr(), "OUTBOX_LOG_LEVEL=warn", "OUTBOX_RETENTION=0")
+	if os.Getenv("OUTBOX_BENCH_PPROF") == "true" {
+		env = append(env, "OUTBOX_PPROF=true")
+	}
 	if n := os.Getenv("OUTBOX_BENCH_BATCH_SIZE"); n != "" {
 		env = append(env, "OUTBOX_BATCH_SIZE="+n)
 	}
-	logFile, err := os.Create(filepath.Join(b.TempDir(), "relay.log"))
+	logPath := filepath.Join(b.TempDir(), "relay.log")
+	if keep := os.Getenv("OUTBOX_BENCH_RELAY_LOG"); keep != "" {
+		logPath = keep
+	}
+	logFile, err := os.Create(logPath)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -125,4 +144,14 @@ func BenchmarkRelayRSS(b *testing.B) {
 	b.ReportMetric(float64(b.N)/elapsed.Seconds(), "rows/s")
 	b.ReportMetric(maxRSS, "max-RSS-MiB")
 	b.ReportMetric(elapsed.Seconds(), "s")
+}
+
+// metricsAddr is where the benchmarked relay serves its metrics (and
+// /debug/pprof/ with OUTBOX_PPROF=true, set in this process's environment as
+// OUTBOX_BENCH_PPROF=true): OUTBOX_BENCH_METRICS_ADDR, or a free port.
+func metricsAddr() string {
+	if a := os.Getenv("OUTBOX_BENCH_METRICS_ADDR"); a != "" {
+		return a
+	}
+	return "127.0.0.1:0"
 }

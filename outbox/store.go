@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -155,19 +156,24 @@ func (s *Store) read(ctx context.Context, l *Lease, shard, shards, limit int, ma
 		total   int64
 		outside []int // rows of out whose columns are read apart (readOutside)
 		ok      = true
+		// One set of destinations for every row, and one string per
+		// topic: a row costs the allocations of its key, value and
+		// headers, not of its struct, its topic and the scan's list.
+		row     Row
+		topic   pgtype.DriverBytes
+		topics  = map[string]string{}
+		size    int64
+		durable bool
+		dest    = []any{&row.ID, &topic, &row.Key, &row.Value, &row.Headers, &row.Partition, &row.CreatedAt}
 	)
+	if bound.max > 0 {
+		dest = append(dest, &size)
+	}
+	if l != nil {
+		dest = append(dest, &durable)
+	}
 	for rows.Next() {
-		var row Row
-		var headers *string
-		var size int64
-		var durable bool
-		dest := []any{&row.ID, &row.Topic, &row.Key, &row.Value, &headers, &row.Partition, &row.CreatedAt}
-		if bound.max > 0 {
-			dest = append(dest, &size)
-		}
-		if l != nil {
-			dest = append(dest, &durable)
-		}
+		row = Row{}
 		if err := rows.Scan(dest...); err != nil {
 			return fail(err)
 		}
@@ -187,9 +193,12 @@ func (s *Store) read(ctx context.Context, l *Lease, shard, shards, limit int, ma
 				outside = append(outside, len(out))
 			}
 		}
-		if headers != nil {
-			row.Headers = []byte(*headers)
+		t, seen := topics[string(topic)]
+		if !seen {
+			t = string(topic)
+			topics[t] = t
 		}
+		row.Topic = t
 		out = append(out, row)
 	}
 	rows.Close()

@@ -623,7 +623,12 @@ func (r *Relay) publish(ctx context.Context, s int32, l *lease, p *txn.Producer,
 	// pipelined, the mark runs on while the next batch is published
 	// (markBatch says how I2 holds meanwhile).
 	// Counted published once marked.
-	observe := func() { r.observeBatch(s, recs, created, commit) }
+	// The pending mark keeps observe until the next batch settles it: it
+	// holds the batch's sizes, not its records, whose keys and values
+	// would otherwise stay in memory a batch longer than the transaction
+	// needs them.
+	bytes := recordBytes(recs)
+	observe := func() { r.observeCommitted(s, len(recs), bytes, created, commit) }
 	if err := r.markBatch(ctx, s, l, ids, created, observe, log); err != nil {
 		return err
 	}
@@ -633,15 +638,28 @@ func (r *Relay) publish(ctx context.Context, s int32, l *lease, p *txn.Producer,
 
 // observeBatch records a published batch in the metrics.
 func (r *Relay) observeBatch(s int32, recs []txn.Record, created []time.Time, at time.Time) {
+	r.observeCommitted(s, len(recs), recordBytes(recs), created, at)
+}
+
+// observeCommitted records a published batch of n records and bytes payload
+// bytes, created at created and published at at, in the metrics.
+func (r *Relay) observeCommitted(s int32, n, bytes int, created []time.Time, at time.Time) {
 	label := strconv.Itoa(int(s))
-	bytes := 0
-	for i, rec := range recs {
-		bytes += rec.Size()
-		r.m.EndToEnd.Observe(at.Sub(created[i]).Seconds())
+	for _, c := range created {
+		r.m.EndToEnd.Observe(at.Sub(c).Seconds())
 	}
-	r.m.Published.WithLabelValues(label).Add(float64(len(recs)))
+	r.m.Published.WithLabelValues(label).Add(float64(n))
 	r.m.PublishedBytes.WithLabelValues(label).Add(float64(bytes))
-	r.m.BatchSize.Observe(float64(len(recs)))
+	r.m.BatchSize.Observe(float64(n))
+}
+
+// recordBytes is the payload of recs in bytes (txn.Record.Size).
+func recordBytes(recs []txn.Record) int {
+	n := 0
+	for _, rec := range recs {
+		n += rec.Size()
+	}
+	return n
 }
 
 // publishAtLeastOnce sends a batch without a transaction and marks what was
@@ -789,6 +807,9 @@ func (r *Relay) publishAtMostOnce(ctx context.Context, s int32, l *lease, p *txn
 
 // without returns the records (and creation times) not in dead.
 func without(recs []txn.Record, created []time.Time, dead []outbox.DeadLetter) ([]txn.Record, []time.Time) {
+	if len(dead) == 0 {
+		return recs, created
+	}
 	gone := make(map[int64]bool, len(dead))
 	for _, d := range dead {
 		gone[d.ID] = true
