@@ -129,6 +129,9 @@ type Config struct {
 	Compression string `env:"OUTBOX_KAFKA_COMPRESSION_TYPE" envDefault:"none"`
 	// ClientID is Kafka's client.id.
 	ClientID string `env:"OUTBOX_KAFKA_CLIENT_ID" envDefault:"outbox-relay"`
+	// MetricsPush is Kafka's enable.metrics.push (KIP-714); nil is
+	// Kafka's default, true.
+	MetricsPush *bool `env:"OUTBOX_KAFKA_ENABLE_METRICS_PUSH"`
 	// AllowAtMostOnceAcks lets at-most-once run with acks other than 0
 	// (it then waits for acknowledgements it cannot act on); a warning is
 	// logged.
@@ -498,6 +501,9 @@ func (c Config) Settings() (txn.Settings, []string, error) {
 	}
 	if c.ClientID != "" {
 		s.ClientID = c.ClientID
+	}
+	if c.MetricsPush != nil {
+		s.MetricsPush = *c.MetricsPush
 	}
 
 	acks := map[int]string{txn.AcksAll: "all", 0: "0", 1: "1"}[s.Acks]

@@ -45,7 +45,7 @@ const maxFloored = 32
 // pipeline is the state of one shard's pipelined publish loop. Three
 // batches are in the air at once: batch n-1's mark, running while batch n's
 // transaction runs, and batch n+1's read (the read-ahead), running while
-// batch n's transaction does too. It belongs to the shard's worker
+// batch n's transaction commits. It belongs to the shard's worker
 // goroutine alone (the goroutines it starts write only their own results).
 type pipeline struct {
 	pending *pendingMark
@@ -65,8 +65,10 @@ type pipeline struct {
 }
 
 // readAhead is the read of batch n+1, leaving out the rows in flight
-// (pipeline.inflight), started when batch n's transaction is about to begin
-// and running while it does.
+// (pipeline.inflight), started once Kafka acknowledged every record of
+// batch n (txn.Producer.Publish's sent) and running while batch n commits
+// and batch n-1's mark is settled. It starts no earlier so that the relay
+// holds one batch's values at a time: batch n's are let go when it starts.
 //
 // It is used only as the read that would have followed: after batch n's
 // transaction committed (else the loop ends and it is dropped), and only if
@@ -90,8 +92,8 @@ func (ra *readAhead) wait() ([]outbox.Row, error) {
 	return ra.rows, ra.err
 }
 
-// startReadAhead starts reading the batch after the one whose transaction is
-// about to begin, leaving out the rows in flight (pl.inflight), unless the
+// startReadAhead starts reading the batch after the one whose records Kafka
+// just acknowledged, leaving out the rows in flight (pl.inflight), unless the
 // next read is to settle the mark and read from the start (a short batch, or
 // maxFloored reads in a row: see readBatch). The read outlives the batch's
 // context but not the database budget; endPipeline or the next readBatch

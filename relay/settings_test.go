@@ -32,7 +32,7 @@ func TestSettingsDefaultsPerMode(t *testing.T) {
 	safe := txn.Settings{
 		Acks: txn.AcksAll, Idempotence: true, MaxInFlight: 5, Retries: 2147483647,
 		DeliveryTimeout: 120 * time.Second, RequestTimeout: 30 * time.Second, TransactionTimeout: 60 * time.Second,
-		Linger: 0, BatchMaxBytes: 1048576, Compression: "none", ClientID: "outbox-relay",
+		Linger: 0, BatchMaxBytes: 1048576, Compression: "none", ClientID: "outbox-relay", MetricsPush: true,
 	}
 	exactlyOnce, atLeastOnce, atMostOnce := safe, safe, safe
 	exactlyOnce.Mode, atLeastOnce.Mode, atMostOnce.Mode = txn.ExactlyOnce, txn.AtLeastOnce, txn.AtMostOnce

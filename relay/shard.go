@@ -439,13 +439,10 @@ func (r *Relay) publishRows(ctx context.Context, s int32, l *lease, p *txn.Produ
 		return err
 	}
 	recs, created = without(recs, created, dead)
-	if len(recs) > 0 {
-		// Pipelined: read the next batch while this one's transaction
-		// runs. The dead letters of this batch so far are committed, so
-		// the read holds their keys' later rows; one of its transaction
-		// (a record Kafka refuses) makes the read-ahead unusable
-		// (readAhead).
-		r.startReadAhead(ctx, s, l)
+	// The records hold the values from here on: the rows' copies of them
+	// are not kept in memory while the batch is published.
+	for i := range rows {
+		rows[i].Value = nil
 	}
 	return r.publish(ctx, s, l, p, recs, created, held, log)
 }
@@ -570,10 +567,28 @@ func (r *Relay) publish(ctx context.Context, s int32, l *lease, p *txn.Producer,
 	}
 	cp := txn.Checkpoint{Relay: r.cfg.RelayName, Shard: s, Table: r.store.Table().String(), Incarnation: r.incarnation}
 
+	// The batch's payload, counted before Publish lets it go (sent).
+	bytes := recordBytes(recs)
+	// sent: Kafka acknowledged every record, the commit is next. The
+	// records' keys, values and headers are needed no more (a failure
+	// from here on is no *txn.RecordErrors: the batch is not split and
+	// sent again), and are let go. Pipelined, the next batch is read from
+	// here on, while the commit runs and the previous batch's mark is
+	// settled: so the relay holds one batch's values at a time, not two.
+	// The dead letters of this batch so far are committed, so that read
+	// holds their keys' later rows; a dead letter after it began (the
+	// second half of a split batch) makes it unusable (readAhead).
+	sent := func() {
+		for i := range recs {
+			recs[i].Key, recs[i].Value, recs[i].Headers = nil, nil, nil
+		}
+		r.startReadAhead(ctx, s, l)
+	}
+
 	start := time.Now()
 	l.step(r.txnBudget())
 	tctx, cancel := context.WithTimeout(ctx, r.txnBudget())
-	err := p.Publish(tctx, recs, cp)
+	err := p.Publish(tctx, recs, cp, sent)
 	cancel()
 	l.step(r.dbBudget())
 	var rerrs *txn.RecordErrors
@@ -624,10 +639,7 @@ func (r *Relay) publish(ctx context.Context, s int32, l *lease, p *txn.Producer,
 	// (markBatch says how I2 holds meanwhile).
 	// Counted published once marked.
 	// The pending mark keeps observe until the next batch settles it: it
-	// holds the batch's sizes, not its records, whose keys and values
-	// would otherwise stay in memory a batch longer than the transaction
-	// needs them.
-	bytes := recordBytes(recs)
+	// holds the batch's sizes, not its records.
 	observe := func() { r.observeCommitted(s, len(recs), bytes, created, commit) }
 	if err := r.markBatch(ctx, s, l, ids, created, observe, log); err != nil {
 		return err

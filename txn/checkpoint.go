@@ -58,7 +58,8 @@ func GrowCheckpointTopic(ctx context.Context, cfg Config, shards int) error {
 }
 
 func checkpointTopic(ctx context.Context, cfg Config, shards int, grow bool) error {
-	cl, err := kgo.NewClient(append([]kgo.Opt{kgo.SeedBrokers(cfg.Brokers...), kgo.WithLogger(KafkaLogger(cfg.Logger, kgo.LogLevelWarn))}, cfg.Extra...)...)
+	opts := append([]kgo.Opt{kgo.SeedBrokers(cfg.Brokers...), kgo.WithLogger(KafkaLogger(cfg.Logger, kgo.LogLevelWarn))}, cfg.Settings.clientOpts()...)
+	cl, err := kgo.NewClient(append(opts, cfg.Extra...)...)
 	if err != nil {
 		return fmt.Errorf("checkpoint topic: %w", err)
 	}

@@ -179,10 +179,17 @@ func (p *Producer) Abort(ctx context.Context) error {
 // marks lost afterwards for up to the window's batches, are repaired by
 // recovery from the checkpoint.
 //
+// sent, when not nil, is called once Kafka has acknowledged every record of
+// the transaction, before the commit: from then on Publish needs none of
+// the records' keys, values or headers (nothing is sent again; a failure
+// from here on returns ErrAborted or ErrCommitUnknown, never
+// *RecordErrors), so the caller may let them go and start on the next
+// batch while the commit runs.
+//
 // Errors: ErrFenced (stop), ErrCommitUnknown (close, recover), ErrFatal,
 // *RecordErrors (records Kafka refused; transaction aborted), or ErrAborted
 // (nothing committed; retry).
-func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint) error {
+func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint, sent func()) error {
 	bad, err := p.checkRecords(ctx, recs)
 	if err != nil {
 		return fmt.Errorf("check records: %w", classify(err))
@@ -272,6 +279,9 @@ func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint) er
 		}
 	}
 
+	if sent != nil {
+		sent()
+	}
 	if p.cfg.BeforeCommit != nil {
 		if err := p.cfg.BeforeCommit(ctx, p.shard, ids); err != nil {
 			return err

@@ -69,6 +69,10 @@ type Settings struct {
 	Compression string
 	// ClientID is client.id.
 	ClientID string
+	// MetricsPush is enable.metrics.push (KIP-714): the clients send their
+	// own metrics to brokers that subscribe to them. franz-go allocates
+	// about 8 MiB for a moment each time a client takes a subscription.
+	MetricsPush bool
 }
 
 // DefaultSettings are the safe defaults of mode: acks=all, idempotence on,
@@ -78,7 +82,7 @@ func DefaultSettings(mode Mode) Settings {
 	s := Settings{
 		Mode: mode, Acks: AcksAll, Idempotence: true, MaxInFlight: 5, Retries: 2147483647,
 		DeliveryTimeout: 120 * time.Second, RequestTimeout: 30 * time.Second, TransactionTimeout: 60 * time.Second,
-		BatchMaxBytes: 1 << 20, Compression: "none", ClientID: "outbox-relay",
+		BatchMaxBytes: 1 << 20, Compression: "none", ClientID: "outbox-relay", MetricsPush: true,
 	}
 	if mode == AtMostOnce {
 		s.Acks, s.Idempotence, s.Retries = 0, false, 0
@@ -129,7 +133,16 @@ func (s Settings) opts() ([]kgo.Opt, error) {
 	if s.ClientID != "" {
 		opts = append(opts, kgo.ClientID(s.ClientID))
 	}
-	return opts, nil
+	return append(opts, s.clientOpts()...), nil
+}
+
+// clientOpts are the options of every Kafka client of the relay, not only
+// its producers.
+func (s Settings) clientOpts() []kgo.Opt {
+	if !s.MetricsPush {
+		return []kgo.Opt{kgo.DisableClientMetrics()}
+	}
+	return nil
 }
 
 func compression(name string) (kgo.CompressionCodec, error) {
