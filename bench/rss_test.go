@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/outbox-relay/outbox-relay/integration/testenv"
 	"github.com/outbox-relay/outbox-relay/outbox"
@@ -27,7 +28,11 @@ import (
 // The binary is built as deploy/Dockerfile builds it (CGO_ENABLED=0,
 // -trimpath, -ldflags "-s -w"); OUTBOX_BENCH_RELAY_BIN=path measures that
 // binary instead (an older build, to compare).
-// OUTBOX_BENCH_BATCH_SIZE sets the relay's batch size instead;
+// kfake subscribes every client to all its KIP-714 metrics, as a broker with
+// a client-telemetry plugin does; OUTBOX_BENCH_BROKER_TELEMETRY=none answers
+// as a stock Apache Kafka broker does instead (no subscription).
+// OUTBOX_BENCH_RELAY_ENV adds settings (space-separated NAME=value) to the
+// relay's environment; OUTBOX_BENCH_BATCH_SIZE sets the relay's batch size;
 // OUTBOX_BENCH_RELAY_LOG=path keeps the relay's log there (GODEBUG and the
 // other variables of this process, except OUTBOX_*, reach the relay).
 //
@@ -39,6 +44,17 @@ func BenchmarkRelayRSS(b *testing.B) {
 	db := testenv.NewDB(b)
 	rssTopic := "bench-rss"
 	k := testenv.NewKafka(b, 3, rssTopic)
+	if os.Getenv("OUTBOX_BENCH_BROKER_TELEMETRY") == "none" && k.Cluster != nil {
+		// As a broker without a client-telemetry plugin (stock Apache
+		// Kafka): no client is subscribed to its own metrics. kfake
+		// otherwise subscribes every client to all of them.
+		k.Cluster.ControlKey(kmsg.GetTelemetrySubscriptions.Int16(), func(req kmsg.Request) (kmsg.Response, error, bool) {
+			k.Cluster.KeepControl()
+			resp := req.(*kmsg.GetTelemetrySubscriptionsRequest).ResponseKind().(*kmsg.GetTelemetrySubscriptionsResponse)
+			resp.PushIntervalMillis = 300000
+			return resp, nil, true
+		})
+	}
 	v := make([]byte, valueSize)
 	for i := range v {
 		v[i] = 'a' + byte(i%26)
@@ -81,6 +97,9 @@ func BenchmarkRelayRSS(b *testing.B) {
 	if os.Getenv("OUTBOX_BENCH_PPROF") == "true" {
 		env = append(env, "OUTBOX_PPROF=true")
 	}
+	// More settings of the relay's, e.g.
+	// OUTBOX_BENCH_RELAY_ENV="OUTBOX_KAFKA_ENABLE_METRICS_PUSH=false OUTBOX_RECOVERY_WINDOW=1".
+	env = append(env, strings.Fields(os.Getenv("OUTBOX_BENCH_RELAY_ENV"))...)
 	if n := os.Getenv("OUTBOX_BENCH_BATCH_SIZE"); n != "" {
 		env = append(env, "OUTBOX_BATCH_SIZE="+n)
 	}
