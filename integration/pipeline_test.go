@@ -114,6 +114,7 @@ func TestReadAheadBegunBeforeADeadLetterPublishesNoHeldRow(t *testing.T) {
 	})
 	seen := k.NewConsumer(t, topic).WaitFor(t, len(want), 30*time.Second)
 	testenv.CheckExactlyOnce(t, want, seen)
+	db.CheckPayloads(t, seen)
 	waitHeld(t, st, 1, int64(len(held)), 1)
 }
 

@@ -7,10 +7,11 @@ import (
 
 // ReadDurable is ReadBatch for rows about to be published by the owner of
 // lease l, without the rows whose ids are in skip: it returns only once
-// every commit the read saw is durable in the WAL. A writer with synchronous_commit=off has its commit acknowledged
-// and visible before its WAL is flushed: a row the relay published then
-// could vanish in a database crash, leaving Kafka with an event of a
-// transaction that never happened.
+// every commit the read saw is durable in the WAL. A writer with
+// synchronous_commit=off has its commit acknowledged and visible before its
+// WAL is flushed: a row the relay published then could vanish in a
+// database crash, leaving Kafka with an event of a transaction that never
+// happened.
 //
 // It is one statement, one round trip. Its snapshot is taken before it
 // compares the WAL positions, so every commit the read sees has its commit

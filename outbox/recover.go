@@ -61,7 +61,7 @@ func (s *Store) underLease(ctx context.Context, l Lease, rows int, what, stmt st
 	n := tag.RowsAffected()
 	if err == nil && n < int64(rows) {
 		var held bool
-		err = s.pool.QueryRow(ctx, `SELECT EXISTS (SELECT FROM `+s.t.OwnerIdent()+` WHERE shard = $1 AND token = $2)`, l.Shard, l.Token).Scan(&held)
+		err = s.pool.QueryRow(ctx, `SELECT EXISTS (`+s.leaseRow(1, 2)+`)`, l.Shard, l.Token).Scan(&held)
 		if err == nil && !held {
 			err = ErrLeaseLost
 		}

@@ -406,8 +406,13 @@ SELECT l.shard FROM l LEFT JOIN `+s.t.OwnerIdent()+` o ON o.shard = l.shard WHER
 // for the statement to commit, or commits first, and then the statement
 // sees no current lease and changes nothing.
 func (s *Store) leaseHeld(shardArg, tokenArg int) string {
-	return `EXISTS (SELECT FROM ` + s.t.OwnerIdent() + ` WHERE shard = $` + strconv.Itoa(shardArg) +
-		` AND token = $` + strconv.Itoa(tokenArg) + ` FOR SHARE)`
+	return `EXISTS (` + s.leaseRow(shardArg, tokenArg) + ` FOR SHARE)`
+}
+
+// leaseRow selects the shard's owner row if the lease given by parameters
+// $shardArg and $tokenArg is current.
+func (s *Store) leaseRow(shardArg, tokenArg int) string {
+	return `SELECT FROM ` + s.t.OwnerIdent() + ` WHERE shard = $` + strconv.Itoa(shardArg) + ` AND token = $` + strconv.Itoa(tokenArg)
 }
 
 // leaseCTE is leaseHeld as the first part of a statement that must also
@@ -415,8 +420,7 @@ func (s *Store) leaseHeld(shardArg, tokenArg int) string {
 // statements refer to it as "lease" and report EXISTS (SELECT FROM lease),
 // so that the caller can tell a lost lease from rows that needed no change.
 func (s *Store) leaseCTE(shardArg, tokenArg int) string {
-	return `lease AS (SELECT FROM ` + s.t.OwnerIdent() + ` WHERE shard = $` + strconv.Itoa(shardArg) +
-		` AND token = $` + strconv.Itoa(tokenArg) + ` FOR SHARE)`
+	return `lease AS (` + s.leaseRow(shardArg, tokenArg) + ` FOR SHARE)`
 }
 
 // MarkPublished sets published_at on the rows whose ids are given and that

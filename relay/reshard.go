@@ -82,7 +82,7 @@ func (r *Relay) as(id outbox.Identity) *Relay {
 	tcfg.RelayName, tcfg.CheckpointTopic = id.RelayName, id.CheckpointTopic
 	if !r.mode.Transactional() {
 		settings := txn.DefaultSettings(txn.ExactlyOnce)
-		settings.ClientID, settings.BatchMaxBytes = r.tcfg.Settings.ClientID, r.tcfg.Settings.BatchMaxBytes
+		settings.ClientID, settings.BatchMaxBytes, settings.MetricsPush = r.tcfg.Settings.ClientID, r.tcfg.Settings.BatchMaxBytes, r.tcfg.Settings.MetricsPush
 		tcfg.Settings = settings
 	}
 	return &Relay{cfg: cfg, pool: r.pool, store: r.store, log: r.log.With("recorded_relay", id.RelayName), reg: r.reg, m: r.m,

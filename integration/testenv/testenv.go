@@ -8,6 +8,7 @@
 package testenv
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -16,6 +17,7 @@ import (
 	"log/slog"
 	"net/url"
 	"os"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -342,6 +344,42 @@ func CheckExactlyOnce(tb testing.TB, want []int64, seen []Seen) {
 			len(seen), len(want), head(dup), head(missing), head(extra))
 	}
 	CheckKeyOrder(tb, seen)
+}
+
+// CheckPayloads fails the test unless every record in seen carries the key
+// and value of its row (by its outbox-id) in db's outbox table: a record
+// published without its payload (a tombstone where the row has a value)
+// shows here, not in CheckExactlyOnce, which counts ids. The rows must still
+// be in the table (mark mode).
+func (d *DB) CheckPayloads(tb testing.TB, seen []Seen) {
+	tb.Helper()
+	ids := make([]int64, len(seen))
+	for i, s := range seen {
+		ids[i] = s.ID
+	}
+	rows, err := d.Pool.Query(context.Background(), `SELECT id, key, value FROM `+d.Table.Ident()+` WHERE id = ANY($1)`, ids)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	type payload struct{ key, value []byte }
+	want := map[int64]payload{}
+	var id int64
+	var p payload
+	if _, err := pgx.ForEachRow(rows, []any{&id, &p.key, &p.value}, func() error {
+		want[id] = payload{slices.Clone(p.key), slices.Clone(p.value)}
+		return nil
+	}); err != nil {
+		tb.Fatal(err)
+	}
+	for _, s := range seen {
+		w, ok := want[s.ID]
+		switch {
+		case !ok:
+			tb.Fatalf("record of id %d: no such row in the table", s.ID)
+		case !bytes.Equal(s.Key, w.key) || !bytes.Equal(s.Value, w.value) || (s.Value == nil) != (w.value == nil):
+			tb.Fatalf("record of id %d carries key %q value %q, its row key %q value %q", s.ID, s.Key, s.Value, w.key, w.value)
+		}
+	}
 }
 
 // CheckKeyOrder fails the test unless the records of each key arrive in
