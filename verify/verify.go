@@ -86,6 +86,14 @@ type Config struct {
 	// Delete, name the topics of the deleted rows, which the table no
 	// longer holds.
 	Topics []string
+	// AllowForeign accepts records without a valid outbox-id header on the
+	// topics read (a topic other producers share): they are counted
+	// (Report.Foreign) but are no Foreign finding.
+	AllowForeign bool
+	// DeadLetterOrder is the relay's OUTBOX_DEAD_LETTER_ORDER (empty:
+	// hold-key). Under hold-key a key's order is a promise, and an
+	// inversion no late commit can explain is an OrderBroken finding.
+	DeadLetterOrder outbox.DeadLetterOrder
 }
 
 // Kinds of findings.
@@ -101,6 +109,13 @@ const (
 	// is still in the table, unpublished, after Stale: recovery deletes it
 	// only within its window; past it the row is published again.
 	NotDeleted = "published_not_deleted"
+	// Foreign: a record on a topic read without a valid outbox-id header
+	// (none, not a canonical decimal id, or a near-miss name such as
+	// Outbox-Id): no row's, and not the relay's.
+	Foreign = "foreign"
+	// OrderBroken (hold-key): a key's records not in id order on their
+	// partition, where no late commit explains it.
+	OrderBroken = "order_broken"
 )
 
 // Finding is one discrepancy.
@@ -130,6 +145,13 @@ type Report struct {
 	// neither in the table nor in the dead-letter table: published and
 	// deleted. Their content cannot be compared with a row.
 	Deleted int `json:"deleted"`
+	// Foreign counts the records without a valid outbox-id header (also
+	// when Config.AllowForeign accepts them).
+	Foreign int `json:"foreign"`
+	// InvalidTopic counts the window's rows whose topic is no Kafka topic
+	// name (such as ''): no record can hold them; the relay dead-letters
+	// them.
+	InvalidTopic int `json:"invalid_topic"`
 	// Counts by kind; OutOfOrder is a warning and does not make the
 	// report unclean.
 	Counts   map[string]int `json:"counts"`
