@@ -37,10 +37,12 @@ import (
 	"slices"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -174,13 +176,22 @@ func (r *Report) Clean() bool {
 // Kafka's retention).
 var ErrCannotCheck = errors.New("could not verify")
 
+// ErrKafka wraps, besides ErrCannotCheck, the errors of reaching Kafka
+// (the brokers unreachable, refused, or TLS and SASL settings wrong).
+var ErrKafka = errors.New("kafka")
+
+// ErrNotMigrated wraps, besides ErrCannotCheck, a table or column that does
+// not exist: the outbox table is not migrated (`outbox-relay migrate up`).
+var ErrNotMigrated = errors.New("not migrated")
+
 // row is what verify keeps of one row: about 64 bytes.
 type row struct {
 	id        int64
 	created   int64 // unix microseconds
 	sum       uint64
-	topic     int32 // index into topics
-	partition int32 // expected partition; -1 unknown (topic missing)
+	topic     int32  // index into topics
+	partition int32  // expected partition; -1 unknown (topic missing)
+	mark      uint32 // xmin: the transaction that marked (or inserted) the row
 	state     uint8
 	seen      int32
 	firstOff  int64
@@ -209,7 +220,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	v := &verifier{cfg: cfg, rep: &Report{Table: cfg.Table.String(), Counts: map[string]int{}}, topicIdx: map[string]int32{}}
-	for _, k := range []string{Missing, Duplicate, Differ, Phantom, DeadInKafka, OutOfOrder, StaleUnpublished} {
+	for _, k := range []string{Missing, Duplicate, Differ, Phantom, DeadInKafka, OutOfOrder, StaleUnpublished, Foreign, OrderBroken} {
 		v.rep.Counts[k] = 0
 	}
 	v.rep.OnPublish = string(outbox.Mark)
@@ -225,17 +236,26 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	defer cl.Close()
 	adm := kadm.NewClient(cl)
 	if err := v.readTable(ctx, adm); err != nil {
+		if pe := (*pgconn.PgError)(nil); errors.As(err, &pe) && (pe.Code == "42P01" || pe.Code == "42703") {
+			return nil, fmt.Errorf("%w: %w: read %s: %w: run `outbox-relay migrate up` with the same schema and table (OUTBOX_SCHEMA, OUTBOX_TABLE)", ErrCannotCheck, ErrNotMigrated, cfg.Table, err)
+		}
+		if errors.Is(err, ErrKafka) {
+			return nil, fmt.Errorf("%w: %w", ErrCannotCheck, err)
+		}
 		return nil, fmt.Errorf("%w: read %s: %w", ErrCannotCheck, cfg.Table, err)
 	}
 	if err := v.readKafka(ctx, cl, adm); err != nil {
-		return nil, fmt.Errorf("%w: read Kafka: %w", ErrCannotCheck, err)
+		return nil, fmt.Errorf("%w: %w at %s: %w", ErrCannotCheck, ErrKafka, strings.Join(cfg.Brokers, ","), err)
 	}
 	if err := v.phantoms(ctx); err != nil {
 		return nil, fmt.Errorf("%w: read %s: %w", ErrCannotCheck, cfg.Table, err)
 	}
 	v.conclude()
-	if len(v.truncated) > 0 && v.rep.Counts[Missing] > 0 {
-		return v.rep, fmt.Errorf("%w: Kafka's retention has deleted records of the window on %v, so rows reported missing may have been there: verify a narrower window (-since or -from-id)", ErrCannotCheck, v.truncated)
+	if len(v.truncated) > 0 {
+		// A copy deleted by retention hides a duplicate as well as a
+		// row: nothing about these partitions can be proven.
+		v.rep.Elapsed = time.Since(start)
+		return v.rep, fmt.Errorf("%w: the log start of %v is past the window's start (Kafka's retention or DeleteRecords removed records of the window), so a missing row or the first copy of a duplicate may be gone: verify a window within the topics' retention (-since or -from-id)", ErrCannotCheck, v.truncated)
 	}
 	v.rep.Elapsed = time.Since(start)
 	return v.rep, nil
@@ -251,8 +271,11 @@ type verifier struct {
 	topicIdx     map[string]int32
 	oldest       time.Time
 	now          time.Time
-	truncated    []string  // partitions whose retention cut into the window
-	orphans      []Finding // records of ids in the window's range without a row of the window
+	truncated    []string // partitions whose retention cut into the window
+	orphans      []orphan // records of ids without a row of the window
+	// createdMin is the lowest id of the rows created in the window: a
+	// record of an id from there on that no table has is a phantom.
+	createdMin int64
 	// gone (delete mode only) are the outbox-ids read without a row of the
 	// window, by id: the records of deleted rows.
 	gone map[int64]*goneRecord
@@ -274,24 +297,37 @@ func (v *verifier) readTable(ctx context.Context, adm *kadm.Client) error {
 	if err := tx.QueryRow(ctx, `SELECT now()`).Scan(&v.now); err != nil {
 		return err
 	}
+	// A rolling window (-since) selects every row that changed in it:
+	// created, published, dead-lettered or discarded, and every row not
+	// yet published; so consecutive windows check each row whenever it
+	// reached Kafka, also a row requeued or held long after its creation.
 	where, args := `id BETWEEN $1 AND $2`, []any{v.cfg.FromID, v.cfg.ToID}
+	deadWhere := where
 	v.rep.FromID, v.rep.ToID = v.cfg.FromID, v.cfg.ToID
 	if v.cfg.ToID <= 0 {
 		v.rep.Since = v.now.Add(-v.cfg.Since)
-		where, args = `created_at >= $1`, []any{v.rep.Since}
+		args = []any{v.rep.Since}
+		where = `(created_at >= $1 OR published_at >= $1 OR published_at IS NULL)`
+		deadWhere = `(created_at >= $1 OR failed_at >= $1 OR discarded_at >= $1)`
 	}
 	sources := []struct {
-		table, published string
-		state            uint8
+		table, published, where, mark string
+		state                         uint8
 	}{
-		{v.cfg.Table.Ident(), "published_at IS NOT NULL", statePublished},
-		{v.cfg.Table.DeadLetterIdent(), "false", stateDead},
+		{v.cfg.Table.Ident(), "published_at IS NOT NULL", where, "xmin::text::bigint", statePublished},
+		{v.cfg.Table.DeadLetterIdent(), "false", deadWhere, "0::bigint", stateDead},
 	}
 	// The topics, and the number of rows: the row entries are allocated
-	// once, at their size.
+	// once, at their size. A rolling window reads the topics of every
+	// dead letter too: a dead letter's record may reach Kafka long after.
+	allDead := ""
+	if v.cfg.ToID <= 0 {
+		allDead = `
+    UNION ALL SELECT DISTINCT topic, 0 FROM ` + sources[1].table
+	}
 	topicRows, err := tx.Query(ctx, `SELECT topic, sum(n)::bigint FROM (
     SELECT topic, count(*) AS n FROM `+sources[0].table+` WHERE `+where+` GROUP BY topic
-    UNION ALL SELECT topic, count(*) FROM `+sources[1].table+` WHERE `+where+` GROUP BY topic) t GROUP BY topic`, args...)
+    UNION ALL SELECT topic, count(*) FROM `+sources[1].table+` WHERE `+deadWhere+` GROUP BY topic`+allDead+`) t GROUP BY topic`, args...)
 	if err != nil {
 		return err
 	}
@@ -312,12 +348,12 @@ func (v *verifier) readTable(ctx context.Context, adm *kadm.Client) error {
 		}
 	}
 	if err := v.learnTopics(ctx, adm, names); err != nil {
-		return err
+		return fmt.Errorf("%w at %s: %w", ErrKafka, strings.Join(v.cfg.Brokers, ","), err)
 	}
 	v.rows = make([]row, 0, total)
 	for _, src := range sources {
-		rows, err := tx.Query(ctx, `SELECT id, topic, key, value, headers::text, partition, created_at, `+src.published+
-			` FROM `+src.table+` WHERE `+where, args...)
+		rows, err := tx.Query(ctx, `SELECT id, topic, key, value, headers::text, partition, created_at, `+src.published+`, `+src.mark+
+			` FROM `+src.table+` WHERE `+src.where, args...)
 		if err != nil {
 			return err
 		}
@@ -329,17 +365,17 @@ func (v *verifier) readTable(ctx context.Context, adm *kadm.Client) error {
 			partition *int32
 			created   time.Time
 			published bool
+			mark      int64
 		)
-		_, err = pgx.ForEachRow(rows, []any{&id, &topic, &key, &val, &headers, &partition, &created, &published}, func() error {
-			r := row{id: id, created: created.UnixMicro(), topic: v.topicIdx[topic], partition: -1, firstOff: -1, state: src.state}
+		_, err = pgx.ForEachRow(rows, []any{&id, &topic, &key, &val, &headers, &partition, &created, &published, &mark}, func() error {
+			r := row{id: id, created: created.UnixMicro(), topic: v.topicIdx[topic], partition: -1, firstOff: -1, state: src.state, mark: uint32(mark)}
 			if src.state != stateDead && !published {
 				r.state = stateUnpublished
 			}
-			var h map[string]string
-			if headers != nil {
-				_ = json.Unmarshal([]byte(*headers), &h) // not string to string: the relay dead-lettered it
+			if outbox.ValidTopic(topic) != nil {
+				v.rep.InvalidTopic++
 			}
-			r.sum = recordSum(key, val, h)
+			r.sum = recordSum(key, val, rowHeaders(headers))
 			if n := v.partitions[r.topic]; n > 0 {
 				p := int32(-1)
 				if partition != nil {
@@ -348,8 +384,20 @@ func (v *verifier) readTable(ctx context.Context, adm *kadm.Client) error {
 				r.partition = txn.PartitionOf(key, id, p, n)
 			}
 			v.rows = append(v.rows, r)
-			if v.oldest.IsZero() || created.Before(v.oldest) {
-				v.oldest = created
+			// Kafka is read from the oldest creation of a row that may be
+			// in Kafka, so that every copy of it is read; an unpublished
+			// row created before the window cannot have been published
+			// before it began (a committed record of it before then is
+			// found only in delete mode's published_not_deleted check).
+			c := created
+			if r.state == stateUnpublished && !v.rep.Since.IsZero() && c.Before(v.rep.Since) {
+				c = v.rep.Since
+			}
+			if v.oldest.IsZero() || c.Before(v.oldest) {
+				v.oldest = c
+			}
+			if (v.rep.Since.IsZero() || !created.Before(v.rep.Since)) && (v.createdMin == 0 || id < v.createdMin) {
+				v.createdMin = id
 			}
 			return nil
 		})
@@ -375,6 +423,12 @@ func (v *verifier) readTable(ctx context.Context, adm *kadm.Client) error {
 			v.rep.FromID, v.rep.ToID = v.minID, v.maxID
 		}
 	}
+	if v.createdMin == 0 {
+		v.createdMin = v.maxID + 1
+	}
+	if !v.rep.Since.IsZero() && (v.oldest.IsZero() || v.rep.Since.Before(v.oldest)) {
+		v.oldest = v.rep.Since // a dead letter's record may reach Kafka late
+	}
 	return nil
 }
 
@@ -386,10 +440,18 @@ func (v *verifier) learnTopics(ctx context.Context, adm *kadm.Client, names []st
 	for i, n := range names {
 		v.topicIdx[n] = int32(i)
 	}
-	if len(names) == 0 {
+	// A row's topic Kafka cannot name (such as '') cannot be asked for:
+	// its rows are counted as InvalidTopic, the others are checked.
+	var valid []string
+	for _, n := range names {
+		if outbox.ValidTopic(n) == nil {
+			valid = append(valid, n)
+		}
+	}
+	if len(valid) == 0 {
 		return nil
 	}
-	td, err := adm.ListTopics(ctx, names...)
+	td, err := adm.ListTopics(ctx, valid...)
 	if err != nil {
 		return fmt.Errorf("topic metadata: %w", err)
 	}
@@ -411,10 +473,30 @@ func cmpInt(a, b int64) int {
 	return 0
 }
 
+// rowHeaders returns the headers the relay sends for a row's headers
+// column, in its order: sorted by name (bytewise, as the relay sorts them;
+// not jsonb's order), one per name (jsonb keeps one). A column the relay
+// refuses (not an object of string to string) gives what it parses to,
+// which matters only for a dead letter, whose content is not compared.
+func rowHeaders(col *string) []kgo.RecordHeader {
+	if col == nil {
+		return nil
+	}
+	var h map[string]any
+	_ = json.Unmarshal([]byte(*col), &h)
+	out := make([]kgo.RecordHeader, 0, len(h))
+	for _, k := range slices.Sorted(maps.Keys(h)) {
+		s, _ := h[k].(string)
+		out = append(out, kgo.RecordHeader{Key: k, Value: []byte(s)})
+	}
+	return out
+}
+
 // recordSum is a 64-bit FNV-1a digest of what a record must carry for its
-// row: key, value (nil and empty differ) and the row's headers (sorted;
-// outbox-id is not one of them).
-func recordSum(key, value []byte, headers map[string]string) uint64 {
+// row: key, value (nil and empty differ) and the headers after outbox-id,
+// as the ordered list they are (a repeated, extra, missing or reordered
+// header changes it).
+func recordSum(key, value []byte, headers []kgo.RecordHeader) uint64 {
 	h := fnv.New64a()
 	field := func(b []byte, isNil bool) {
 		var n [9]byte
@@ -430,9 +512,9 @@ func recordSum(key, value []byte, headers map[string]string) uint64 {
 	}
 	field(key, key == nil)
 	field(value, value == nil)
-	for _, k := range slices.Sorted(maps.Keys(headers)) {
-		field([]byte(k), false)
-		field([]byte(headers[k]), false)
+	for _, hd := range headers {
+		field([]byte(hd.Key), false)
+		field(hd.Value, false)
 	}
 	return h.Sum64()
 }
@@ -465,7 +547,7 @@ func (v *verifier) readKafka(ctx context.Context, cl *kgo.Client, adm *kadm.Clie
 			topics = append(topics, t)
 		}
 	}
-	if len(topics) == 0 || len(v.rows) == 0 && !v.deleting() {
+	if len(topics) == 0 || v.oldest.IsZero() && !v.deleting() {
 		return nil
 	}
 	from := v.oldest.Add(-v.cfg.Margin)
@@ -551,20 +633,19 @@ func (v *verifier) readKafka(ctx context.Context, cl *kgo.Client, adm *kadm.Clie
 
 // check compares one record with its row.
 func (v *verifier) check(r *kgo.Record, order map[string]int64) {
-	id := int64(-1)
-	var headers map[string]string
-	for _, h := range r.Headers {
-		if h.Key == txn.HeaderOutboxID {
-			if id >= 0 {
-				v.add(Finding{Kind: Differ, ID: id, Topic: r.Topic, Partition: r.Partition, Offsets: []int64{r.Offset}, Detail: "two outbox-id headers"})
-			}
-			id, _ = strconv.ParseInt(string(h.Value), 10, 64)
-			continue
+	id, headers, problem := outboxID(r.Headers)
+	if id < 0 {
+		v.mu.Lock()
+		v.rep.Foreign++
+		v.mu.Unlock()
+		if !v.cfg.AllowForeign {
+			v.add(Finding{Kind: Foreign, Topic: r.Topic, Partition: r.Partition, Offsets: []int64{r.Offset},
+				Detail: problem + ": no row's record, and not the relay's (a topic other producers share: -allow-foreign)"})
 		}
-		if headers == nil {
-			headers = map[string]string{}
-		}
-		headers[h.Key] = string(h.Value)
+		return
+	}
+	if problem != "" {
+		v.add(Finding{Kind: Differ, ID: id, Topic: r.Topic, Partition: r.Partition, Offsets: []int64{r.Offset}, Detail: problem})
 	}
 	if v.deleting() {
 		if id < 1 || v.cfg.ToID > 0 && (id < v.cfg.FromID || id > v.cfg.ToID) {
@@ -575,19 +656,14 @@ func (v *verifier) check(r *kgo.Record, order map[string]int64) {
 			return
 		}
 	}
-	switch {
-	case id < v.minID || v.cfg.ToID > 0 && id > v.cfg.ToID:
-		return // no outbox-id, or before the window
-	case id > v.maxID:
-		// A row written after the table was read, or a phantom: looked up
-		// once Kafka is read.
-		v.orphan(r, id)
-		return
+	if v.cfg.ToID > 0 && (id < v.cfg.FromID || id > v.cfg.ToID) {
+		return // outside the id window
 	}
 	i := v.find(id)
 	if i < 0 {
-		// Perhaps a row created before the window with an id inside it (a
-		// long transaction): looked up once Kafka is read too.
+		// A row written after the table was read, a row outside the
+		// window (a dead letter whose record came late), or a phantom:
+		// looked up once Kafka is read.
 		v.orphan(r, id)
 		return
 	}
@@ -599,7 +675,7 @@ func (v *verifier) check(r *kgo.Record, order map[string]int64) {
 	if row.seen == 1 {
 		row.firstOff = r.Offset
 	}
-	seen, state, sum, partition, topic := row.seen, row.state, row.sum, row.partition, v.topics[row.topic]
+	seen, state, sum, partition, topic, mark := row.seen, row.state, row.sum, row.partition, v.topics[row.topic], row.mark
 	v.mu.Unlock()
 	switch {
 	case state == stateDead:
@@ -614,8 +690,7 @@ func (v *verifier) check(r *kgo.Record, order map[string]int64) {
 	if r.Key != nil && seen == 1 {
 		k := string(r.Key)
 		if last, ok := order[k]; ok && id < last {
-			v.add(Finding{Kind: OutOfOrder, ID: id, Topic: r.Topic, Partition: r.Partition, Offsets: []int64{r.Offset},
-				Detail: fmt.Sprintf("key %q: id %d after id %d (two transactions wrote the key without locking it; see the README's order limit)", r.Key, id, last)})
+			v.outOfOrder(r, id, last, state, mark)
 		}
 		order[k] = max(order[k], id)
 	}
@@ -632,6 +707,69 @@ func (v *verifier) check(r *kgo.Record, order map[string]int64) {
 	if len(diffs) > 0 {
 		v.add(Finding{Kind: Differ, ID: id, Topic: r.Topic, Partition: r.Partition, Offsets: []int64{r.Offset}, Detail: fmt.Sprint(diffs)})
 	}
+}
+
+// outboxID finds a record's outbox-id: the first header, named exactly
+// outbox-id, a canonical decimal id >= 1. It returns -1 and why for a
+// foreign record (none, unparsable, or only a near-miss name); else the id,
+// the headers after it, and a problem that makes the record differ from
+// what the relay sends (outbox-id not first, or twice).
+func outboxID(hs []kgo.RecordHeader) (int64, []kgo.RecordHeader, string) {
+	at, n := -1, 0
+	for i, h := range hs {
+		if h.Key == txn.HeaderOutboxID {
+			n++
+			if at < 0 {
+				at = i
+			}
+		}
+	}
+	if at < 0 {
+		for _, h := range hs {
+			if outbox.IsReservedHeader(h.Key) {
+				return -1, nil, fmt.Sprintf("header %q is not %q", h.Key, txn.HeaderOutboxID)
+			}
+		}
+		return -1, nil, "no outbox-id header"
+	}
+	val := string(hs[at].Value)
+	id, err := strconv.ParseInt(val, 10, 64)
+	if err != nil || id < 1 || strconv.FormatInt(id, 10) != val {
+		return -1, nil, fmt.Sprintf("outbox-id %q is not a row id (a decimal number >= 1)", val)
+	}
+	rest := make([]kgo.RecordHeader, 0, len(hs)-1)
+	rest = append(rest, hs[:at]...)
+	rest = append(rest, hs[at+1:]...)
+	switch {
+	case n > 1:
+		return id, rest, "two outbox-id headers"
+	case at > 0:
+		return id, rest, "outbox-id is not the first header"
+	}
+	return id, rest, ""
+}
+
+// outOfOrder reports id, read after last of its key on one partition.
+// Under hold-key it is OrderBroken when both rows were marked published by
+// one transaction (the same xmin): the relay read them together, so no late
+// commit explains it. Otherwise verify cannot tell: the mark rewrote both
+// rows, so the commit time of their inserts is gone (the xmin, and so
+// pg_xact_commit_timestamp, is the mark's, also with
+// track_commit_timestamp on).
+func (v *verifier) outOfOrder(r *kgo.Record, id, last int64, state uint8, mark uint32) {
+	if v.cfg.DeadLetterOrder != outbox.Skip && state == statePublished && mark != 0 {
+		v.mu.Lock()
+		j := v.find(last)
+		together := j >= 0 && v.rows[j].state == statePublished && v.rows[j].mark == mark
+		v.mu.Unlock()
+		if together {
+			v.add(Finding{Kind: OrderBroken, ID: id, Topic: r.Topic, Partition: r.Partition, Offsets: []int64{r.Offset},
+				Detail: fmt.Sprintf("key %q: id %d after id %d, both marked published by one transaction (read together: no late commit explains it); hold-key promises id order per key", r.Key, id, last)})
+			return
+		}
+	}
+	v.add(Finding{Kind: OutOfOrder, ID: id, Topic: r.Topic, Partition: r.Partition, Offsets: []int64{r.Offset},
+		Detail: fmt.Sprintf("key %q: id %d after id %d; verify cannot tell a late commit (two transactions wrote the key without locking it; see the README's order limit) from a broken order: the rows were marked apart and the mark overwrote their insert's commit time", r.Key, id, last)})
 }
 
 // goneRecord is what verify keeps, in delete mode, of an outbox-id read
@@ -668,19 +806,24 @@ func (v *verifier) deleted(r *kgo.Record, id int64, order map[string]int64) {
 	if r.Key != nil && seen == 1 {
 		k := string(r.Key)
 		if last, ok := order[k]; ok && id < last {
-			v.add(Finding{Kind: OutOfOrder, ID: id, Topic: r.Topic, Partition: r.Partition, Offsets: []int64{r.Offset},
-				Detail: fmt.Sprintf("key %q: id %d after id %d (two transactions wrote the key without locking it; see the README's order limit)", r.Key, id, last)})
+			v.outOfOrder(r, id, last, stateUnpublished, 0)
 		}
 		order[k] = max(order[k], id)
 	}
+}
+
+// orphan is a record whose id has no row of the window.
+type orphan struct {
+	f  Finding
+	ts time.Time
 }
 
 // orphan notes a record whose id has no row of the window.
 func (v *verifier) orphan(r *kgo.Record, id int64) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	v.orphans = append(v.orphans, Finding{Kind: Phantom, ID: id, Topic: r.Topic, Partition: r.Partition, Offsets: []int64{r.Offset},
-		Detail: "a record with this outbox-id, but no such row in the table nor in the dead-letter table"})
+	v.orphans = append(v.orphans, orphan{f: Finding{Kind: Phantom, ID: id, Topic: r.Topic, Partition: r.Partition, Offsets: []int64{r.Offset},
+		Detail: "a record with this outbox-id, but no such row in the table nor in the dead-letter table"}, ts: r.Timestamp})
 }
 
 // phantoms keeps, of the records without a row of the window, those whose id
@@ -693,19 +836,48 @@ func (v *verifier) phantoms(ctx context.Context) error {
 		return nil
 	}
 	ids := make([]int64, len(v.orphans))
-	for i, f := range v.orphans {
-		ids[i] = f.ID
+	for i, o := range v.orphans {
+		ids[i] = o.f.ID
 	}
-	found, err := v.inTables(ctx, ids)
-	if err != nil {
-		return err
+	type where struct {
+		dead      bool
+		published *time.Time
 	}
-	exists := map[int64]bool{}
-	for _, id := range found {
-		exists[id] = true
+	exists := map[int64]where{}
+	for len(ids) > 0 {
+		chunk := ids[:min(len(ids), 50000)]
+		ids = ids[len(chunk):]
+		rows, err := v.cfg.Pool.Query(ctx, `SELECT id, false, published_at FROM `+v.cfg.Table.Ident()+` WHERE id = ANY($1)
+UNION ALL SELECT id, true, NULL FROM `+v.cfg.Table.DeadLetterIdent()+` WHERE id = ANY($1)`, chunk)
+		if err != nil {
+			return fmt.Errorf("look up %d ids in %s and its dead-letter table: %w", len(chunk), v.cfg.Table, err)
+		}
+		var (
+			id   int64
+			dead bool
+			pub  *time.Time
+		)
+		if _, err := pgx.ForEachRow(rows, []any{&id, &dead, &pub}, func() error {
+			exists[id] = where{dead: dead, published: pub}
+			return nil
+		}); err != nil {
+			return fmt.Errorf("look up %d ids in %s and its dead-letter table: %w", len(chunk), v.cfg.Table, err)
+		}
 	}
-	for _, f := range v.orphans {
-		if !exists[f.ID] {
+	for _, o := range v.orphans {
+		w, ok := exists[o.f.ID]
+		f := o.f
+		switch {
+		case !ok && f.ID >= v.createdMin:
+			v.add(f)
+		case ok && w.dead:
+			f.Kind, f.Detail = DeadInKafka, "the row (outside the window) is in the dead-letter table, yet a committed record holds it: `dlq requeue` would publish it twice"
+			v.add(f)
+		case ok && w.published != nil && o.ts.After(w.published.Add(v.cfg.Margin)):
+			// Marked published means a committed record held it by then
+			// (I1): a record produced after that is a second copy.
+			f.Kind, f.Detail = Duplicate, fmt.Sprintf("a copy produced at %s, after the row (outside the window) was marked published at %s (less -margin)",
+				o.ts.UTC().Format(time.RFC3339), w.published.UTC().Format(time.RFC3339))
 			v.add(f)
 		}
 	}
@@ -783,7 +955,7 @@ func (v *verifier) conclude() {
 				Detail: fmt.Sprintf("unpublished since %s", time.UnixMicro(r.created).UTC().Format(time.RFC3339))})
 		}
 	}
-	rank := map[string]int{Missing: 0, Duplicate: 1, Differ: 2, Phantom: 3, DeadInKafka: 4, NotDeleted: 5, StaleUnpublished: 6, OutOfOrder: 7}
+	rank := map[string]int{Missing: 0, Duplicate: 1, Differ: 2, Phantom: 3, DeadInKafka: 4, OrderBroken: 5, Foreign: 6, NotDeleted: 7, StaleUnpublished: 8, OutOfOrder: 9}
 	slices.SortStableFunc(v.findings, func(a, b Finding) int {
 		if d := rank[a.Kind] - rank[b.Kind]; d != 0 {
 			return d
@@ -807,10 +979,19 @@ func (r *Report) WriteText(w io.Writer) error {
 	if !r.Since.IsZero() {
 		window += " (rows created since " + r.Since.UTC().Format(time.RFC3339) + ")"
 	}
-	_, err := fmt.Fprintf(w, "verify %s %s: %s rows=%d published=%d unpublished=%d dead_lettered=%d records=%d missing=%d duplicate=%d differ=%d phantom=%d dead_letter_in_kafka=%d stale_unpublished=%d out_of_order=%d (warning) in %s\n",
+	_, err := fmt.Fprintf(w, "verify %s %s: %s rows=%d published=%d unpublished=%d dead_lettered=%d records=%d missing=%d duplicate=%d differ=%d phantom=%d dead_letter_in_kafka=%d order_broken=%d foreign=%d stale_unpublished=%d out_of_order=%d (warning) in %s\n",
 		r.Table, window, verdict, r.Rows, r.Published, r.Unpublished, r.DeadLettered, r.Records,
-		r.Counts[Missing], r.Counts[Duplicate], r.Counts[Differ], r.Counts[Phantom], r.Counts[DeadInKafka], r.Counts[StaleUnpublished], r.Counts[OutOfOrder],
+		r.Counts[Missing], r.Counts[Duplicate], r.Counts[Differ], r.Counts[Phantom], r.Counts[DeadInKafka], r.Counts[OrderBroken], r.Foreign, r.Counts[StaleUnpublished], r.Counts[OutOfOrder],
 		r.Elapsed.Round(time.Millisecond))
+	if err == nil && r.Counts[Foreign] == 0 && r.Foreign > 0 {
+		_, err = fmt.Fprintf(w, "foreign records accepted (-allow-foreign): %d records without a valid outbox-id header\n", r.Foreign)
+	}
+	if err == nil && r.InvalidTopic > 0 {
+		_, err = fmt.Fprintf(w, "invalid_topic=%d: rows whose topic is no Kafka topic name (such as ''): no record can hold them; the relay dead-letters them\n", r.InvalidTopic)
+	}
+	if err == nil && r.Counts[OutOfOrder] > 0 {
+		_, err = fmt.Fprintf(w, "out_of_order: verify cannot tell these from a late commit (see the README)\n")
+	}
 	if err == nil && r.OnPublish == string(outbox.Delete) {
 		_, err = fmt.Fprintf(w, "on-publish=delete: deleted=%d published_not_deleted=%d. %d records hold rows published and deleted: their content cannot be compared with the table, "+
 			"a record of no row cannot be told from them (no phantom check), and a row deleted without being published cannot be found (no missing check); "+
