@@ -36,6 +36,7 @@ func runVerify(ctx context.Context, args, environ []string, stdout, stderr io.Wr
 	limit := fs.Int("limit", 20, "findings to list (all are counted)")
 	asJSON := fs.Bool("json", false, "print the report as JSON")
 	topics := fs.String("topics", "", "topics to read besides those the window's rows name, comma-separated; required with OUTBOX_ON_PUBLISH=delete, where published rows are gone from the table")
+	allowForeign := fs.Bool("allow-foreign", false, "accept records without a valid outbox-id header (a topic other producers share): counted, not a finding")
 	if err := fs.Parse(args); err != nil {
 		return verifyCannotCheck
 	}
@@ -55,7 +56,8 @@ func runVerify(ctx context.Context, args, environ []string, stdout, stderr io.Wr
 	if err != nil {
 		return fail(fmt.Errorf("configuration: %w", err))
 	}
-	onPublish, _ := outbox.ParseOnPublish(cfg.OnPublish) // validated
+	onPublish, _ := outbox.ParseOnPublish(cfg.OnPublish)         // validated
+	order, _ := outbox.ParseDeadLetterOrder(cfg.DeadLetterOrder) // validated
 	var topicList []string
 	for t := range strings.SplitSeq(*topics, ",") {
 		if t = strings.TrimSpace(t); t != "" {
@@ -79,7 +81,11 @@ func runVerify(ctx context.Context, args, environ []string, stdout, stderr io.Wr
 		Brokers: cfg.KafkaBrokers, KafkaOptions: kopts, CheckpointTopic: cfg.CheckpointTopic,
 		Since: *since, FromID: *fromID, ToID: *toID, Stale: *stale, Margin: *margin, Limit: *limit,
 		Logger: newLogger(stderr, "warn"), OnPublish: onPublish, Topics: topicList,
+		AllowForeign: *allowForeign, DeadLetterOrder: order,
 	})
+	if errors.Is(err, verify.ErrKafka) {
+		err = fmt.Errorf("%w (brokers from OUTBOX_KAFKA_BROKERS=%s; TLS and SASL from OUTBOX_KAFKA_*): check that they are reachable from here", err, strings.Join(cfg.KafkaBrokers, ","))
+	}
 	if rep != nil {
 		if *asJSON {
 			enc := json.NewEncoder(stdout)

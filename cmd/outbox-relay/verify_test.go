@@ -148,8 +148,19 @@ func TestVerifyFindsAndNamesEveryInjectedFault(t *testing.T) {
 	}
 
 	down := []string{"OUTBOX_DATABASE_URL=" + db.URL, "OUTBOX_KAFKA_BROKERS=127.0.0.1:1"}
-	if code, _, errs := cli(t, down, "verify"); code != 2 || !strings.Contains(errs, "could not check") {
-		t.Fatalf("verify with Kafka unreachable: exit %d, want 2 and a reason\n%s", code, errs)
+	if code, _, errs := cli(t, down, "verify"); code != 2 || !strings.Contains(errs, "could not check") ||
+		!strings.Contains(errs, "OUTBOX_KAFKA_BROKERS=127.0.0.1:1") {
+		t.Fatalf("verify with Kafka unreachable: exit %d, want 2 and a reason naming the brokers and OUTBOX_KAFKA_BROKERS\n%s", code, errs)
+	}
+}
+
+// TestVerifyErrorsSayWhatToDo: an unmigrated table says to run `outbox-relay
+// migrate up`, exit 2.
+func TestVerifyErrorsSayWhatToDo(t *testing.T) {
+	url := testenv.CreateDatabase(t)
+	env := []string{"OUTBOX_DATABASE_URL=" + url, "OUTBOX_KAFKA_BROKERS=127.0.0.1:1", "OUTBOX_SCHEMA=billing"}
+	if code, _, errs := cli(t, env, "verify", "-since", "1h"); code != 2 || !strings.Contains(errs, "run `outbox-relay migrate up`") {
+		t.Fatalf("verify of an unmigrated table: exit %d, want 2 and `outbox-relay migrate up`\n%s", code, errs)
 	}
 }
 
