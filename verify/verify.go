@@ -3,13 +3,21 @@
 // intact, and finds what did not (missing, duplicated, altered records,
 // records of no row, keys out of order, rows waiting too long).
 //
+// A rolling window (Config.Since) holds the rows created or published in
+// it, every unpublished row, and the dead letters created, dead-lettered or
+// discarded in it, so that consecutive windows check every row once it is
+// in Kafka, however late it was published.
+//
 // It reads only: one read-only repeatable-read transaction on the table, and
-// a read_committed fetch of the topics the window's rows name, from the
-// offsets at the window's start (Kafka's ListOffsets by timestamp, less a
-// margin) to the last stable offsets taken after the table was read. So
-// every row marked published when the table was read is in Kafka below
-// those offsets (I1). Memory is one 48-byte entry per row of the window,
-// allocated once, one per key and partition for the order check, and the
+// a read_committed fetch of the topics the window's rows name (and, for a
+// rolling window, the dead-letter table's), from the offsets at the oldest
+// creation of a window row that may be in Kafka (Kafka's ListOffsets by
+// timestamp, less a margin) to the last stable offsets taken after the
+// table was read. So every row marked published when the table was read is
+// in Kafka below those offsets (I1). Records of ids without a row of the
+// window are looked up in both tables afterwards. Memory is one 48-byte
+// entry per row of the window, allocated once, one per key and partition
+// for the order check, one per record of an id outside the window, and the
 // fetch buffers (2 MiB a partition, 8 partitions at a time); records are
 // streamed, never held.
 //
