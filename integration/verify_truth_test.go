@@ -207,7 +207,7 @@ func TestVerifyCannotCheckWhenRetentionCutIntoTheWindow(t *testing.T) {
 	}
 }
 
-// TestVerifyIsNotBlindedByARowWithoutATopic: a row with topic ” is
+// TestVerifyIsNotBlindedByARowWithoutATopic: a row with an empty topic is
 // dead-lettered (and discarded); verify reports it as such and checks the
 // rest, here finding a duplicate.
 func TestVerifyIsNotBlindedByARowWithoutATopic(t *testing.T) {
