@@ -28,7 +28,7 @@ const (
 func runVerify(ctx context.Context, args, environ []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("verify", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	since := fs.Duration("since", 24*time.Hour, "verify the rows created this long ago or later")
+	since := fs.Duration("since", 24*time.Hour, "verify the rows created, published, dead-lettered or discarded this long ago or later, and every unpublished row")
 	fromID := fs.Int64("from-id", 0, "verify the rows with ids from this one (with -to-id; replaces -since)")
 	toID := fs.Int64("to-id", 0, "... to this one, inclusive")
 	stale := fs.Duration("stale", 5*time.Minute, "report rows unpublished for longer than this")
