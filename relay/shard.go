@@ -96,6 +96,17 @@ func (r *Relay) runShard(ctx context.Context, l *lease) error {
 			r.m.Fenced.WithLabelValues(label).Inc()
 			log.Error("fenced: another relay took this shard's transactional id; this relay stops writing it", "err", err)
 			return err
+		case r.mode.Transactional() && !r.kafkaReachable(ctx):
+			// A batch or recovery failed and this instance cannot reach
+			// Kafka (a partition that leaves PostgreSQL up): give the
+			// shard up at once, rather than keep its lease by retrying,
+			// so a standby that reaches Kafka takes it; the gate keeps
+			// this instance from taking it back until Kafka answers.
+			r.kafka.shut()
+			r.failed(l)
+			r.m.ShardsLost.WithLabelValues(label).Inc()
+			log.Error("shard lost", "reason", "this instance cannot reach Kafka: shard given up to a standby", "err", err)
+			return errKafkaUnreachable
 		default:
 			log.Warn("shard recovering after error", "err", err, "retry_in", wait, "consecutive_failures", r.failed(l))
 		}
