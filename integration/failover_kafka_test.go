@@ -107,3 +107,62 @@ func TestKafkaPartitionedOwnerLosesItsShardToTheStandby(t *testing.T) {
 	faultsEventually(t, 60*time.Second, "every row marked after the thaw", func() bool { return db.Unpublished(t) == 0 })
 	testenv.CheckExactlyOnce(t, ids, c.WaitFor(t, len(ids), 60*time.Second))
 }
+
+// TestKafkaPartitionedFromEveryInstanceIsTakenAgainWhenKafkaReturns: both
+// instances lose Kafka (their PostgreSQL connections stay up) for longer
+// than the take-over bound, so each gives the shard up and closes its gate.
+// Once Kafka answers again, one of them takes the shard and publishes within
+// the bound (liveness: the gate reopens with the first successful probe),
+// and every row is in Kafka exactly once.
+func TestKafkaPartitionedFromEveryInstanceIsTakenAgainWhenKafkaReturns(t *testing.T) {
+	db := testenv.NewDB(t)
+	topic := testenv.RandomName("payments-")
+	k := testenv.NewKafka(t, 3, topic)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	base := testenv.RelayConfig(db, k)
+	base.BatchSize = 20
+	base.OwnerLease = 3 * time.Second
+	bound := kafkaTakeoverBound(base)
+
+	proxies := make([]*faultproxy.Proxy, 2)
+	regs := make([]*prometheus.Registry, 2)
+	for i := range proxies {
+		p, err := faultproxy.New(ctx, testenv.Logger(t, nil), k.Brokers...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(p.Close)
+		proxies[i] = p
+		regs[i] = prometheus.NewRegistry()
+		cfg := base
+		cfg.KafkaBrokers = p.Addrs()
+		testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)), relay.WithRegisterer(regs[i]))
+	}
+	c := k.NewConsumer(t, topic)
+	ids := db.Insert(t, topic, 20, faultsKeys)
+	faultsEventually(t, 30*time.Second, "the rows before the partition are published", func() bool { return db.Unpublished(t) == 0 })
+
+	for _, p := range proxies {
+		p.Freeze()
+	}
+	ids = append(ids, db.Insert(t, topic, 20, faultsKeys)...)
+	time.Sleep(bound + 5*time.Second)
+	if n := db.Unpublished(t); n != 20 {
+		t.Fatalf("%d rows unpublished during the partition of every instance, want the 20 written after it began", n)
+	}
+	owned := faultsMetric(t, regs[0], "outbox_relay_owned_shards") + faultsMetric(t, regs[1], "outbox_relay_owned_shards")
+	t.Logf("during the partition of both instances, shards owned: %v", owned)
+
+	for _, p := range proxies {
+		p.Thaw()
+	}
+	thawed := time.Now()
+	faultsEventually(t, bound+30*time.Second, "every row marked after Kafka returned", func() bool { return db.Unpublished(t) == 0 })
+	took := time.Since(thawed)
+	t.Logf("publishing resumed %v after Kafka returned to both instances (bound %v)", took.Round(10*time.Millisecond), bound)
+	if took > bound {
+		t.Fatalf("publishing resumed %v after Kafka returned, want within %v", took.Round(10*time.Millisecond), bound)
+	}
+	testenv.CheckExactlyOnce(t, ids, c.WaitFor(t, len(ids), 60*time.Second))
+}
