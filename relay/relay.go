@@ -79,7 +79,7 @@ type Relay struct {
 	// kafka closes after this instance lost or gave up a shard, until a
 	// probe of Kafka succeeds: no shard is taken meanwhile (kafkagate.go).
 	kafka kafkaGate
-	wake   *waker
+	wake  *waker
 	// connCfg is the configuration of the relay's dedicated connections
 	// (ownership, wake-up): the pool's, prepared by prepareConnConfig.
 	connCfg *pgx.ConnConfig
