@@ -286,6 +286,7 @@ func (o *owner) tick(ctx context.Context, shutting bool) error {
 		}
 		r.m.ShardsLost.WithLabelValues(strconv.Itoa(int(s))).Inc()
 		r.log.Error("shard lost", "shard", s, "token", w.lease.Token, "reason", "another relay took its lease")
+		r.kafka.shut()
 		w.stopping = true
 		w.cancel()
 	}
@@ -307,6 +308,11 @@ func (o *owner) tick(ctx context.Context, shutting bool) error {
 		o.takeoverFailing = false
 	}
 
+	if !r.kafka.open(r) {
+		// Cut off from Kafka after losing a shard: take none (the
+		// gate probes in the background).
+		return nil
+	}
 	active := len(o.held)
 	for _, w := range o.workers {
 		if !w.stopping {
@@ -448,6 +454,7 @@ func (o *owner) reap() error {
 		}
 		if w.stopping && !w.lease.live() {
 			r.log.Error("shard worker does not stop: abandoned; its writes are fenced by the next owner", "shard", s, "token", w.lease.Token)
+			r.kafka.shut()
 			o.remove(s)
 		}
 	}
@@ -515,6 +522,12 @@ func (o *owner) stopAll() {
 func (o *owner) lost(err error) {
 	r := o.r
 	r.log.Error("ownership connection lost: releasing every shard", "err", err, "owned", len(o.workers))
+	if len(o.workers) > 0 {
+		// A standby may have ended this session because this instance
+		// stopped making progress in Kafka: take no shard back before
+		// Kafka answers a probe.
+		r.kafka.shut()
+	}
 	for s, w := range o.workers {
 		if w.stopping {
 			continue

@@ -76,7 +76,10 @@ type Relay struct {
 	serial bool
 	kopts  []kgo.Opt
 	tcfg   txn.Config
-	wake   *waker
+	// kafka closes after this instance lost or gave up a shard, until a
+	// probe of Kafka succeeds: no shard is taken meanwhile (kafkagate.go).
+	kafka kafkaGate
+	wake  *waker
 	// connCfg is the configuration of the relay's dedicated connections
 	// (ownership, wake-up): the pool's, prepared by prepareConnConfig.
 	connCfg *pgx.ConnConfig

@@ -96,6 +96,17 @@ func (r *Relay) runShard(ctx context.Context, l *lease) error {
 			r.m.Fenced.WithLabelValues(label).Inc()
 			log.Error("fenced: another relay took this shard's transactional id; this relay stops writing it", "err", err)
 			return err
+		case r.mode.Transactional() && !r.kafkaReachable(ctx):
+			// A batch or recovery failed and this instance cannot reach
+			// Kafka (a partition that leaves PostgreSQL up): give the
+			// shard up at once, rather than keep its lease by retrying,
+			// so a standby that reaches Kafka takes it; the gate keeps
+			// this instance from taking it back until Kafka answers.
+			r.kafka.shut()
+			r.failed(l)
+			r.m.ShardsLost.WithLabelValues(label).Inc()
+			log.Error("shard lost", "reason", "this instance cannot reach Kafka: shard given up to a standby", "err", err)
+			return errKafkaUnreachable
 		default:
 			log.Warn("shard recovering after error", "err", err, "retry_in", wait, "consecutive_failures", r.failed(l))
 		}
@@ -224,9 +235,18 @@ func (r *Relay) recoverShard(ctx context.Context, s int32, l *lease, log *slog.L
 // published: nothing new is marked without being published. On return, w is
 // the window the shard's next checkpoints carry on.
 func (r *Relay) applyCheckpoint(ctx context.Context, s int32, l *lease, cp *txn.Checkpoint, w *txn.Window, log *slog.Logger) (int64, error) {
+	// The whole recorded window, whatever this instance's own
+	// OUTBOX_RECOVERY_WINDOW (I9): the writer's pipelined loop may have
+	// left batch n's mark in flight and n+1 committed, both listed there.
+	// This instance's limit applies from its first batch on (Window.With),
+	// after every recorded row was marked durably here.
 	from, err := cp.RecoveryWindow(r.cfg.RecoveryWindow, r.windowBytes())
 	if err != nil {
 		return 0, err
+	}
+	if from.Batches() > r.cfg.RecoveryWindow {
+		log.Info("the checkpoint's window holds more batches than OUTBOX_RECOVERY_WINDOW: recovery marks every batch it recorded",
+			"recorded_batches", from.Batches(), "recovery_window", r.cfg.RecoveryWindow)
 	}
 	rows := from.Rows()
 	ids := make([]int64, len(rows))

@@ -122,10 +122,18 @@ func (cp *Checkpoint) SetWindow(w Window) {
 	cp.Window = slices.Concat(w.enc...)
 }
 
-// RecoveryWindow returns the window the checkpoint carries, with at most
-// limit batches (and maxBytes encoded, if positive) kept from here on. A version 1 checkpoint (written before the
-// upgrade) lists ids without fingerprints: its rows come back with a zero
-// Created time, and the caller must prove them otherwise.
+// RecoveryWindow returns the whole window the checkpoint carries, every
+// batch it lists, whatever limit is: what recovery must mark is what the
+// writer recorded (I9), not what the recovering instance would have kept. A
+// relay with a window of 8 that dies with batch n's mark in flight and batch
+// n+1 committed left both in its checkpoint; a standby started with a window
+// of 1 that kept only n+1 would publish batch n again. limit and maxBytes
+// (the recovering instance's OUTBOX_RECOVERY_WINDOW and byte bound) apply
+// from the next batch on: Window.With then drops the recovered batches
+// beyond them, once recovery marked them durably. A version 1 checkpoint
+// (written before the upgrade) lists ids without fingerprints: its rows
+// come back with a zero Created time, and the caller must prove them
+// otherwise.
 func (cp *Checkpoint) RecoveryWindow(limit, maxBytes int) (Window, error) {
 	if cp.Version == 1 {
 		rows := make([]Committed, len(cp.IDs))
@@ -137,9 +145,6 @@ func (cp *Checkpoint) RecoveryWindow(limit, maxBytes int) (Window, error) {
 	w, err := decodeWindow(cp.Window, limit, maxBytes)
 	if err != nil {
 		return Window{}, fmt.Errorf("decode checkpoint of shard %d: %w", cp.Shard, err)
-	}
-	if over := len(w.batches) - max(limit, 1); over > 0 {
-		w.batches, w.enc = w.batches[over:], w.enc[over:]
 	}
 	return w, nil
 }

@@ -85,6 +85,43 @@ type Proxy struct {
 	drops     map[int16][]*dropRule
 	seen      map[int16]int
 	fired     map[int16]int
+	frozen    chan struct{} // non-nil while frozen; closed by Thaw
+}
+
+// Freeze stops every byte through the proxy, in both directions, on open
+// and new connections, until Thaw: a network partition that leaves TCP
+// connections up and answers nothing (connections are still accepted, as a
+// black-holing firewall in front of a load balancer would). Requests already
+// read are held, not lost.
+func (p *Proxy) Freeze() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.frozen == nil {
+		p.frozen = make(chan struct{})
+	}
+}
+
+// Thaw lets traffic through again after Freeze.
+func (p *Proxy) Thaw() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.frozen != nil {
+		close(p.frozen)
+		p.frozen = nil
+	}
+}
+
+// waitThawed blocks while the proxy is frozen (or until it closes).
+func (p *Proxy) waitThawed() {
+	p.mu.Lock()
+	ch := p.frozen
+	p.mu.Unlock()
+	if ch != nil {
+		select {
+		case <-ch:
+		case <-p.ctx.Done():
+		}
+	}
 }
 
 // route is one proxied broker: a local listener forwarding to upstream.

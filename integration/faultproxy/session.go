@@ -48,6 +48,7 @@ func (p *Proxy) serve(client net.Conn, upstream string) {
 	defer p.wg.Done()
 	log := p.logger.With("client", client.RemoteAddr().String(), "upstream", upstream)
 
+	p.waitThawed()
 	d := net.Dialer{Timeout: dialTimeout}
 	up, err := d.DialContext(p.ctx, "tcp", upstream)
 	if err != nil {
@@ -86,6 +87,7 @@ func (s *session) forwardRequests() error {
 		if err != nil {
 			return fmt.Errorf("reading request from client: %w", err)
 		}
+		s.p.waitThawed()
 		h, err := parseRequestHeader(frame)
 		if err != nil {
 			return fmt.Errorf("parsing request header: %w", err)
@@ -130,6 +132,7 @@ func (s *session) forwardResponses() error {
 		if err != nil {
 			return fmt.Errorf("reading response from upstream: %w", err)
 		}
+		s.p.waitThawed()
 		if len(frame) < 8 {
 			return fmt.Errorf("response header: %w", errShortFrame)
 		}
