@@ -51,6 +51,9 @@ type Txn struct {
 	// A transaction that inserted none (pgoutput sends empty transactions on
 	// PostgreSQL 14 and older) has none.
 	Rows []outbox.Row
+	// Skip is how many of Rows Kafka already holds: the stream resumed in
+	// the middle of this transaction, which was split across batches.
+	Skip int
 }
 
 // ErrSchema is returned when the outbox table's Relation message lacks a

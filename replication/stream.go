@@ -25,6 +25,24 @@ type Position struct {
 	// EndLSN is the end LSN of the last PostgreSQL transaction Kafka holds
 	// (or the last idle position a checkpoint recorded).
 	EndLSN LSN
+	// RowIndex, when not 0, says that Kafka holds only the first RowIndex
+	// rows of the transaction ending at EndLSN (one too large for a batch,
+	// split): the stream starts at CommitLSN, the start of that
+	// transaction's commit record, so that the server sends it again, and
+	// skips those rows.
+	RowIndex int
+	// CommitLSN is the start of the commit record of the transaction ending
+	// at EndLSN; needed when RowIndex is not 0.
+	CommitLSN LSN
+}
+
+// resume is where replication starts for p: its end, or, for a part of a
+// transaction, the start of that transaction's commit record.
+func (p Position) resume() LSN {
+	if p.RowIndex > 0 {
+		return p.CommitLSN
+	}
+	return p.EndLSN
 }
 
 // Config says what to read.
@@ -62,6 +80,7 @@ type Stream struct {
 	dec      *Decoder
 	system   pglogrepl.IdentifySystemResult
 	start    LSN       // transactions ending at or before it are skipped (C4)
+	partial  Position  // a transaction of which the first rows are held
 	handed   LSN       // end of the last transaction handed out
 	serverAt LSN       // the last keepalive's position
 	confirm  LSN       // what the caller said Kafka holds (C3)
@@ -112,17 +131,23 @@ func (s *Stream) open(ctx context.Context, from Position) error {
 	if slot.WALStatus == "lost" {
 		return fmt.Errorf("%w: slot %q has lost WAL it needs (wal_status lost): events since %s cannot be read; see the README's replication recovery", ErrHistory, s.cfg.Slot, slot.ConfirmedFlush)
 	}
-	start := from.EndLSN
+	if from.RowIndex > 0 && (from.CommitLSN == 0 || from.CommitLSN >= from.EndLSN) {
+		return fmt.Errorf("%w: a checkpoint of part of a transaction needs its commit LSN before its end (got %s, %s)", ErrProtocol, from.CommitLSN, from.EndLSN)
+	}
+	start := from.resume()
 	if from.EndLSN == 0 {
 		start = slot.ConfirmedFlush
-	} else if slot.ConfirmedFlush > from.EndLSN {
+	} else if slot.ConfirmedFlush > start {
 		// The relay confirms only what a committed checkpoint holds: a slot
 		// ahead of the checkpoint was moved by someone else (or dropped and
 		// made again), and the server would silently skip to it.
 		return fmt.Errorf("%w: slot %q is confirmed to %s, past the checkpoint's %s: the events between would be skipped; was the slot advanced or created again? see the README's replication recovery",
-			ErrHistory, s.cfg.Slot, slot.ConfirmedFlush, from.EndLSN)
+			ErrHistory, s.cfg.Slot, slot.ConfirmedFlush, start)
 	}
 	s.start, s.handed, s.confirm, s.sent = start, start, start, 0
+	if from.RowIndex > 0 {
+		s.partial = from
+	}
 	err = pglogrepl.StartReplication(ctx, s.conn, s.cfg.Slot, start, pglogrepl.StartReplicationOptions{
 		PluginArgs: []string{"proto_version '1'", "publication_names " + quoteLiteral(s.cfg.Publication)},
 	})
@@ -187,7 +212,8 @@ func (s *Stream) System() (systemID string, timeline int32) {
 	return s.system.SystemID, s.system.Timeline
 }
 
-// Start is the position the stream started at.
+// Start is the position the stream started at (for a checkpoint of part of
+// a transaction, the start of that transaction's commit record).
 func (s *Stream) Start() LSN { return s.start }
 
 // Event is what Next returns: a committed transaction, or (Txn nil) an idle
@@ -269,6 +295,14 @@ func (s *Stream) copyData(ctx context.Context, data []byte) (Event, error) {
 		if t.EndLSN <= s.start {
 			// C4: already held by the checkpoint the stream started at.
 			return Event{}, nil
+		}
+		if p := s.partial; p.RowIndex > 0 {
+			s.partial = Position{}
+			if t.EndLSN != p.EndLSN || len(t.Rows) < p.RowIndex {
+				return Event{}, fmt.Errorf("%w: the checkpoint holds the first %d rows of the transaction ending at %s, but the stream resumed with a transaction ending at %s with %d rows",
+					ErrHistory, p.RowIndex, p.EndLSN, t.EndLSN, len(t.Rows))
+			}
+			t.Skip = p.RowIndex
 		}
 		if t.EndLSN <= s.handed {
 			return Event{}, fmt.Errorf("%w: transaction %d ends at %s, not after the previous one (%s)", ErrProtocol, t.Xid, t.EndLSN, s.handed)

@@ -375,3 +375,66 @@ func TestCrashRestartAfterAConfirmRepeatsNothing(t *testing.T) {
 		t.Fatalf("after a crash-restart the stream gave %v, want %v", ids(n), want[3])
 	}
 }
+
+func nextBatch(t *testing.T, r *replication.Reader) replication.Batch {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	for {
+		b, err := r.Next(ctx)
+		if err != nil {
+			t.Fatalf("next batch: %v", err)
+		}
+		if len(b.Rows) > 0 {
+			return b
+		}
+	}
+}
+
+func rowIDs(b replication.Batch) []int64 {
+	var out []int64
+	for _, r := range b.Rows {
+		out = append(out, r.ID)
+	}
+	return out
+}
+
+// C1/C4 for a transaction larger than a batch: it is cut at the same rows
+// every time, and a restart at a checkpoint of one part goes on with the
+// next part: no row twice, none skipped.
+func TestATransactionLargerThanABatchIsCutDeterministically(t *testing.T) {
+	l := startLogical(t)
+	small := l.insertTxn(t, "t", 3)
+	big := l.insertTxn(t, "t", 25)
+	after := l.insertTxn(t, "t", 2)
+	lim := replication.Limits{Rows: 10, Linger: 200 * time.Millisecond}
+	s := l.open(t, replication.Position{})
+	r := replication.NewReader(s, lim)
+	b1 := nextBatch(t, r)
+	if fmt.Sprint(rowIDs(b1)) != fmt.Sprint(small) {
+		t.Fatalf("first batch %v, want the small transaction %v alone (the big one starts the next batch)", rowIDs(b1), small)
+	}
+	b2 := nextBatch(t, r)
+	if fmt.Sprint(rowIDs(b2)) != fmt.Sprint(big[:10]) || b2.End.RowIndex != 10 {
+		t.Fatalf("second batch %v at %+v, want %v at row index 10", rowIDs(b2), b2.End, big[:10])
+	}
+	b3 := nextBatch(t, r)
+	if fmt.Sprint(rowIDs(b3)) != fmt.Sprint(big[10:20]) || b3.End.RowIndex != 20 {
+		t.Fatalf("third batch %v at %+v, want %v at row index 20", rowIDs(b3), b3.End, big[10:20])
+	}
+	// Kafka committed b2 only; the relay dies.
+	s.Confirm(b2.Confirm)
+	s.Close(context.Background())
+
+	s2 := l.open(t, b2.End)
+	r2 := replication.NewReader(s2, lim)
+	c3 := nextBatch(t, r2)
+	if fmt.Sprint(rowIDs(c3)) != fmt.Sprint(rowIDs(b3)) || c3.End != b3.End {
+		t.Fatalf("after a restart at %+v the batch is %v at %+v, want the same part as before %v at %+v", b2.End, rowIDs(c3), c3.End, rowIDs(b3), b3.End)
+	}
+	c4 := nextBatch(t, r2)
+	want := append(append([]int64{}, big[20:]...), after...)
+	if fmt.Sprint(rowIDs(c4)) != fmt.Sprint(want) || c4.End.RowIndex != 0 {
+		t.Fatalf("last batch %v at %+v, want the big transaction's rest and the next one %v", rowIDs(c4), c4.End, want)
+	}
+}
