@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -38,7 +39,9 @@ func startLogical(t *testing.T) *logical {
 	if _, err := m.Up(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	l.exec(t, `CREATE PUBLICATION outbox_pub FOR TABLE public.outbox WITH (publish = 'insert')`)
+	if err := replication.EnsurePublication(context.Background(), l.conn, "outbox_pub", "public", "outbox"); err != nil {
+		t.Fatal(err)
+	}
 	l.exec(t, `CREATE TABLE unrelated (id bigserial PRIMARY KEY, pad text)`)
 	l.cfg = replication.Config{ConnString: l.url, Slot: "outbox_relay", Publication: "outbox_pub",
 		Table: replication.Table{Schema: "public", Name: "outbox"}, StatusInterval: 200 * time.Millisecond}
@@ -436,5 +439,21 @@ func TestATransactionLargerThanABatchIsCutDeterministically(t *testing.T) {
 	want := append(append([]int64{}, big[20:]...), after...)
 	if fmt.Sprint(rowIDs(c4)) != fmt.Sprint(want) || c4.End.RowIndex != 0 {
 		t.Fatalf("last batch %v at %+v, want the big transaction's rest and the next one %v", rowIDs(c4), c4.End, want)
+	}
+}
+
+func TestEnsurePublicationRefusesOneThatIsNotTheRelays(t *testing.T) {
+	l := startLogical(t)
+	ctx := context.Background()
+	if err := replication.EnsurePublication(ctx, l.conn, "outbox_pub", "public", "outbox"); err != nil {
+		t.Fatalf("the relay's own publication, again: %v", err)
+	}
+	l.exec(t, `CREATE PUBLICATION everything FOR ALL TABLES`)
+	err := replication.EnsurePublication(ctx, l.conn, "everything", "public", "outbox")
+	if err == nil || !strings.Contains(err.Error(), "OUTBOX_REPLICATION_PUBLICATION") {
+		t.Fatalf("a publication of all tables: %v, want a refusal naming OUTBOX_REPLICATION_PUBLICATION", err)
+	}
+	if got := replication.DefaultSlot("My-DB", "public", "outbox"); got != "my_db_public_outbox_relay" {
+		t.Fatalf("default slot name %q", got)
 	}
 }
