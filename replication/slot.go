@@ -2,8 +2,10 @@ package replication
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
+	"time"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -22,7 +24,15 @@ type Slot struct {
 	WALStatus string
 	// Failover reports a failover slot (PostgreSQL 17+; false before).
 	Failover bool
+	// LagBytes is how far the confirmed position is behind the server's
+	// current WAL position: the WAL the slot keeps for the relay (0 on a
+	// standby, where there is no current position).
+	LagBytes int64
 }
+
+// ErrSlotBusy is returned when another walsender holds the slot: another
+// relay reads it, or the walsender of one that died has not yet noticed.
+var ErrSlotBusy = errors.New("replication: slot is in use by another connection")
 
 // ReadSlot reads the slot's row on a connection (a replication connection
 // with replication=database runs plain SQL too). ErrNoSlot when it does not
@@ -33,7 +43,8 @@ func ReadSlot(ctx context.Context, conn *pgconn.PgConn, name string) (Slot, erro
 		failover = "failover"
 	}
 	q := fmt.Sprintf(`SELECT slot_name, coalesce(plugin, ''), coalesce(database, ''), active, coalesce(active_pid, 0),
-	coalesce(restart_lsn, '0/0'), coalesce(confirmed_flush_lsn, '0/0'), coalesce(wal_status, ''), %s
+	coalesce(restart_lsn, '0/0'), coalesce(confirmed_flush_lsn, '0/0'), coalesce(wal_status, ''), %s,
+	CASE WHEN pg_is_in_recovery() THEN 0 ELSE coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::bigint END
 	FROM pg_replication_slots WHERE slot_name = %s`, failover, quoteLiteral(name))
 	res, err := conn.Exec(ctx, q).ReadAll()
 	if err != nil {
@@ -45,6 +56,7 @@ func ReadSlot(ctx context.Context, conn *pgconn.PgConn, name string) (Slot, erro
 	r := res[0].Rows[0]
 	s := Slot{Name: string(r[0]), Plugin: string(r[1]), Database: string(r[2]), Active: string(r[3]) == "t", WALStatus: string(r[7]), Failover: string(r[8]) == "t"}
 	pid, _ := strconv.ParseInt(string(r[4]), 10, 32)
+	s.LagBytes, _ = strconv.ParseInt(string(r[9]), 10, 64)
 	s.ActivePID = int32(pid)
 	if s.RestartLSN, err = pglogrepl.ParseLSN(string(r[5])); err != nil {
 		return Slot{}, fmt.Errorf("read slot %q: restart_lsn: %w", name, err)
@@ -99,4 +111,33 @@ func serverMajor(conn *pgconn.PgConn) int {
 		n = n*10 + int(c-'0')
 	}
 	return n
+}
+
+// TakeOver ends the walsender that holds the slot, if any, and waits until
+// the slot is free (C7). Call it only after the shard's producer has been
+// fenced (InitProducerID): the old owner can then neither commit to Kafka
+// nor, since it confirms only what it committed, move the slot.
+func TakeOver(ctx context.Context, conn *pgconn.PgConn, name string, wait time.Duration) error {
+	deadline := time.Now().Add(wait)
+	for {
+		slot, err := ReadSlot(ctx, conn, name)
+		if err != nil {
+			return err
+		}
+		if slot.ActivePID == 0 {
+			return nil
+		}
+		q := fmt.Sprintf("SELECT pg_terminate_backend(%d)", slot.ActivePID)
+		if _, err := conn.Exec(ctx, q).ReadAll(); err != nil {
+			return fmt.Errorf("end the walsender %d that holds slot %q: %w (the relay's role needs pg_signal_backend, or the same role as the old owner)", slot.ActivePID, name, err)
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%w: slot %q is still held by pid %d after %s", ErrSlotBusy, name, slot.ActivePID, wait)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }

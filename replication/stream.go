@@ -152,6 +152,10 @@ func (s *Stream) open(ctx context.Context, from Position) error {
 		PluginArgs: []string{"proto_version '1'", "publication_names " + quoteLiteral(s.cfg.Publication)},
 	})
 	if err != nil {
+		var pe *pgconn.PgError
+		if errors.As(err, &pe) && pe.Code == "55006" {
+			return fmt.Errorf("%w: %s", ErrSlotBusy, pe.Message)
+		}
 		return fmt.Errorf("start replication on slot %q at %s: %w", s.cfg.Slot, start, err)
 	}
 	return nil
@@ -205,6 +209,22 @@ func parseHistory(content []byte, tli int32) (LSN, bool) {
 		return lsn, true
 	}
 	return 0, false
+}
+
+// Lost reports whether err means the connection is gone (a restart of the
+// server, a walsender ended by a take-over): open a new stream at the last
+// committed checkpoint.
+func Lost(err error) bool {
+	if errors.Is(err, ErrSchema) || errors.Is(err, ErrProtocol) || errors.Is(err, ErrHistory) {
+		return false
+	}
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) {
+		return true
+	}
+	// 08: connection exception; 57: operator intervention (a terminated
+	// backend, a shutdown); 53: insufficient resources.
+	return strings.HasPrefix(pe.Code, "08") || strings.HasPrefix(pe.Code, "57") || strings.HasPrefix(pe.Code, "53")
 }
 
 // System is the server's identity: its system identifier and timeline.

@@ -457,3 +457,43 @@ func TestEnsurePublicationRefusesOneThatIsNotTheRelays(t *testing.T) {
 		t.Fatalf("default slot name %q", got)
 	}
 }
+
+// The slot is a lock: a second reader is refused while the first holds it,
+// and a take-over ends the holder's walsender (its stream then fails) and
+// reads on from the checkpoint.
+func TestASecondReaderIsRefusedUntilItTakesTheSlotOver(t *testing.T) {
+	l := startLogical(t)
+	first := l.insertTxn(t, "t", 2)
+	old := l.open(t, replication.Position{})
+	t0 := next(t, old)
+	if fmt.Sprint(ids(t0)) != fmt.Sprint(first) {
+		t.Fatalf("first reader got %v", ids(t0))
+	}
+	sys, tli := old.System()
+	from := replication.Position{SystemID: sys, Timeline: tli, EndLSN: t0.EndLSN}
+	_, err := replication.Open(context.Background(), l.cfg, from)
+	if !errors.Is(err, replication.ErrSlotBusy) {
+		t.Fatalf("second reader while the first holds the slot: %v, want ErrSlotBusy", err)
+	}
+	rc := l.replConn(t)
+	defer rc.Close(context.Background())
+	if err := replication.TakeOver(context.Background(), rc, l.cfg.Slot, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	second := l.insertTxn(t, "t", 1)
+	s2 := l.open(t, from)
+	if got := ids(next(t, s2)); fmt.Sprint(got) != fmt.Sprint(second) {
+		t.Fatalf("after the take-over: %v, want %v", got, second)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for {
+		_, err := old.Next(ctx)
+		if err != nil {
+			if !replication.Lost(err) {
+				t.Fatalf("the old reader's error %v does not say the stream is lost", err)
+			}
+			break
+		}
+	}
+}
