@@ -407,6 +407,9 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, l *lease, p *txn.Produ
 		idleWait = 0
 		// The batch runs to its end even when shutdown begins: a clean
 		// stop commits and marks what it has started.
+		if err := r.waitForStandbys(ctx, l); err != nil {
+			return err
+		}
 		bctx, cancel := graceful(ctx, r.cfg.ShutdownTimeout)
 		err = r.publishRows(bctx, s, l, p, rows, log)
 		cancel()
