@@ -102,6 +102,9 @@ type Relay struct {
 
 	// standbys is the OUTBOX_STANDBY_NAMES barrier (nil without it).
 	standbys *standby.Barrier
+	// history is the database's system identifier and timeline, read at
+	// every recovery and written into every checkpoint.
+	history atomic.Pointer[outbox.History]
 }
 
 // New checks the configuration and prepares a relay on the database pool

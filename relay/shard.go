@@ -200,6 +200,12 @@ func (r *Relay) recoverShard(ctx context.Context, s int32, l *lease, log *slog.L
 		log.Info("shard recovered", "delivery", string(r.mode), "possibly_lost", len(lost))
 		return p, nil
 	}
+	h, err := r.store.History(ctx)
+	if err != nil {
+		p.Close()
+		return nil, fmt.Errorf("recover shard %d: %w", s, err)
+	}
+	r.history.Store(&h)
 	cp, err := p.ReadCheckpoint(ctx)
 	if err != nil {
 		p.Close()
@@ -254,6 +260,11 @@ func (r *Relay) applyCheckpoint(ctx context.Context, s int32, l *lease, cp *txn.
 	for i, row := range rows {
 		ids[i], created[i] = row.ID, row.Created
 	}
+	// Before the marks: in delete mode they remove the rows.
+	gone, err := r.historyChanged(ctx, cp, ids, log)
+	if err != nil {
+		return 0, err
+	}
 	var marked int64
 	if cp.Version == 1 {
 		// Written before the upgrade: ids without fingerprints. A row
@@ -278,6 +289,7 @@ func (r *Relay) applyCheckpoint(ctx context.Context, s int32, l *lease, cp *txn.
 	if err != nil {
 		return marked, err
 	}
+	r.reportPhantoms(s, ids, gone, rw.Replaced, log)
 	if rw.Detected() {
 		r.m.Rewinds.WithLabelValues(strconv.Itoa(int(s))).Inc()
 		maxID := slices.Max(ids)
@@ -589,6 +601,9 @@ func (r *Relay) publish(ctx context.Context, s int32, l *lease, p *txn.Producer,
 		ids[i] = rec.ID
 	}
 	cp := txn.Checkpoint{Relay: r.cfg.RelayName, Shard: s, Table: r.store.Table().String(), Incarnation: r.incarnation}
+	if h := r.history.Load(); h != nil {
+		cp.SystemID, cp.Timeline = h.SystemID, h.Timeline
+	}
 
 	// The batch's payload, counted before Publish lets it go (sent).
 	bytes := recordBytes(recs)
