@@ -64,9 +64,33 @@ integers.
 {{- end }}
 {{- end }}
 
-{{/* true when the migration Job needs the chart's hook Secret for its URL. */}}
+{{/*
+true when the migration Job needs the chart's hook Secret for its URL:
+migration.databaseURL is given, or the relay's own URL is to be used
+(migration.useRelaySecret) and the chart creates that Secret, which exists
+only after the pre-install hooks.
+*/}}
 {{- define "outbox-relay.migrationHookSecret" -}}
-{{- if and .Values.migration.enabled (not .Values.migration.secretName) (or .Values.migration.databaseURL .Values.secret.create) }}true{{ end }}
+{{- if and .Values.migration.enabled (not .Values.migration.secretName) (or .Values.migration.databaseURL (and .Values.migration.useRelaySecret .Values.secret.create)) }}true{{ end }}
+{{- end }}
+
+{{/*
+The Secret whose OUTBOX_DATABASE_URL the migration uses: migration.secretName;
+else the hook Secret (migration.databaseURL); else, with
+migration.useRelaySecret, the relay's; else <fullname>-admin, which the user
+creates with the admin role's URL (README, "PostgreSQL permissions": the
+relay role may not CREATE, so `migrate up` with its URL fails).
+*/}}
+{{- define "outbox-relay.migrationSecretName" -}}
+{{- if .Values.migration.secretName }}
+{{- .Values.migration.secretName }}
+{{- else if eq (include "outbox-relay.migrationHookSecret" .) "true" }}
+{{- printf "%s-migrate" (include "outbox-relay.fullname" .) }}
+{{- else if .Values.migration.useRelaySecret }}
+{{- include "outbox-relay.secretName" . }}
+{{- else }}
+{{- printf "%s-admin" (include "outbox-relay.fullname" .) }}
+{{- end }}
 {{- end }}
 
 {{/* The pod-level settings the relay and the migration share. */}}
