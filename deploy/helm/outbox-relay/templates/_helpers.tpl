@@ -128,3 +128,38 @@ volumes:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/*
+A Go duration (config.OUTBOX_SHUTDOWN_TIMEOUT: "30s", "1m30s", "1500ms",
+"0") in seconds, as a float; values.schema.json has checked its form.
+*/}}
+{{- define "outbox-relay.durationSeconds" -}}
+{{- $s := toString . }}
+{{- $total := 0.0 }}
+{{- $units := dict "ns" 0.000000001 "us" 0.000001 "µs" 0.000001 "ms" 0.001 "s" 1.0 "m" 60.0 "h" 3600.0 }}
+{{- range regexFindAll "[0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h)" $s -1 }}
+{{- $unit := regexFind "(ns|us|µs|ms|s|m|h)$" . }}
+{{- $number := trimSuffix $unit . | float64 }}
+{{- $total = addf $total (mulf $number (get $units $unit)) }}
+{{- end }}
+{{- $total }}
+{{- end }}
+
+{{/*
+The relay pods' terminationGracePeriodSeconds: above OUTBOX_SHUTDOWN_TIMEOUT,
+so that a stopping relay finishes its transaction and releases its shards
+before SIGKILL. Unset: the timeout rounded up, plus 15 seconds; set to a
+value not above it: the render fails.
+*/}}
+{{- define "outbox-relay.terminationGracePeriodSeconds" -}}
+{{- $shutdown := .Values.config.OUTBOX_SHUTDOWN_TIMEOUT | default "30s" | toString }}
+{{- $seconds := include "outbox-relay.durationSeconds" $shutdown | float64 }}
+{{- $grace := .Values.terminationGracePeriodSeconds }}
+{{- if kindIs "invalid" $grace }}
+{{- add (ceil $seconds | int64) 15 }}
+{{- else if le (float64 $grace) $seconds }}
+{{- fail (printf "terminationGracePeriodSeconds %v does not exceed config.OUTBOX_SHUTDOWN_TIMEOUT %s: the kubelet would kill a stopping relay in the middle of its transaction; raise it above %v seconds, or leave it unset (null) to derive it" (include "outbox-relay.envString" $grace) $shutdown $seconds) }}
+{{- else }}
+{{- include "outbox-relay.envString" $grace }}
+{{- end }}
+{{- end }}
