@@ -11,6 +11,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outbox-relay/outbox-relay/migrations"
@@ -93,6 +94,18 @@ func (s dbSettings) openMigrator(ctx context.Context) (*pgxpool.Pool, *migration
 	return pool, m, nil
 }
 
+// adminRoleHint adds to a "permission denied" (SQLSTATE 42501) of
+// `migrate up` what to do about it: the migration creates schemas, tables
+// and indexes, which the relay role of the README's grants may not; the
+// admin role may. Other errors are returned as they are.
+func adminRoleHint(err error) error {
+	var pgErr *pgconn.PgError
+	if err != nil && errors.As(err, &pgErr) && pgErr.Code == "42501" {
+		return fmt.Errorf("%w; run migrate with the admin role (see README grants)", err)
+	}
+	return err
+}
+
 // runMigrate is `outbox-relay migrate up|status|sql`.
 func runMigrate(ctx context.Context, args, environ []string, stdout io.Writer) error {
 	if len(args) != 1 {
@@ -128,7 +141,7 @@ func runMigrate(ctx context.Context, args, environ []string, stdout io.Writer) e
 	case "up":
 		ran, err := m.Up(ctx)
 		if err != nil {
-			return err
+			return adminRoleHint(err)
 		}
 		if len(ran) == 0 {
 			fmt.Fprintf(stdout, "%s is up to date\n", s.outboxTable())
@@ -136,7 +149,7 @@ func runMigrate(ctx context.Context, args, environ []string, stdout io.Writer) e
 		for _, mig := range ran {
 			fmt.Fprintf(stdout, "applied %04d_%s to %s\n", mig.Version, mig.Name, s.outboxTable())
 		}
-		return buildShardIndex(ctx, pool, s, stdout)
+		return adminRoleHint(buildShardIndex(ctx, pool, s, stdout))
 	case "status":
 		st, err := m.Status(ctx)
 		if err != nil {
