@@ -11,6 +11,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outbox-relay/outbox-relay/migrations"
@@ -192,7 +193,9 @@ func buildShardIndex(ctx context.Context, pool *pgxpool.Pool, s dbSettings, stdo
 	return nil
 }
 
-// runStatus is `outbox-relay status`.
+// runStatus is `outbox-relay status`: one section after another
+// (statusSections), each printing its lines. It exits non-zero while a
+// migration is pending, after saying so.
 func runStatus(ctx context.Context, environ []string, stdout io.Writer) error {
 	s, err := readDBSettings(environ, true)
 	if err != nil {
@@ -210,46 +213,173 @@ func runStatus(ctx context.Context, environ []string, stdout io.Writer) error {
 	fmt.Fprintf(stdout, "table:               %s\n", s.outboxTable())
 	fmt.Fprintf(stdout, "pending migrations:  %d\n", pending)
 	if pending > 0 {
-		fmt.Fprintln(stdout, "run `outbox-relay migrate up` first")
+		return fmt.Errorf("%s has %s pending: run `outbox-relay migrate up` first (the relay refuses to start until then)",
+			s.outboxTable(), plural(int64(pending), "migration", "migrations"))
+	}
+	st := &statusRun{s: s, pool: pool, store: outbox.NewStore(pool, s.outboxTable()), out: stdout}
+	for _, section := range statusSections {
+		if err := section(ctx, st); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// statusRun is what every section of `outbox-relay status` reads from and
+// writes to.
+type statusRun struct {
+	s     dbSettings
+	pool  *pgxpool.Pool
+	store *outbox.Store
+	out   io.Writer
+}
+
+// line prints one "label: value" line of status, aligned with the others.
+func (st *statusRun) line(label, format string, args ...any) {
+	fmt.Fprintf(st.out, "%-21s%s\n", label+":", fmt.Sprintf(format, args...))
+}
+
+// statusSections are the sections of `outbox-relay status`, in order; a new
+// section is one more function here.
+var statusSections = []func(context.Context, *statusRun) error{
+	statusIdentity,
+	statusOwners,
+	statusBacklog,
+	statusOnPublish,
+	statusDeadLetters,
+	statusHeld,
+}
+
+// statusIdentity prints what the first relay recorded for the table: shard
+// count, relay name, checkpoint topic and delivery mode.
+func statusIdentity(ctx context.Context, st *statusRun) error {
+	var shards *int
+	var name, topic, delivery *string
+	if err := st.pool.QueryRow(ctx, `SELECT shards, relay_name, checkpoint_topic, delivery FROM `+st.s.outboxTable().StateIdent()).
+		Scan(&shards, &name, &topic, &delivery); err != nil {
+		return fmt.Errorf("read the shard count, relay name and delivery mode recorded for %s: %w", st.s.outboxTable(), err)
+	}
+	const none = "not recorded yet (the first relay records it)"
+	orNone := func(v *string) string {
+		if v == nil {
+			return none
+		}
+		return *v
+	}
+	if shards == nil {
+		st.line("shards", "%s", none)
+	} else {
+		st.line("shards", "%d", *shards)
+	}
+	st.line("relay name", "%s", orNone(name))
+	st.line("checkpoint topic", "%s", orNone(topic))
+	st.line("delivery", "%s", orNone(delivery))
+	return nil
+}
+
+// statusOwners prints each shard's last owner and how long ago it renewed
+// its lease.
+func statusOwners(ctx context.Context, st *statusRun) error {
+	rows, err := st.pool.Query(ctx, `SELECT shard, owner, extract(epoch FROM now() - renewed_at)::float8 FROM `+
+		st.s.outboxTable().OwnerIdent()+` ORDER BY shard`)
+	if err != nil {
+		return fmt.Errorf("read the shard owners of %s: %w", st.s.outboxTable(), err)
+	}
+	type owner struct {
+		shard int32
+		name  string
+		age   float64
+	}
+	owners, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (owner, error) {
+		var o owner
+		err := r.Scan(&o.shard, &o.name, &o.age)
+		return o, err
+	})
+	if err != nil {
+		return fmt.Errorf("read the shard owners of %s: %w", st.s.outboxTable(), err)
+	}
+	if len(owners) == 0 {
+		st.line("owners", "none yet (no relay has taken a shard)")
 		return nil
 	}
-	st := outbox.NewStore(pool, s.outboxTable())
-	b, err := st.Backlog(ctx, 0, 1)
+	for i, o := range owners {
+		label := ""
+		if i == 0 {
+			label = "owners:"
+		}
+		age := time.Duration(o.age * float64(time.Second)).Round(time.Millisecond)
+		fmt.Fprintf(st.out, "%-21sshard %d: %s (lease renewed %s ago)\n", label, o.shard, o.name, age)
+	}
+	return nil
+}
+
+// statusBacklog prints the unpublished rows and the oldest one's age.
+func statusBacklog(ctx context.Context, st *statusRun) error {
+	b, err := st.store.Backlog(ctx, 0, 1)
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "unpublished rows:    %d\n", b.Rows)
+	st.line("unpublished rows", "%d", b.Rows)
 	if !b.OldestCreate.IsZero() {
-		fmt.Fprintf(stdout, "oldest unpublished:  %s ago\n", time.Since(b.OldestCreate).Round(time.Millisecond))
+		st.line("oldest unpublished", "%s ago", time.Since(b.OldestCreate).Round(time.Millisecond))
 	}
-	if s.onPublish == outbox.Delete {
-		// What the table can no longer show: how many rows were published.
-		fmt.Fprintln(stdout, "on publish:          delete (OUTBOX_ON_PUBLISH): published rows are deleted, so the table shows the backlog and dead letters only; what was published is in Kafka: `outbox-relay verify -topics ...`")
-		var marked int64
-		if err := pool.QueryRow(ctx, `SELECT count(*) FROM `+s.outboxTable().Ident()+` WHERE published_at IS NOT NULL`).Scan(&marked); err != nil {
-			return fmt.Errorf("count rows marked published: %w", err)
-		}
-		if marked > 0 {
-			fmt.Fprintf(stdout, "marked published:    %d (left by a relay in mark mode; OUTBOX_RETENTION deletes them)\n", marked)
-		}
-	} else {
-		fmt.Fprintln(stdout, "on publish:          mark (OUTBOX_ON_PUBLISH): published rows are kept with published_at until OUTBOX_RETENTION")
+	return nil
+}
+
+// statusOnPublish prints OUTBOX_ON_PUBLISH and, in delete mode, the rows a
+// relay in mark mode left marked.
+func statusOnPublish(ctx context.Context, st *statusRun) error {
+	if st.s.onPublish != outbox.Delete {
+		st.line("on publish", "mark (OUTBOX_ON_PUBLISH): published rows are kept with published_at until OUTBOX_RETENTION")
+		return nil
 	}
+	// What the table can no longer show: how many rows were published.
+	st.line("on publish", "delete (OUTBOX_ON_PUBLISH): published rows are deleted, so the table shows the backlog and dead letters only; what was published is in Kafka: `outbox-relay verify -topics ...`")
+	var marked int64
+	if err := st.pool.QueryRow(ctx, `SELECT count(*) FROM `+st.s.outboxTable().Ident()+` WHERE published_at IS NOT NULL`).Scan(&marked); err != nil {
+		return fmt.Errorf("count rows marked published: %w", err)
+	}
+	if marked > 0 {
+		st.line("marked published", "%d (left by a relay in mark mode; OUTBOX_RETENTION deletes them)", marked)
+	}
+	return nil
+}
+
+// statusDeadLetters prints the dead letters and how many were discarded.
+func statusDeadLetters(ctx context.Context, st *statusRun) error {
 	var dead, discarded int64
-	if err := pool.QueryRow(ctx, `SELECT count(*), count(discarded_at) FROM `+s.outboxTable().DeadLetterIdent()).Scan(&dead, &discarded); err != nil {
+	if err := st.pool.QueryRow(ctx, `SELECT count(*), count(discarded_at) FROM `+st.s.outboxTable().DeadLetterIdent()).Scan(&dead, &discarded); err != nil {
 		return fmt.Errorf("count dead letters: %w", err)
 	}
-	fmt.Fprintf(stdout, "dead letters:        %d (%d discarded)\n", dead, discarded)
-	if s.order == outbox.Skip {
-		fmt.Fprintln(stdout, "held rows:           none (OUTBOX_DEAD_LETTER_ORDER=skip)")
+	st.line("dead letters", "%d (%d discarded)", dead, discarded)
+	return nil
+}
+
+// statusHeld prints the rows dead letters hold, and on how many keys.
+func statusHeld(ctx context.Context, st *statusRun) error {
+	if st.s.order == outbox.Skip {
+		st.line("held rows", "none (OUTBOX_DEAD_LETTER_ORDER=skip)")
 		return nil
 	}
-	rows, keys, err := st.Held(ctx, 0, 1)
+	rows, keys, err := st.store.Held(ctx, 0, 1)
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "held rows:           %d of %d keys (held by dead letters: `outbox-relay dlq list`)\n", rows, keys)
+	if rows == 0 {
+		st.line("held rows", "none")
+		return nil
+	}
+	st.line("held rows", "%s held on %s (by dead letters: `outbox-relay dlq list`)",
+		plural(rows, "row", "rows"), plural(keys, "key", "keys"))
 	return nil
+}
+
+// plural is n and the noun for n: "1 key", "2 keys".
+func plural(n int64, one, many string) string {
+	if n == 1 {
+		return "1 " + one
+	}
+	return strconv.FormatInt(n, 10) + " " + many
 }
 
 // runDLQ is `outbox-relay dlq list|requeue|discard`.

@@ -146,7 +146,7 @@ INSERT INTO outbox_dead_letter (id, topic, key, value, created_at, error) SELECT
 UPDATE outbox SET published_at = now() WHERE id = 1`); err != nil {
 		t.Fatal(err)
 	}
-	if code, out, _ := cli(t, env, "status"); code != 0 || !strings.Contains(out, "held rows:           2 of 2 keys") || !strings.Contains(out, "dead letters:        2 (0 discarded)") {
+	if code, out, _ := cli(t, env, "status"); code != 0 || !strings.Contains(out, "held rows:           2 rows held on 2 keys") || !strings.Contains(out, "dead letters:        2 (0 discarded)") {
 		t.Fatalf("status: code %d\n%s", code, out)
 	}
 	if code, out, _ := cli(t, append(env, "OUTBOX_DEAD_LETTER_ORDER=skip"), "status"); code != 0 || !strings.Contains(out, "held rows:           none (OUTBOX_DEAD_LETTER_ORDER=skip)") {
@@ -161,7 +161,7 @@ UPDATE outbox SET published_at = now() WHERE id = 1`); err != nil {
 	if code, out, errs := cli(t, env, "dlq", "discard", "2", "--reason", "opened by hand"); code != 0 || !strings.Contains(out, "discarded 1 of 1") {
 		t.Fatalf("dlq discard: code %d\n%s%s", code, out, errs)
 	}
-	if code, out, _ := cli(t, env, "status"); code != 0 || !strings.Contains(out, "held rows:           1 of 1 keys") || !strings.Contains(out, "(1 discarded)") {
+	if code, out, _ := cli(t, env, "status"); code != 0 || !strings.Contains(out, "held rows:           1 row held on 1 key (") || !strings.Contains(out, "(1 discarded)") {
 		t.Fatalf("status after discard: code %d\n%s", code, out)
 	}
 	if code, out, _ := cli(t, env, "dlq", "list"); code != 0 || !strings.Contains(out, `"opened by hand"`) {
@@ -181,7 +181,7 @@ UPDATE outbox SET published_at = now() WHERE id = 1`); err != nil {
 	if err != nil || fmt.Sprint(ids) != "[3 4 5 6 7]" {
 		t.Fatalf("unpublished ids %v %v, want [3 4 5 6 7]", ids, err)
 	}
-	if code, out, _ := cli(t, env, "status"); code != 0 || !strings.Contains(out, "held rows:           0 of 0 keys") {
+	if code, out, _ := cli(t, env, "status"); code != 0 || !strings.Contains(out, "held rows:           none\n") {
 		t.Fatalf("status after requeue: code %d\n%s", code, out)
 	}
 }
@@ -243,5 +243,44 @@ func TestMigrateBuildsTheShardIndex(t *testing.T) {
 	defer p.Close()
 	if ok, err := outbox.HasShardIndex(ctx, p, outbox.DefaultTable, 4); err != nil || !ok {
 		t.Fatalf("after psql -f, no valid shard index (%v)", err)
+	}
+}
+
+// TestStatusSaysPendingMigrationsAndTheRecordedIdentity: `status` before
+// `migrate up` says the migrations are pending and exits non-zero; after it,
+// status shows what the first relay recorded (shard count, relay name,
+// checkpoint topic, delivery mode) and each shard's owner.
+func TestStatusSaysPendingMigrationsAndTheRecordedIdentity(t *testing.T) {
+	ctx := context.Background()
+	url := testenv.CreateDatabase(t)
+	env := []string{"OUTBOX_DATABASE_URL=" + url}
+	if code, out, errs := cli(t, env, "status"); code == 0 || !strings.Contains(out, "pending migrations:  5") ||
+		!strings.Contains(errs, "5 migrations pending: run `outbox-relay migrate up` first") {
+		t.Fatalf("status before migrate up: code %d, want non-zero with the pending migrations named\n%s%s", code, out, errs)
+	}
+	if code, out, errs := cli(t, env, "migrate", "up"); code != 0 {
+		t.Fatalf("migrate up: code %d\n%s%s", code, out, errs)
+	}
+	code, out, errs := cli(t, env, "status")
+	if code != 0 || !strings.Contains(out, "shards:              not recorded yet") || !strings.Contains(out, "owners:              none yet") {
+		t.Fatalf("status before any relay ran: code %d\n%s%s", code, out, errs)
+	}
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, `UPDATE outbox_relay_state SET shards = 2, relay_name = 'payments-relay', checkpoint_topic = 'payments-checkpoints', delivery = 'exactly-once';
+INSERT INTO outbox_owner (shard, token, owner) VALUES (0, 3, 'host-a pid 11'), (1, 1, 'host-b pid 12')`); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errs = cli(t, env, "status")
+	for _, want := range []string{
+		"shards:              2\n", "relay name:          payments-relay\n", "checkpoint topic:    payments-checkpoints\n",
+		"delivery:            exactly-once\n", "owners:              shard 0: host-a pid 11 (lease renewed ", "                     shard 1: host-b pid 12 (lease renewed ",
+	} {
+		if code != 0 || !strings.Contains(out, want) {
+			t.Fatalf("status: code %d, want %q in\n%s%s", code, want, out, errs)
+		}
 	}
 }
