@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -442,20 +443,41 @@ func runDLQ(ctx context.Context, args, environ []string, stdout io.Writer) error
 		defer pool.Close()
 		st := outbox.NewStore(pool, s.outboxTable())
 		if *asNew {
+			known, err := st.DeadLetterIDs(ctx, ids)
+			if err != nil {
+				return err
+			}
 			newIDs, err := st.RequeueAsNew(ctx, ids)
 			if err != nil {
 				return err
 			}
 			fmt.Fprintf(stdout, "requeued %d of %d dead letters as new outbox rows %v\n", len(newIDs), len(ids), newIDs)
+			if unknown := missingIDs(ids, known); len(unknown) > 0 {
+				return fmt.Errorf("no dead letter has id %v: `outbox-relay dlq list` shows the ids", unknown)
+			}
 			return nil
 		}
-		back, err := st.Requeue(ctx, ids)
+		rep, err := st.RequeueReport(ctx, ids)
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(stdout, "requeued %d of %d dead letters in their original position (ids %v)\n", len(back), len(ids), back)
-		if len(back) < len(ids) {
-			fmt.Fprintln(stdout, "the others are unknown or discarded: `outbox-relay dlq list` shows them; a discarded row goes back only with --as-new")
+		fmt.Fprintf(stdout, "requeued %d of %d dead letters in their original position (ids %v)\n", len(rep.Moved), len(ids), rep.Moved)
+		var problems []string
+		if len(rep.Overtaken) > 0 {
+			problems = append(problems, (&outbox.OvertakenError{Overtaken: rep.Overtaken}).Error()+
+				" (did someone change the dead letter's topic or key? rows of a topic and key it did not hold went out meanwhile)")
+		}
+		if len(rep.Discarded) > 0 {
+			problems = append(problems, fmt.Sprintf("%v discarded: a discarded dead letter goes back only with --as-new", rep.Discarded))
+		}
+		if len(rep.Unknown) > 0 {
+			problems = append(problems, fmt.Sprintf("no dead letter has id %v: `outbox-relay dlq list` shows the ids", rep.Unknown))
+		}
+		if len(problems) > 0 {
+			return errors.New(strings.Join(problems, "; "))
+		}
+		if s.onPublish == outbox.Delete && len(rep.Moved) > 0 {
+			fmt.Fprintln(stdout, "OUTBOX_ON_PUBLISH=delete: published rows are gone, so requeue could not check that no later row of their topic and key is in Kafka already; if you changed a dead letter's topic or key, use --as-new")
 		}
 		return nil
 	case "discard":
@@ -495,6 +517,17 @@ func runDLQ(ctx context.Context, args, environ []string, stdout io.Writer) error
 	default:
 		return fmt.Errorf("unknown dlq command %q: use list, requeue or discard", args[0])
 	}
+}
+
+// missingIDs are the ids not in known, in the order given.
+func missingIDs(ids, known []int64) []int64 {
+	var out []int64
+	for _, id := range ids {
+		if !slices.Contains(known, id) && !slices.Contains(out, id) {
+			out = append(out, id)
+		}
+	}
+	return out
 }
 
 // parseIDs parses the dead-letter ids of a dlq command.

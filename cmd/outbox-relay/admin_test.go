@@ -85,6 +85,13 @@ INSERT INTO billing.events_dead_letter (id, topic, value, created_at, error) VAL
 	if code, _, errs := cli(t, env, "dlq", "requeue", "abc"); code != 1 || !strings.Contains(errs, `"abc" is not an id`) {
 		t.Fatalf("dlq requeue abc: code %d, %s", code, errs)
 	}
+	if code, out, errs := cli(t, env, "dlq", "requeue", "999"); code != 1 || !strings.Contains(out, "requeued 0 of 1") ||
+		!strings.Contains(errs, "no dead letter has id [999]") {
+		t.Fatalf("dlq requeue 999 (no such dead letter): code %d, want 1 with the id named\n%s%s", code, out, errs)
+	}
+	if code, out, errs := cli(t, env, "dlq", "requeue", "--as-new", "999"); code != 1 || !strings.Contains(errs, "no dead letter has id [999]") {
+		t.Fatalf("dlq requeue --as-new 999 (no such dead letter): code %d, want 1 with the id named\n%s%s", code, out, errs)
+	}
 	if code, out, _ := cli(t, env, "dlq", "requeue", "99"); code != 0 || !strings.Contains(out, "requeued 1 of 1") {
 		t.Fatalf("dlq requeue 99: code %d\n%s", code, out)
 	}
@@ -167,7 +174,8 @@ UPDATE outbox SET published_at = now() WHERE id = 1`); err != nil {
 	if code, out, _ := cli(t, env, "dlq", "list"); code != 0 || !strings.Contains(out, `"opened by hand"`) {
 		t.Fatalf("dlq list after discard: code %d\n%s", code, out)
 	}
-	if code, out, _ := cli(t, env, "dlq", "requeue", "2", "5"); code != 0 || !strings.Contains(out, "requeued 1 of 2 dead letters in their original position (ids [5])") {
+	if code, out, errs := cli(t, env, "dlq", "requeue", "2", "5"); code != 1 || !strings.Contains(out, "requeued 1 of 2 dead letters in their original position (ids [5])") ||
+		!strings.Contains(errs, "[2] discarded: a discarded dead letter goes back only with --as-new") {
 		t.Fatalf("dlq requeue of a discarded and an open dead letter: code %d\n%s", code, out)
 	}
 	if code, out, _ := cli(t, env, "dlq", "requeue", "--as-new", "2"); code != 0 || !strings.Contains(out, "requeued 1 of 1 dead letters as new outbox rows [7]") {
@@ -282,5 +290,49 @@ INSERT INTO outbox_owner (shard, token, owner) VALUES (0, 3, 'host-a pid 11'), (
 		if code != 0 || !strings.Contains(out, want) {
 			t.Fatalf("status: code %d, want %q in\n%s%s", code, want, out, errs)
 		}
+	}
+}
+
+// TestDLQRequeueRefusesARowWhoseTopicOrKeyWasChanged: an operator changes a
+// dead letter's topic (or key) in the dead-letter table. The dead letter
+// never held its new topic and key, whose later rows went out meanwhile;
+// requeued in place (its old, lower id) it would reach Kafka after them. So
+// `dlq requeue` refuses it, names the published row and --as-new, and exits
+// 1; the row stays a dead letter, and --as-new moves it.
+func TestDLQRequeueRefusesARowWhoseTopicOrKeyWasChanged(t *testing.T) {
+	ctx := context.Background()
+	url := testenv.CreateDatabase(t)
+	env := []string{"OUTBOX_DATABASE_URL=" + url}
+	if code, out, errs := cli(t, env, "migrate", "up"); code != 0 {
+		t.Fatalf("migrate up: code %d\n%s%s", code, out, errs)
+	}
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	// Row 1 (t, a) and row 3 (t, b) are dead letters; rows 2 (t2, a) and 4
+	// (t, c) are not held by them and are published; row 5 (t, b) is held.
+	if _, err := conn.Exec(ctx, `INSERT INTO outbox (topic, key, value) VALUES ('t', 'a', '1'), ('t2', 'a', '2'), ('t', 'b', '3'), ('t', 'c', '4'), ('t', 'b', '5');
+WITH moved AS (DELETE FROM outbox WHERE id IN (1, 3) RETURNING id, topic, key, value, created_at)
+INSERT INTO outbox_dead_letter (id, topic, key, value, created_at, error) SELECT id, topic, key, value, created_at, 'refused' FROM moved;
+UPDATE outbox SET published_at = now() WHERE id IN (2, 4);
+UPDATE outbox_dead_letter SET topic = 't2' WHERE id = 1;
+UPDATE outbox_dead_letter SET key = 'c' WHERE id = 3`); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ id, published string }{{"1", "2"}, {"3", "4"}} {
+		code, out, errs := cli(t, env, "dlq", "requeue", tc.id)
+		if code != 1 || !strings.Contains(out, "requeued 0 of 1") || !strings.Contains(errs, tc.id+" (row "+tc.published+" of its topic and key is published)") ||
+			!strings.Contains(errs, "--as-new") {
+			t.Fatalf("dlq requeue %s after its topic or key was changed: code %d, want 1 naming row %s and --as-new\n%s%s", tc.id, code, tc.published, out, errs)
+		}
+	}
+	var dead int
+	if err := conn.QueryRow(ctx, `SELECT count(*) FROM outbox_dead_letter`).Scan(&dead); err != nil || dead != 2 {
+		t.Fatalf("dead letters after the refusals: %d %v, want 2", dead, err)
+	}
+	if code, out, errs := cli(t, env, "dlq", "requeue", "--as-new", "1", "3"); code != 0 || !strings.Contains(out, "requeued 2 of 2 dead letters as new outbox rows [6 7]") {
+		t.Fatalf("dlq requeue --as-new 1 3: code %d\n%s%s", code, out, errs)
 	}
 }
