@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -386,7 +387,7 @@ func plural(n int64, one, many string) string {
 // runDLQ is `outbox-relay dlq list|requeue|discard`.
 func runDLQ(ctx context.Context, args, environ []string, stdout io.Writer) error {
 	if len(args) == 0 {
-		return errors.New("usage: outbox-relay dlq list [-limit N] | dlq requeue [--as-new] ID... | dlq discard --reason TEXT ID...")
+		return errors.New("usage: outbox-relay dlq list [-limit N] [-order newest|oldest] [-json] | dlq requeue [--as-new] ID... | dlq discard --reason TEXT ID...")
 	}
 	s, err := readDBSettings(environ, true)
 	if err != nil {
@@ -396,17 +397,25 @@ func runDLQ(ctx context.Context, args, environ []string, stdout io.Writer) error
 	case "list":
 		fs := flag.NewFlagSet("dlq list", flag.ContinueOnError)
 		limit := fs.Int("limit", 100, "most dead letters to list")
+		order := fs.String("order", "newest", "newest (highest id first) or oldest")
+		asJSON := fs.Bool("json", false, "print the dead letters as JSON, one object each in an array, with the whole topic, key and error")
 		if err := fs.Parse(args[1:]); err != nil {
 			return err
+		}
+		if *order != "newest" && *order != "oldest" {
+			return fmt.Errorf("dlq list: -order %q: use newest or oldest", *order)
 		}
 		pool, err := s.open(ctx)
 		if err != nil {
 			return err
 		}
 		defer pool.Close()
-		dead, err := outbox.NewStore(pool, s.outboxTable()).ListDeadLetters(ctx, *limit)
+		dead, err := outbox.NewStore(pool, s.outboxTable()).ListDeadLettersOrdered(ctx, *limit, *order == "newest")
 		if err != nil {
 			return err
+		}
+		if *asJSON {
+			return writeDeadLettersJSON(stdout, dead, s.order)
 		}
 		tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "ID\tTOPIC\tKEY\tVALUE BYTES\tFAILED AT\tHOLDS\tDISCARDED\tERROR")
@@ -423,7 +432,8 @@ func runDLQ(ctx context.Context, args, environ []string, stdout io.Writer) error
 			if d.DiscardedAt != nil {
 				discarded = d.DiscardedAt.UTC().Format(time.RFC3339) + " " + strconv.Quote(d.DiscardReason)
 			}
-			fmt.Fprintf(tw, "%d\t%s\t%q\t%s\t%s\t%s\t%s\t%s\n", d.ID, d.Topic, d.Key, value, d.FailedAt.UTC().Format(time.RFC3339), holds, discarded, d.Error)
+			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", d.ID, truncate(d.Topic, listTopicWidth), truncate(strconv.Quote(string(d.Key)), listKeyWidth),
+				value, d.FailedAt.UTC().Format(time.RFC3339), holds, discarded, d.Error)
 		}
 		return tw.Flush()
 	case "requeue":
@@ -517,6 +527,67 @@ func runDLQ(ctx context.Context, args, environ []string, stdout io.Writer) error
 	default:
 		return fmt.Errorf("unknown dlq command %q: use list, requeue or discard", args[0])
 	}
+}
+
+// The widths of the columns of `dlq list` that a row can make arbitrarily
+// long; -json prints them whole.
+const (
+	listTopicWidth = 40
+	listKeyWidth   = 40
+)
+
+// truncate shortens s to at most width characters, ending in "...".
+func truncate(s string, width int) string {
+	r := []rune(s)
+	if len(r) <= width {
+		return s
+	}
+	return string(r[:width-3]) + "..."
+}
+
+// deadLetterJSON is one dead letter in `dlq list -json`.
+type deadLetterJSON struct {
+	ID            int64           `json:"id"`
+	Topic         string          `json:"topic"`
+	Key           *string         `json:"key"`         // as text; null for a keyless row
+	KeyBase64     []byte          `json:"key_base64"`  // the key's bytes
+	ValueBytes    *int            `json:"value_bytes"` // null for a tombstone
+	Headers       json.RawMessage `json:"headers"`
+	Partition     *int32          `json:"partition"`
+	CreatedAt     time.Time       `json:"created_at"`
+	FailedAt      time.Time       `json:"failed_at"`
+	Error         string          `json:"error"`
+	Holds         *int64          `json:"holds"` // null under OUTBOX_DEAD_LETTER_ORDER=skip
+	DiscardedAt   *time.Time      `json:"discarded_at"`
+	DiscardReason string          `json:"discard_reason,omitempty"`
+}
+
+// writeDeadLettersJSON prints dead as a JSON array (`dlq list -json`).
+func writeDeadLettersJSON(w io.Writer, dead []outbox.DeadRow, order outbox.DeadLetterOrder) error {
+	out := make([]deadLetterJSON, 0, len(dead))
+	for _, d := range dead {
+		j := deadLetterJSON{ID: d.ID, Topic: d.Topic, KeyBase64: d.Key, Headers: json.RawMessage("null"), Partition: d.Partition, CreatedAt: d.CreatedAt.UTC(),
+			FailedAt: d.FailedAt.UTC(), Error: d.Error, DiscardedAt: d.DiscardedAt, DiscardReason: d.DiscardReason}
+		if d.Key != nil {
+			k := string(d.Key)
+			j.Key = &k
+		}
+		if d.Value != nil {
+			n := len(d.Value)
+			j.ValueBytes = &n
+		}
+		if d.Headers != nil {
+			j.Headers = json.RawMessage(d.Headers)
+		}
+		if order != outbox.Skip {
+			h := d.Holds
+			j.Holds = &h
+		}
+		out = append(out, j)
+	}
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(out)
 }
 
 // missingIDs are the ids not in known, in the order given.

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -334,5 +335,62 @@ UPDATE outbox_dead_letter SET key = 'c' WHERE id = 3`); err != nil {
 	}
 	if code, out, errs := cli(t, env, "dlq", "requeue", "--as-new", "1", "3"); code != 0 || !strings.Contains(out, "requeued 2 of 2 dead letters as new outbox rows [6 7]") {
 		t.Fatalf("dlq requeue --as-new 1 3: code %d\n%s%s", code, out, errs)
+	}
+}
+
+// TestDLQListNewestFirstJSONAndTruncated: `dlq list` shows the newest dead
+// letters first (`-order oldest` the other way), cuts a long topic and key
+// in the table, and `-json` prints every field whole.
+func TestDLQListNewestFirstJSONAndTruncated(t *testing.T) {
+	ctx := context.Background()
+	url := testenv.CreateDatabase(t)
+	env := []string{"OUTBOX_DATABASE_URL=" + url}
+	if code, out, errs := cli(t, env, "migrate", "up"); code != 0 {
+		t.Fatalf("migrate up: code %d\n%s%s", code, out, errs)
+	}
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	long := "payments." + strings.Repeat("x", 200)
+	if _, err := conn.Exec(ctx, `INSERT INTO outbox_dead_letter (id, topic, key, value, headers, created_at, error) VALUES
+    (10, 't', 'a', 'v', '{"type":"transfer"}', now(), 'MESSAGE_TOO_LARGE: too big'),
+    (20, $1, $2, NULL, NULL, now(), 'topic does not exist')`, long, strings.Repeat("k", 300)); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errs := cli(t, env, "dlq", "list")
+	if code != 0 || strings.Index(out, "\n20 ") < 0 || strings.Index(out, "\n20 ") > strings.Index(out, "\n10 ") {
+		t.Fatalf("dlq list: code %d, want 20 listed before 10\n%s%s", code, out, errs)
+	}
+	if strings.Contains(out, long) || !strings.Contains(out, long[:37]+"...") || strings.Contains(out, strings.Repeat("k", 100)) {
+		t.Fatalf("dlq list prints the long topic or key whole:\n%s", out)
+	}
+	if code, out, _ := cli(t, env, "dlq", "list", "-order", "oldest"); code != 0 || strings.Index(out, "\n10 ") > strings.Index(out, "\n20 ") {
+		t.Fatalf("dlq list -order oldest: code %d, want 10 listed before 20\n%s", code, out)
+	}
+	if code, _, errs := cli(t, env, "dlq", "list", "-order", "random"); code != 1 || !strings.Contains(errs, "use newest or oldest") {
+		t.Fatalf("dlq list -order random: code %d, %s", code, errs)
+	}
+	code, out, errs = cli(t, env, "dlq", "list", "-json")
+	var got []struct {
+		ID         int64           `json:"id"`
+		Topic      string          `json:"topic"`
+		Key        *string         `json:"key"`
+		ValueBytes *int            `json:"value_bytes"`
+		Headers    json.RawMessage `json:"headers"`
+		Error      string          `json:"error"`
+		Holds      *int64          `json:"holds"`
+	}
+	if code != 0 {
+		t.Fatalf("dlq list -json: code %d\n%s%s", code, out, errs)
+	}
+	if err := json.Unmarshal([]byte(out), &got); err != nil {
+		t.Fatalf("dlq list -json is not a JSON array: %v\n%s", err, out)
+	}
+	if len(got) != 2 || got[0].ID != 20 || got[0].Topic != long || got[0].Key == nil || len(*got[0].Key) != 300 || got[0].ValueBytes != nil ||
+		got[1].ID != 10 || got[1].ValueBytes == nil || *got[1].ValueBytes != 1 || strings.Join(strings.Fields(string(got[1].Headers)), "") != `{"type":"transfer"}` ||
+		got[1].Error != "MESSAGE_TOO_LARGE: too big" || got[1].Holds == nil {
+		t.Fatalf("dlq list -json:\n%s", out)
 	}
 }

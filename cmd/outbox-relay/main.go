@@ -43,7 +43,8 @@ Usage:
   outbox-relay migrate sql              print the DDL for the configured schema and table
   outbox-relay status                   backlog, oldest unpublished row, dead letters
   outbox-relay reshard                  change the shard count to OUTBOX_SHARDS (every relay stopped)
-  outbox-relay dlq list [-limit N]      list dead letters
+  outbox-relay dlq list [-limit N] [-order newest|oldest] [-json]
+                                        list dead letters, newest first
   outbox-relay dlq requeue ID...        move dead letters back into the outbox at their original ids
                                         (--as-new: as new rows, after everything written)
   outbox-relay dlq discard ID... --reason TEXT
