@@ -561,7 +561,7 @@ func (p *Producer) learn(ctx context.Context, topics []string) (map[string]error
 		}
 		cancel()
 		if len(pending) > 0 {
-			p.log.Warn("topics created but not yet ready; producing anyway", "topics", pending, "waited", topicReadyTimeout)
+			p.log.Warn("topics created but not yet ready; producing anyway", "topics", pending, "waited", topicReadyTimeout.String())
 		}
 	}
 	p.cacheTopics(ctx, ready)
