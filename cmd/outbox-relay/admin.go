@@ -219,7 +219,7 @@ func runStatus(ctx context.Context, environ []string, stdout io.Writer) error {
 			s.outboxTable(), plural(int64(pending), "migration", "migrations"))
 	}
 	st := &statusRun{s: s, pool: pool, store: outbox.NewStore(pool, s.outboxTable()), out: stdout}
-	for _, section := range statusSections {
+	for _, section := range statusSections() {
 		if err := section(ctx, st); err != nil {
 			return err
 		}
@@ -243,13 +243,15 @@ func (st *statusRun) line(label, format string, args ...any) {
 
 // statusSections are the sections of `outbox-relay status`, in order; a new
 // section is one more function here.
-var statusSections = []func(context.Context, *statusRun) error{
-	statusIdentity,
-	statusOwners,
-	statusBacklog,
-	statusOnPublish,
-	statusDeadLetters,
-	statusHeld,
+func statusSections() []func(context.Context, *statusRun) error {
+	return []func(context.Context, *statusRun) error{
+		statusIdentity,
+		statusOwners,
+		statusBacklog,
+		statusOnPublish,
+		statusDeadLetters,
+		statusHeld,
+	}
 }
 
 // statusIdentity prints what the first relay recorded for the table: shard
