@@ -43,11 +43,14 @@ Usage:
   outbox-relay migrate up               apply pending migrations
   outbox-relay migrate status           list migrations and when they were applied
   outbox-relay migrate sql              print the DDL for the configured schema and table
-  outbox-relay status                   backlog, oldest unpublished row, dead letters
+  outbox-relay status                   recorded shards, relay name and mode, owners, backlog, dead letters
+                                        and held rows (exit 1 while a migration is pending)
   outbox-relay reshard                  change the shard count to OUTBOX_SHARDS (every relay stopped)
-  outbox-relay dlq list [-limit N]      list dead letters
+  outbox-relay dlq list [-limit N] [-order newest|oldest] [-json]
+                                        list dead letters, newest first
   outbox-relay dlq requeue ID...        move dead letters back into the outbox at their original ids
-                                        (--as-new: as new rows, after everything written)
+                                        (--as-new: as new rows, after everything written); exit 1 if
+                                        an id is unknown, discarded, or has later rows of its key out
   outbox-relay dlq discard ID... --reason TEXT
                                         give dead letters up (kept for audit), releasing their keys
   outbox-relay verify [-since 24h | -from-id N -to-id M] [-json]
