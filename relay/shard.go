@@ -108,7 +108,7 @@ func (r *Relay) runShard(ctx context.Context, l *lease) error {
 			log.Error("shard lost", "reason", "this instance cannot reach Kafka: shard given up to a standby", "err", err)
 			return errKafkaUnreachable
 		default:
-			log.Warn("shard recovering after error", "err", err, "retry_in", wait, "consecutive_failures", r.failed(l))
+			log.Warn("shard recovering after error", "err", err, "retry_in", wait.String(), "consecutive_failures", r.failed(l))
 		}
 		l.step(wait)
 		select {
@@ -573,8 +573,32 @@ func (r *Relay) deadLetter(ctx context.Context, s int32, l *lease, dead []outbox
 	for i, d := range dead {
 		ids[i] = d.ID
 	}
-	log.Warn("rows moved to the dead-letter table", "ids", ids, "first_error", dead[0].Error)
+	log.Warn("rows moved to the dead-letter table", "ids", ids, "causes", deadLetterCauses(dead))
 	return nil
+}
+
+// deadLetterCause is one error of a dead-letter move and the ids it holds
+// for, as the move's log line lists them.
+type deadLetterCause struct {
+	Error string  `json:"error"`
+	IDs   []int64 `json:"ids"`
+}
+
+// deadLetterCauses groups dead by error, in the order of their first row,
+// so that the log line gives every row its own cause.
+func deadLetterCauses(dead []outbox.DeadLetter) []deadLetterCause {
+	var out []deadLetterCause
+	at := map[string]int{}
+	for _, d := range dead {
+		i, ok := at[d.Error]
+		if !ok {
+			i = len(out)
+			at[d.Error] = i
+			out = append(out, deadLetterCause{Error: d.Error})
+		}
+		out[i].IDs = append(out[i].IDs, d.ID)
+	}
+	return out
 }
 
 // publish sends one batch in one transaction and marks it. When Kafka refuses
