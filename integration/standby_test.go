@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/outbox-relay/outbox-relay/integration/testenv"
 	"github.com/outbox-relay/outbox-relay/migrations"
@@ -322,4 +323,56 @@ func TestStandbySynchronousStallPublishesNoPhantoms(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestAMissingStandbyHoldsPublishingVisiblyUntilReleased: a standby named
+// in OUTBOX_STANDBY_NAMES that is not connected holds every batch: nothing
+// is published, the metrics say which standby and for how long; restarted
+// without it (the documented release), the relay publishes every row once.
+func TestAMissingStandbyHoldsPublishingVisiblyUntilReleased(t *testing.T) {
+	db := testenv.NewDB(t)
+	topic := testenv.RandomName("payments-")
+	k := testenv.NewKafka(t, 1, topic)
+	ids := db.Insert(t, topic, 10, []string{"a", "b"})
+	cfg := testenv.RelayConfig(db, k)
+	cfg.StandbyNames = []string{"stb-gone"}
+	reg := prometheus.NewRegistry()
+	held := testenv.StartRelay(t, db, cfg, relay.WithRegisterer(reg), relay.WithLogger(testenv.Logger(t, nil)))
+	faultsEventually(t, 20*time.Second, "the wait shows in outbox_relay_standby_held_seconds", func() bool {
+		return gaugeValue(t, reg, "outbox_relay_standby_held_seconds", nil) > 1 &&
+			gaugeValue(t, reg, "outbox_relay_standby_connected", map[string]string{"standby": "stb-gone"}) == 0
+	})
+	if n := db.Unpublished(t); n != len(ids) {
+		t.Fatalf("%d of %d rows published while the named standby is missing", len(ids)-n, len(ids))
+	}
+	if err := held.Stop(); err != nil {
+		t.Fatalf("stop: %v", err)
+	}
+	cfg.StandbyNames = nil
+	testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)))
+	testenv.CheckExactlyOnce(t, ids, k.NewConsumer(t, topic).WaitFor(t, len(ids), 20*time.Second))
+}
+
+// gaugeValue reads a gauge of reg with the given labels (any, when nil).
+func gaugeValue(t *testing.T, reg *prometheus.Registry, name string, labels map[string]string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	metrics:
+		for _, m := range mf.GetMetric() {
+			for _, lp := range m.GetLabel() {
+				if v, ok := labels[lp.GetName()]; ok && v != lp.GetValue() {
+					continue metrics
+				}
+			}
+			return m.GetGauge().GetValue()
+		}
+	}
+	return -1
 }

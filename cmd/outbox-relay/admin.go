@@ -19,6 +19,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/migrations"
 	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/standby"
 )
 
 // dbSettings are the few variables the admin commands need.
@@ -32,6 +33,8 @@ type dbSettings struct {
 	// shard index for it when the table has no recorded count yet.
 	shards    int
 	onPublish outbox.OnPublish
+	// standbys is OUTBOX_STANDBY_NAMES.
+	standbys []string
 }
 
 func readDBSettings(environ []string, needURL bool) (dbSettings, error) {
@@ -55,6 +58,12 @@ func readDBSettings(environ []string, needURL bool) (dbSettings, error) {
 			s.shards = n
 		case "OUTBOX_ON_PUBLISH":
 			s.onPublish = outbox.OnPublish(v)
+		case "OUTBOX_STANDBY_NAMES":
+			for _, n := range strings.Split(v, ",") {
+				if n = strings.TrimSpace(n); n != "" {
+					s.standbys = append(s.standbys, n)
+				}
+			}
 		}
 	}
 	onPublish, err := outbox.ParseOnPublish(string(s.onPublish))
@@ -264,7 +273,40 @@ func statusSections() []func(context.Context, *statusRun) error {
 		statusOnPublish,
 		statusDeadLetters,
 		statusHeld,
+		statusStandbys,
 	}
+}
+
+// statusStandbys prints, with OUTBOX_STANDBY_NAMES, whether each named
+// standby is connected and how far it is behind the primary: a standby
+// missing or behind holds publishing.
+func statusStandbys(ctx context.Context, st *statusRun) error {
+	if len(st.s.standbys) == 0 {
+		st.line("standbys", "none named (OUTBOX_STANDBY_NAMES unset): a fail-over to an asynchronous standby can leave phantoms")
+		return nil
+	}
+	b, err := standby.New(st.pool, st.s.standbys)
+	if err != nil {
+		return err
+	}
+	if err := b.CheckAccess(ctx); err != nil {
+		return err
+	}
+	states, err := b.Read(ctx)
+	if err != nil {
+		return err
+	}
+	for _, s := range states {
+		switch {
+		case !s.Connected:
+			st.line("standby "+s.Name, "NOT CONNECTED: publishing is held until it streams again (or remove it from OUTBOX_STANDBY_NAMES)")
+		case s.LagBytes > 0:
+			st.line("standby "+s.Name, "streaming, %d bytes behind (publishing waits for it)", s.LagBytes)
+		default:
+			st.line("standby "+s.Name, "streaming, caught up")
+		}
+	}
+	return nil
 }
 
 // statusIdentity prints what the first relay recorded for the table: shard

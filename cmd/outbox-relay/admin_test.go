@@ -394,3 +394,19 @@ func TestDLQListNewestFirstJSONAndTruncated(t *testing.T) {
 		t.Fatalf("dlq list -json:\n%s", out)
 	}
 }
+
+func TestStatusShowsTheNamedStandbys(t *testing.T) {
+	url := testenv.CreateDatabase(t)
+	env := []string{"OUTBOX_DATABASE_URL=" + url}
+	if code, out, errs := cli(t, env, "migrate", "up"); code != 0 {
+		t.Fatalf("migrate up: code %d\n%s%s", code, out, errs)
+	}
+	code, out, errs := cli(t, append(env, "OUTBOX_STANDBY_NAMES=stb-gone"), "status")
+	if code != 0 || !strings.Contains(out, "standby stb-gone:    NOT CONNECTED: publishing is held") {
+		t.Fatalf("status with a named standby that is not connected: code %d\n%s%s", code, out, errs)
+	}
+	code, out, errs = cli(t, env, "status")
+	if code != 0 || !strings.Contains(out, "standbys:            none named (OUTBOX_STANDBY_NAMES unset)") {
+		t.Fatalf("status without OUTBOX_STANDBY_NAMES: code %d\n%s%s", code, out, errs)
+	}
+}
