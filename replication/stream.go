@@ -328,6 +328,12 @@ func (s *Stream) copyData(ctx context.Context, data []byte) (Event, error) {
 			return Event{}, fmt.Errorf("%w: transaction %d ends at %s, not after the previous one (%s)", ErrProtocol, t.Xid, t.EndLSN, s.handed)
 		}
 		s.handed = t.EndLSN
+		if len(t.Rows) == 0 {
+			// A transaction of no outbox row (PostgreSQL 14 and older send
+			// the Begin and Commit of every transaction): a position, as
+			// a keepalive's.
+			return Event{Idle: t.EndLSN}, nil
+		}
 		return Event{Txn: t}, nil
 	}
 	return Event{}, nil
