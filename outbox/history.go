@@ -3,6 +3,7 @@ package outbox
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -51,4 +52,25 @@ ORDER BY c.id`, ids)
 		return nil, fmt.Errorf("look for the checkpoint's rows in %s: %w", s.t, err)
 	}
 	return gone, nil
+}
+
+// PublishedOf returns which of the rows (by id and created_at) are marked
+// published: the replication source's hand-over skips the rows the poll
+// read published.
+func (s *Store) PublishedOf(ctx context.Context, ids []int64, created []time.Time) (map[int64]bool, error) {
+	rows, err := s.pool.Query(ctx, `SELECT o.id FROM `+s.t.Ident()+` o
+JOIN unnest($1::bigint[], $2::timestamptz[]) AS c(id, created) ON o.id = c.id AND o.created_at = c.created
+WHERE o.published_at IS NOT NULL`, ids, created)
+	if err != nil {
+		return nil, fmt.Errorf("read the marks of %s: %w", s.t, err)
+	}
+	marked, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	if err != nil {
+		return nil, fmt.Errorf("read the marks of %s: %w", s.t, err)
+	}
+	out := make(map[int64]bool, len(marked))
+	for _, id := range marked {
+		out[id] = true
+	}
+	return out, nil
 }

@@ -107,6 +107,16 @@ type Config struct {
 	// the statement that would have marked it). Not part of the table's
 	// recorded identity: see outbox.OnPublish.
 	OnPublish string `env:"OUTBOX_ON_PUBLISH" envDefault:"mark"`
+	// Source is where rows are read: poll (the outbox table, by id) or
+	// replication (a logical replication slot of the table's inserts, in
+	// commit order, package replication).
+	Source string `env:"OUTBOX_SOURCE" envDefault:"poll"`
+	// ReplicationSlot and ReplicationPublication name the slot (created
+	// by the relay on its first start) and the publication (created by
+	// `migrate up`) of OUTBOX_SOURCE=replication; empty: derived from the
+	// database, schema and table.
+	ReplicationSlot        string `env:"OUTBOX_REPLICATION_SLOT"`
+	ReplicationPublication string `env:"OUTBOX_REPLICATION_PUBLICATION"`
 	// Acks is Kafka's acks: 0, 1 or all; empty takes the mode's default
 	// (all; 0 for at-most-once).
 	Acks string `env:"OUTBOX_KAFKA_ACKS"`
@@ -351,6 +361,24 @@ func (c Config) Validate() error {
 	}
 	if _, err := outbox.ParseDeadLetterOrder(c.DeadLetterOrder); err != nil {
 		add("OUTBOX_DEAD_LETTER_ORDER: %v", err)
+	}
+	switch c.Source {
+	case "poll", "":
+	case "replication":
+		if c.Shards > 1 {
+			add("OUTBOX_SOURCE=replication reads one slot in commit order: it needs OUTBOX_SHARDS=1 (now %d)", c.Shards)
+		}
+		if c.Delivery != "" && c.Delivery != "exactly-once" {
+			add("OUTBOX_SOURCE=replication supports OUTBOX_DELIVERY=exactly-once only (now %q)", c.Delivery)
+		}
+		if c.OnPublish != "" && c.OnPublish != "mark" {
+			add("OUTBOX_SOURCE=replication needs OUTBOX_ON_PUBLISH=mark (its hand-over from the poll read tells the rows it published by their marks; now %q)", c.OnPublish)
+		}
+		if c.DeadLetterOrder != "skip" {
+			add("OUTBOX_SOURCE=replication does not hold the later rows of a dead letter's key yet: set OUTBOX_DEAD_LETTER_ORDER=skip (now %q)", c.DeadLetterOrder)
+		}
+	default:
+		add("OUTBOX_SOURCE is %q: expected poll or replication", c.Source)
 	}
 	if _, err := outbox.ParseOnPublish(c.OnPublish); err != nil {
 		add("OUTBOX_ON_PUBLISH: %v", err)

@@ -66,7 +66,7 @@ func (r *Relay) runShard(ctx context.Context, l *lease) error {
 		p, err := r.recoverShard(ctx, s, l, log)
 		if err == nil {
 			backoff = 100 * time.Millisecond
-			err = r.publishLoop(ctx, s, l, p, log, healthy)
+			err = r.source().run(ctx, s, l, p, log, healthy)
 			p.Close()
 		}
 		wait := jittered(backoff)
@@ -219,6 +219,16 @@ func (r *Relay) recoverShard(ctx context.Context, s int32, l *lease, log *slog.L
 			return nil, fmt.Errorf("recover shard %d: %w: checkpoint in %q partition %d was written by relay %q for table %s (incarnation %s), this is relay %q on %s (incarnation %s); "+
 				"was the table dropped and created again, or does another relay share the topic? Use a new OUTBOX_CHECKPOINT_TOPIC",
 				s, errCheckpointMismatch, r.cfg.CheckpointTopic, s, cp.Relay, cp.Table, cp.Incarnation, r.cfg.RelayName, r.store.Table(), r.incarnation)
+		}
+		if err := r.checkSourceSwitch(cp); err != nil {
+			p.Close()
+			return nil, fmt.Errorf("recover shard %d: %w", s, err)
+		}
+		if cp.Source == sourceReplication {
+			// Nothing to mark: the replication loop starts at the
+			// checkpoint's position (replicate.go).
+			log.Info("shard recovered", "epoch", p.Epoch(), "source", sourceReplication, "lsn", cp.LSN)
+			return p, nil
 		}
 		if marked, err = r.applyCheckpoint(ctx, s, l, cp, &w, log); err != nil {
 			p.Close()

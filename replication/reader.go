@@ -108,7 +108,9 @@ func (r *Reader) Next(ctx context.Context) (Batch, error) {
 		ev, err := r.s.Next(rctx)
 		cancel()
 		if err != nil {
-			if len(b.Rows) > 0 && ctx.Err() == nil && (pgconn.Timeout(err) || errors.Is(err, context.DeadlineExceeded)) {
+			if len(b.Rows) > 0 && (pgconn.Timeout(err) || errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil) {
+				// The linger ran out, or the caller's own deadline: the
+				// transactions in b were handed out, so b goes out too.
 				return b, nil
 			}
 			return Batch{}, err

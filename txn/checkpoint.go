@@ -44,11 +44,23 @@ type Checkpoint struct {
 	// fail-over or a restore, and reports the window's rows the database
 	// no longer has. Empty in checkpoints of relays before they were
 	// recorded.
-	SystemID string    `json:"system_id,omitempty"`
-	Timeline int32     `json:"timeline,omitempty"`
-	IDs      []int64   `json:"ids,omitempty"`    // version 1: the last batch's ids
-	Window   []byte    `json:"window,omitempty"` // version 2: the recovery window, see Window
-	Written  time.Time `json:"written"`
+	SystemID string `json:"system_id,omitempty"`
+	Timeline int32  `json:"timeline,omitempty"`
+	// Source is "replication" for a checkpoint of OUTBOX_SOURCE=replication
+	// (empty: poll). LSN is then the end LSN of the last PostgreSQL
+	// transaction the Kafka transaction holds (or an idle position);
+	// RowIndex, when not 0, says it holds only that transaction's first
+	// RowIndex rows, and CommitLSN is the start of its commit record.
+	// Handover is the WAL position up to which rows may have been
+	// published by the poll read before the switch (their marks say so).
+	Source    string    `json:"source,omitempty"`
+	LSN       string    `json:"lsn,omitempty"`
+	CommitLSN string    `json:"commit_lsn,omitempty"`
+	RowIndex  int       `json:"row_index,omitempty"`
+	Handover  string    `json:"handover_lsn,omitempty"`
+	IDs       []int64   `json:"ids,omitempty"`    // version 1: the last batch's ids
+	Window    []byte    `json:"window,omitempty"` // version 2: the recovery window, see Window
+	Written   time.Time `json:"written"`
 }
 
 // EnsureCheckpointTopic creates the checkpoint topic (compacted, one

@@ -19,6 +19,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/migrations"
 	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/replication"
 	"github.com/outbox-relay/outbox-relay/standby"
 )
 
@@ -35,6 +36,9 @@ type dbSettings struct {
 	onPublish outbox.OnPublish
 	// standbys is OUTBOX_STANDBY_NAMES.
 	standbys []string
+	// source and publication are OUTBOX_SOURCE and
+	// OUTBOX_REPLICATION_PUBLICATION.
+	source, publication string
 }
 
 func readDBSettings(environ []string, needURL bool) (dbSettings, error) {
@@ -58,6 +62,10 @@ func readDBSettings(environ []string, needURL bool) (dbSettings, error) {
 			s.shards = n
 		case "OUTBOX_ON_PUBLISH":
 			s.onPublish = outbox.OnPublish(v)
+		case "OUTBOX_SOURCE":
+			s.source = v
+		case "OUTBOX_REPLICATION_PUBLICATION":
+			s.publication = v
 		case "OUTBOX_STANDBY_NAMES":
 			for _, n := range strings.Split(v, ",") {
 				if n = strings.TrimSpace(n); n != "" {
@@ -161,7 +169,10 @@ func runMigrate(ctx context.Context, args, environ []string, stdout io.Writer) e
 		for _, mig := range ran {
 			fmt.Fprintf(stdout, "applied %04d_%s to %s\n", mig.Version, mig.Name, s.outboxTable())
 		}
-		return adminRoleHint(buildShardIndex(ctx, pool, s, stdout))
+		if err := buildShardIndex(ctx, pool, s, stdout); err != nil {
+			return adminRoleHint(err)
+		}
+		return adminRoleHint(ensurePublication(ctx, pool, s, stdout))
 	case "status":
 		st, err := m.Status(ctx)
 		if err != nil {
@@ -180,6 +191,23 @@ func runMigrate(ctx context.Context, args, environ []string, stdout io.Writer) e
 	default:
 		return fmt.Errorf("unknown migrate command %q: use up, status or sql", args[0])
 	}
+}
+
+// ensurePublication is the end of `migrate up` with OUTBOX_SOURCE=replication:
+// the publication of the outbox table's inserts that the relay's slot reads.
+func ensurePublication(ctx context.Context, pool *pgxpool.Pool, s dbSettings, stdout io.Writer) error {
+	if s.source != "replication" {
+		return nil
+	}
+	name := s.publication
+	if name == "" {
+		name = replication.DefaultPublication(s.schema, s.table)
+	}
+	if err := replication.EnsurePublication(ctx, pool, name, s.schema, s.table); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "publication %s publishes the inserts of %s\n", name, s.outboxTable())
+	return nil
 }
 
 // buildShardIndex is the end of `migrate up`: the index serving the shard

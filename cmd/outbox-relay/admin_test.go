@@ -410,3 +410,15 @@ func TestStatusShowsTheNamedStandbys(t *testing.T) {
 		t.Fatalf("status without OUTBOX_STANDBY_NAMES: code %d\n%s%s", code, out, errs)
 	}
 }
+
+func TestMigrateUpCreatesThePublicationOfTheReplicationSource(t *testing.T) {
+	url := testenv.CreateDatabase(t)
+	env := []string{"OUTBOX_DATABASE_URL=" + url, "OUTBOX_SOURCE=replication"}
+	code, out, errs := cli(t, env, "migrate", "up")
+	if code != 0 || !strings.Contains(out, "publication public_outbox_relay publishes the inserts of public.outbox") {
+		t.Fatalf("migrate up with OUTBOX_SOURCE=replication: code %d\n%s%s", code, out, errs)
+	}
+	if code, out, errs := cli(t, env, "migrate", "up"); code != 0 {
+		t.Fatalf("migrate up again: code %d\n%s%s", code, out, errs)
+	}
+}
