@@ -76,9 +76,13 @@ func (s *Store) WithDeadLetterOrder(o DeadLetterOrder) *Store {
 // heldFilter is the condition, on outbox rows aliased o, of rows held by a
 // dead letter: a dead letter of the same topic and key with a lower id that
 // is not discarded. A NULL key equals nothing, so keyless rows are never
-// held. The probe is an index-only lookup in <table>_dead_letter_held.
+// held. The probe is a lookup in <table>_dead_letter_held_digest, on the
+// MD5 of topic and key (a key or topic of any length has a bounded index
+// entry); the topic and key themselves are then compared on the dead
+// letters found, so a collision holds nothing.
 func (s *Store) heldFilter() string {
-	return `EXISTS (SELECT FROM ` + s.t.DeadLetterIdent() + ` d WHERE d.topic = o.topic AND d.key = o.key AND d.id < o.id AND d.discarded_at IS NULL AND d.key IS NOT NULL)`
+	return `EXISTS (SELECT FROM ` + s.t.DeadLetterIdent() + ` d WHERE md5(d.topic) = md5(o.topic) AND md5(d.key) = md5(o.key) AND d.id < o.id` +
+		` AND d.discarded_at IS NULL AND d.key IS NOT NULL AND d.topic = o.topic AND d.key = o.key)`
 }
 
 // Table is the table the store reads.

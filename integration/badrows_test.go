@@ -1,0 +1,153 @@
+package integration
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/outbox-relay/outbox-relay/integration/testenv"
+	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/relay"
+)
+
+// badRowsDeadLetters returns the table's dead letters by id, waiting until
+// there are n.
+func badRowsDeadLetters(t *testing.T, st *outbox.Store, n int) map[int64]outbox.DeadRow {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		dead, err := st.ListDeadLetters(context.Background(), 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(dead) >= n {
+			out := map[int64]outbox.DeadRow{}
+			for _, d := range dead {
+				out[d.ID] = d
+			}
+			return out
+		}
+		if time.Now().After(deadline) {
+			var got []string
+			for _, d := range dead {
+				got = append(got, fmt.Sprintf("%d: %.200s", d.ID, d.Error))
+			}
+			t.Fatalf("%d dead letters, want %d: %q", len(dead), n, got)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// keyOf returns the ids of seen whose key is key, in the order seen.
+func keyOf(seen []testenv.Seen, key []byte) []int64 {
+	var ids []int64
+	for _, s := range seen {
+		if bytes.Equal(s.Key, key) {
+			ids = append(ids, s.ID)
+		}
+	}
+	return ids
+}
+
+// TestLongKeysAreDeadLetteredAndHeld: keys are bytes of any length Kafka
+// accepts. A row with a 3,200-byte key and an invalid topic, and rows with
+// a 3,200-byte and a 2 MiB key and bad headers, are dead-lettered (a btree
+// entry of the key itself is limited to about 2,700 bytes: the dead-letter
+// insert failed, and the shard stopped on that row); the later rows of
+// their keys are held (hold-key), the other rows published; fixed and
+// requeued, every key's rows reach Kafka in id order. With two shards the
+// outbox's own shard index is on a hash of the key, so long keys pass it
+// too.
+func TestLongKeysAreDeadLetteredAndHeld(t *testing.T) {
+	for _, shards := range []int{1, 2} {
+		t.Run(fmt.Sprintf("shards=%d", shards), func(t *testing.T) {
+			ctx := context.Background()
+			db := testenv.NewDB(t)
+			topic := testenv.RandomName("ledger-")
+			k := testenv.NewKafka(t, 2)
+			limit := "8388608"
+			k.CreateTopicsWithConfig(t, 2, map[string]*string{"max.message.bytes": &limit}, topic)
+			// Random bytes: PostgreSQL compresses a repetitive key, which
+			// would fit in an index entry.
+			long := make([]byte, 3200)
+			huge := make([]byte, 2<<20) // 2 MiB, NUL bytes included
+			rand.Read(long)
+			rand.Read(huge)
+			rows := []struct {
+				topic   string
+				key     []byte
+				headers any
+			}{
+				{"bad topic!", long, nil}, // 1: dead letter (topic)
+				{topic, long, `{"n": 5}`}, // 2: dead letter (headers), holds long
+				{topic, long, nil},        // 3: held
+				{topic, huge, `{"n": 6}`}, // 4: dead letter (headers), holds huge
+				{topic, huge, nil},        // 5: held
+				{topic, []byte("s"), nil}, // 6: published
+				{topic, long, nil},        // 7: held
+				{"bad topic!", huge, nil}, // 8: dead letter (topic)
+				{topic, []byte("s"), nil}, // 9: published
+			}
+			tx, err := db.Pool.Begin(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i, r := range rows {
+				if _, err := tx.Exec(ctx, `INSERT INTO outbox (topic, key, value, headers) VALUES ($1, $2, $3, $4::jsonb)`,
+					r.topic, r.key, fmt.Sprintf("v%d", i+1), r.headers); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := tx.Commit(ctx); err != nil {
+				t.Fatal(err)
+			}
+			cfg := testenv.RelayConfig(db, k)
+			cfg.Shards = shards
+			cfg.BatchMaxBytes = 8 << 20
+			testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)))
+
+			st := outbox.NewStore(db.Pool, db.Table)
+			dead := badRowsDeadLetters(t, st, 4)
+			for id, want := range map[int64]string{1: "column topic", 2: "column headers", 4: "column headers", 8: "column topic"} {
+				if d, ok := dead[id]; !ok || !strings.Contains(d.Error, want) {
+					t.Errorf("dead letter %d: %+v, want its error to name %q", id, d.Error, want)
+				}
+			}
+			if len(dead) != 4 {
+				t.Fatalf("dead letters %v, want 1 2 4 8", slices.Sorted(func(yield func(int64) bool) {
+					for id := range dead {
+						if !yield(id) {
+							return
+						}
+					}
+				}))
+			}
+			c := k.NewConsumer(t, topic)
+			seen := c.WaitFor(t, 2, 30*time.Second)
+			testenv.CheckExactlyOnce(t, []int64{6, 9}, seen)
+			waitHeld(t, st, shards, 3, 2)
+
+			// Fixed and requeued: every key in id order.
+			if _, err := db.Pool.Exec(ctx, `UPDATE outbox_dead_letter SET headers = '{"n": "fixed"}' WHERE id IN (2, 4)`); err != nil {
+				t.Fatal(err)
+			}
+			if ids, err := st.Requeue(ctx, []int64{2, 4}); err != nil || !slices.Equal(ids, []int64{2, 4}) {
+				t.Fatalf("requeue: %v %v", ids, err)
+			}
+			seen = c.WaitFor(t, 7, 60*time.Second)
+			testenv.CheckExactlyOnce(t, []int64{2, 3, 4, 5, 6, 7, 9}, seen)
+			if got := keyOf(seen, long); !slices.Equal(got, []int64{2, 3, 7}) {
+				t.Errorf("the 3,200-byte key reached Kafka as %v, want 2 3 7", got)
+			}
+			if got := keyOf(seen, huge); !slices.Equal(got, []int64{4, 5}) {
+				t.Errorf("the 2 MiB key reached Kafka as %v, want 4 5", got)
+			}
+			waitHeld(t, st, shards, 0, 0)
+		})
+	}
+}
