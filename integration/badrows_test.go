@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"fmt"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -150,4 +151,74 @@ func TestLongKeysAreDeadLetteredAndHeld(t *testing.T) {
 			waitHeld(t, st, shards, 0, 0)
 		})
 	}
+}
+
+// TestOversizeRowIsDeadLetteredWithoutItsValue: a row larger than the
+// largest record the relay sends (OUTBOX_KAFKA_BATCH_SIZE, 1 MiB by
+// default) is dead-lettered by its size, with the sizes and the limit in
+// its reason, without its value ever being read into the relay: the
+// relay's allocations while it dead-letters a 64 MiB value stay far below
+// 64 MiB (before: the value was read, about twice over, to be refused by
+// the producer's check). The dead letter holds the value byte for byte (the
+// move copies it inside PostgreSQL). A row whose key alone passes the limit
+// is dead-lettered the same way, and the later rows of both keys are held,
+// the others published.
+func TestOversizeRowIsDeadLetteredWithoutItsValue(t *testing.T) {
+	ctx := context.Background()
+	db := testenv.NewDB(t)
+	topic := testenv.RandomName("blobs-")
+	k := testenv.NewKafka(t, 2, topic)
+	// Written by the server: the test process never holds the values.
+	if _, err := db.Pool.Exec(ctx, `INSERT INTO outbox (topic, key, value) VALUES
+    ($1, 'a', 'small'),
+    ($1, 'a', convert_to(repeat('x', 64 << 20), 'UTF8')),
+    ($1, 'a', 'held'),
+    ($1, convert_to(repeat('k', 2 << 20), 'UTF8'), 'huge key'),
+    ($1, 'b', 'free'),
+    ($1, convert_to(repeat('k', 2 << 20), 'UTF8'), 'huge key, held'),
+    ($1, NULL, 'keyless')`, topic); err != nil {
+		t.Fatal(err)
+	}
+	cfg := testenv.RelayConfig(db, k)
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)))
+	st := outbox.NewStore(db.Pool, db.Table)
+	// Counted, not listed: ListDeadLetters reads the values.
+	deadline := time.Now().Add(30 * time.Second)
+	for n := 0; n < 2; {
+		if err := db.Pool.QueryRow(ctx, `SELECT count(*) FROM outbox_dead_letter`).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d dead letters after 30 s, want 2", n)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	runtime.ReadMemStats(&after)
+	dead := badRowsDeadLetters(t, st, 2)
+	alloc := after.TotalAlloc - before.TotalAlloc
+	t.Logf("allocated %.1f MiB while dead-lettering a 64 MiB row", float64(alloc)/(1<<20))
+	if alloc > 32<<20 {
+		t.Errorf("the relay allocated %d MiB while it dead-lettered a 64 MiB row: it read the value", alloc>>20)
+	}
+	for id, want := range map[int64]string{
+		2: "row is 67108865 bytes (key 1, value 67108864, headers 0 as JSON text), more than 1048576",
+		4: "row is 2097160 bytes (key 2097152, value 8, headers 0 as JSON text), more than 1048576",
+	} {
+		if d, ok := dead[id]; !ok || !strings.Contains(d.Error, want) || !strings.Contains(d.Error, "OUTBOX_KAFKA_BATCH_SIZE") {
+			t.Errorf("dead letter %d: %.300q, want its error to say %q and name OUTBOX_KAFKA_BATCH_SIZE", id, d.Error, want)
+		}
+	}
+	if len(dead) != 2 {
+		t.Errorf("%d dead letters, want rows 2 and 4", len(dead))
+	}
+	var same bool
+	if err := db.Pool.QueryRow(ctx, `SELECT md5(value) = md5(convert_to(repeat('x', 64 << 20), 'UTF8')) FROM outbox_dead_letter WHERE id = 2`).Scan(&same); err != nil || !same {
+		t.Errorf("the dead letter's value is not the row's: %v %v", same, err)
+	}
+	seen := k.NewConsumer(t, topic).WaitFor(t, 3, 30*time.Second)
+	testenv.CheckExactlyOnce(t, []int64{1, 5, 7}, seen)
+	waitHeld(t, st, 1, 2, 2)
 }
