@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"runtime"
 	"slices"
@@ -221,4 +222,155 @@ func TestOversizeRowIsDeadLetteredWithoutItsValue(t *testing.T) {
 	seen := k.NewConsumer(t, topic).WaitFor(t, 3, 30*time.Second)
 	testenv.CheckExactlyOnce(t, []int64{1, 5, 7}, seen)
 	waitHeld(t, st, 1, 2, 2)
+}
+
+// badRowCase is one row of TestEveryUnpublishableRowIsDeadLetteredWithItsReason.
+type badRowCase struct {
+	name      string
+	topic     string // "T": the test's topic, "C": its compacted topic, "CP": the checkpoint topic
+	key       *string
+	headers   *string // jsonb text; nil: NULL
+	partition *int32
+	reason    string // "" when the row is publishable
+}
+
+func strp(s string) *string { return &s }
+
+// TestEveryUnpublishableRowIsDeadLetteredWithItsReason sweeps the outbox
+// row's columns for values Kafka cannot take (topic, key, headers,
+// partition, size): each such row is dead-lettered with a reason naming the
+// column, and the rows after it in the same batch, of other keys, are
+// published, in every delivery mode. Values that look odd but Kafka takes
+// (an empty header name, NUL bytes in a key, an empty key in a compacted
+// topic) are published intact. A NUL in a header value cannot reach the
+// relay: PostgreSQL's jsonb refuses \u0000 at insert.
+func TestEveryUnpublishableRowIsDeadLetteredWithItsReason(t *testing.T) {
+	manyHeaders := func() string { // 80,000 headers: 1.4 MB as JSON text, more than a record
+		var b strings.Builder
+		b.WriteString("{")
+		for i := range 80000 {
+			if i > 0 {
+				b.WriteString(", ")
+			}
+			fmt.Fprintf(&b, `"h%d": "v"`, i)
+		}
+		b.WriteString("}")
+		return b.String()
+	}()
+	p := func(n int32) *int32 { return &n }
+	raw := make([]byte, 1500)
+	rand.Read(raw)
+	longTopic := hex.EncodeToString(raw)
+	cases := []badRowCase{
+		{name: "empty topic", topic: "", reason: "column topic: topic is empty"},
+		{name: "topic .", topic: ".", reason: `column topic: topic "." is not allowed`},
+		{name: "topic ..", topic: "..", reason: `column topic: topic ".." is not allowed`},
+		{name: "topic of 250 characters", topic: strings.Repeat("t", 250), reason: "is 250 characters: Kafka allows 249"},
+		// Random: PostgreSQL would compress a repetitive one to fit an index entry.
+		{name: "topic of 3,000 characters with a key", topic: longTopic, reason: "is 3000 characters: Kafka allows 249"},
+		{name: "topic with a slash", topic: "orders/eu", reason: `has '/'`},
+		{name: "topic with a space", topic: "orders eu", reason: `has ' '`},
+		{name: "topic not ASCII", topic: "bestellungen-ä", reason: `has 'ä'`},
+		{name: "Kafka's internal topic", topic: "__consumer_offsets", reason: `topic "__consumer_offsets" is internal to Kafka`},
+		{name: "Kafka's transaction log", topic: "__transaction_state", reason: `topic "__transaction_state" is internal to Kafka`},
+		{name: "the checkpoint topic", topic: "CP", reason: "the relay's checkpoint topic"},
+		{name: "a topic that does not exist", topic: "no-such-topic-" + strings.ToLower(testenv.RandomName("")), reason: "does not exist"},
+		{name: "keyless row in a compacted topic", topic: "C", key: nil, reason: "column key is NULL and topic"},
+		{name: "headers an array", topic: "T", headers: strp(`["a", "b"]`), reason: "column headers is"},
+		{name: "headers a string", topic: "T", headers: strp(`"a=b"`), reason: "must be a JSON object"},
+		{name: "headers a number", topic: "T", headers: strp(`42`), reason: "must be a JSON object"},
+		{name: "headers JSON null", topic: "T", headers: strp(`null`), reason: "must be a JSON object"},
+		{name: "header value a number", topic: "T", headers: strp(`{"n": 1}`), reason: `value of "n" is a number, must be a string`},
+		{name: "header value null", topic: "T", headers: strp(`{"n": null}`), reason: `value of "n" is null, must be a string`},
+		{name: "header value an object", topic: "T", headers: strp(`{"n": {"a": "b"}}`), reason: `value of "n" is an object`},
+		{name: "header value an array", topic: "T", headers: strp(`{"n": ["a"]}`), reason: `value of "n" is an array`},
+		{name: "header value a boolean", topic: "T", headers: strp(`{"n": true}`), reason: `value of "n" is a boolean`},
+		{name: "the reserved header", topic: "T", headers: strp(`{"Outbox-Id": "7"}`), reason: "reserved"},
+		{name: "too many headers", topic: "T", headers: &manyHeaders, reason: "as JSON text), more than 1048576"},
+		{name: "negative partition", topic: "T", partition: p(-1), reason: "column partition is -1"},
+		{name: "partition the topic lacks", topic: "T", partition: p(7), reason: "partition 7 does not exist"},
+		{name: "empty header name", topic: "T", headers: strp(`{"": "x"}`)},
+		{name: "NUL bytes in the key", topic: "T", key: strp("a\x00b")},
+		{name: "empty key in a compacted topic", topic: "C", key: strp("")},
+	}
+	for _, mode := range []string{"exactly-once", "at-least-once", "at-most-once"} {
+		t.Run(mode, func(t *testing.T) {
+			ctx := context.Background()
+			db := testenv.NewDB(t)
+			topic, compacted := testenv.RandomName("sweep-"), testenv.RandomName("compacted-")
+			k := testenv.NewKafka(t, 2, topic)
+			k.CreateTopicsWithConfig(t, 2, map[string]*string{"cleanup.policy": strp("compact")}, compacted)
+			cfg := testenv.RelayConfig(db, k)
+			cfg.Delivery = mode
+			cfg.BatchSize = 500
+
+			if _, err := db.Pool.Exec(ctx, `INSERT INTO outbox (topic, key, value, headers) VALUES ($1, 'k', 'v', '{"a": "\u0000"}')`, topic); err == nil ||
+				!strings.Contains(err.Error(), "unsupported Unicode escape sequence") {
+				t.Errorf("a NUL in a header value: %v, want PostgreSQL to refuse it at insert", err)
+			}
+			// Each case, then a good row of its own key: one batch.
+			tx, err := db.Pool.Begin(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var caseID = map[int64]badRowCase{}
+			var good []int64
+			for i, c := range cases {
+				name := map[string]string{"T": topic, "C": compacted, "CP": cfg.CheckpointTopic}[c.topic]
+				if name == "" {
+					name = c.topic
+				}
+				var key []byte
+				switch {
+				case c.key != nil:
+					key = []byte(*c.key)
+				case c.topic != "C":
+					key = []byte(fmt.Sprintf("bad-%d", i))
+				}
+				var id int64
+				if err := tx.QueryRow(ctx, `INSERT INTO outbox (topic, key, value, headers, partition) VALUES ($1, $2, $3, $4::jsonb, $5) RETURNING id`,
+					name, key, "case "+c.name, c.headers, c.partition).Scan(&id); err != nil {
+					t.Fatalf("%s: %v", c.name, err)
+				}
+				caseID[id] = c
+				if c.reason == "" {
+					good = append(good, id)
+				}
+				if err := tx.QueryRow(ctx, `INSERT INTO outbox (topic, key, value) VALUES ($1, $2, 'good') RETURNING id`,
+					topic, fmt.Sprintf("good-%d", i)).Scan(&id); err != nil {
+					t.Fatal(err)
+				}
+				good = append(good, id)
+			}
+			if err := tx.Commit(ctx); err != nil {
+				t.Fatal(err)
+			}
+			testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)))
+
+			st := outbox.NewStore(db.Pool, db.Table)
+			// Every row published or dead-lettered, then each case checked.
+			faultsEventually(t, 60*time.Second, "no row is left unpublished", func() bool { return db.Unpublished(t) == 0 })
+			dead := badRowsDeadLetters(t, st, 0)
+			for id, c := range caseID {
+				d, ok := dead[id]
+				switch {
+				case c.reason == "" && ok:
+					t.Errorf("%s (row %d): dead-lettered (%.200s), want it published", c.name, id, d.Error)
+				case c.reason != "" && !ok:
+					t.Errorf("%s (row %d): not dead-lettered, want a reason with %q", c.name, id, c.reason)
+				case c.reason != "" && !strings.Contains(d.Error, c.reason):
+					t.Errorf("%s (row %d): reason %.300q, want %q in it", c.name, id, d.Error, c.reason)
+				}
+			}
+			seen := k.NewConsumer(t, topic, compacted).WaitFor(t, len(good), 30*time.Second)
+			testenv.CheckExactlyOnce(t, good, seen)
+			for _, s := range seen {
+				if c, ok := caseID[s.ID]; ok && c.headers != nil {
+					if v, ok := s.Headers[""]; !ok || v != "x" {
+						t.Errorf("%s: headers %v, want the empty name with x", c.name, s.Headers)
+					}
+				}
+			}
+		})
+	}
 }
