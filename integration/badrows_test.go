@@ -199,6 +199,15 @@ func TestOversizeRowIsDeadLetteredWithoutItsValue(t *testing.T) {
 	}
 	runtime.ReadMemStats(&after)
 	dead := badRowsDeadLetters(t, st, 2)
+	// dlq list reads a dead letter's value only up to 1 MiB, its size always.
+	var listed runtime.MemStats
+	runtime.ReadMemStats(&listed)
+	if alloc := listed.TotalAlloc - after.TotalAlloc; alloc > 16<<20 {
+		t.Errorf("listing the dead letters allocated %d MiB: it read the 64 MiB value", alloc>>20)
+	}
+	if d := dead[2]; d.Value != nil || d.ValueBytes == nil || *d.ValueBytes != 64<<20 {
+		t.Errorf("dead letter 2 listed with a value of %d bytes and size %v, want no value and size %d", len(d.Value), d.ValueBytes, 64<<20)
+	}
 	alloc := after.TotalAlloc - before.TotalAlloc
 	t.Logf("allocated %.1f MiB while dead-lettering a 64 MiB row", float64(alloc)/(1<<20))
 	if alloc > 32<<20 {

@@ -761,23 +761,31 @@ type DeadRow struct {
 	// Holds is how many unpublished rows of its topic and key come after
 	// it: the rows it holds under HoldKey (0 once discarded).
 	Holds int64
+	// ValueBytes is the value's size, nil for a tombstone. The value itself
+	// (Row.Value) is read only up to ListValueMaxBytes: a dead letter
+	// larger than any record (a 200 MiB value) is listed without it.
+	ValueBytes *int64
 }
 
+// ListValueMaxBytes is the largest value ListDeadLetters reads; larger ones
+// come with their size alone (DeadRow.ValueBytes).
+const ListValueMaxBytes = 1 << 20
+
 // ListDeadLetters returns up to limit dead letters, oldest first, with the
-// rows each one holds.
+// rows each one holds, and their values up to ListValueMaxBytes.
 func (s *Store) ListDeadLetters(ctx context.Context, limit int) ([]DeadRow, error) {
-	rows, err := s.pool.Query(ctx, `SELECT d.id, d.topic, d.key, d.value, d.headers::text, d.partition, d.created_at, d.error, d.failed_at,
+	rows, err := s.pool.Query(ctx, `SELECT d.id, d.topic, d.key, CASE WHEN octet_length(d.value) <= $2 THEN d.value END, octet_length(d.value)::bigint, d.headers::text, d.partition, d.created_at, d.error, d.failed_at,
     d.discarded_at, coalesce(d.discard_reason, ''),
     CASE WHEN d.discarded_at IS NULL AND d.key IS NOT NULL THEN (SELECT count(*) FROM `+s.t.Ident()+` o
         WHERE o.topic = d.topic AND o.key = d.key AND o.id > d.id AND o.published_at IS NULL) ELSE 0 END
-FROM `+s.t.DeadLetterIdent()+` d ORDER BY d.id LIMIT $1`, limit)
+FROM `+s.t.DeadLetterIdent()+` d ORDER BY d.id LIMIT $1`, limit, ListValueMaxBytes)
 	if err != nil {
 		return nil, fmt.Errorf("list dead letters of %s: %w", s.t, err)
 	}
 	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (DeadRow, error) {
 		var d DeadRow
 		var headers *string
-		err := r.Scan(&d.ID, &d.Topic, &d.Key, &d.Value, &headers, &d.Partition, &d.CreatedAt, &d.Error, &d.FailedAt,
+		err := r.Scan(&d.ID, &d.Topic, &d.Key, &d.Value, &d.ValueBytes, &headers, &d.Partition, &d.CreatedAt, &d.Error, &d.FailedAt,
 			&d.DiscardedAt, &d.DiscardReason, &d.Holds)
 		if headers != nil {
 			d.Headers = []byte(*headers)
