@@ -312,6 +312,12 @@ func TestEveryUnpublishableRowIsDeadLetteredWithItsReason(t *testing.T) {
 			cfg := testenv.RelayConfig(db, k)
 			cfg.Delivery = mode
 			cfg.BatchSize = 500
+			cases := cases
+			if k.Real {
+				// A real cluster may create a missing topic on request
+				// (auto.create.topics.enable): TestBrokerAutoCreationIsHonoured.
+				cases = slices.DeleteFunc(slices.Clone(cases), func(c badRowCase) bool { return c.name == "a topic that does not exist" })
+			}
 
 			if _, err := db.Pool.Exec(ctx, `INSERT INTO outbox (topic, key, value, headers) VALUES ($1, 'k', 'v', '{"a": "\u0000"}')`, topic); err == nil ||
 				!strings.Contains(err.Error(), "unsupported Unicode escape sequence") {

@@ -35,9 +35,15 @@ ANALYZE outbox; ANALYZE outbox_dead_letter`); err != nil {
 			if bounded {
 				args = "1000, 16777"
 			}
-			text := explain(t, db, plan, st.ReadBatchSQL(1, bounded), args)
-			if !strings.Contains(text, "outbox_dead_letter_held_digest") {
-				t.Errorf("%s, bounded %v: the held probe does not use outbox_dead_letter_held_digest:\n%s", plan, bounded, text)
+			for _, q := range []struct{ name, sql, args string }{
+				{"read", st.ReadBatchSQL(1, bounded), args},
+				{"read skipping the ids in flight", st.ReadSkippingSQL(1, bounded), args + ", '{1,2,3}'"},
+				{"read of shard 0 of 2", st.ReadBatchSQL(2, bounded), args + ", 0"},
+			} {
+				text := explain(t, db, plan, q.sql, q.args)
+				if !strings.Contains(text, "outbox_dead_letter_held_digest") {
+					t.Errorf("%s, %s, bounded %v: the held probe does not use outbox_dead_letter_held_digest:\n%s", q.name, plan, bounded, text)
+				}
 			}
 		}
 	}
