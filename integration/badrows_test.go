@@ -270,13 +270,18 @@ func TestEveryUnpublishableRowIsDeadLetteredWithItsReason(t *testing.T) {
 	raw := make([]byte, 1500)
 	rand.Read(raw)
 	longTopic := hex.EncodeToString(raw)
+	raw = make([]byte, 2<<20)
+	rand.Read(raw)
+	hugeTopic := hex.EncodeToString(raw)
 	cases := []badRowCase{
 		{name: "empty topic", topic: "", reason: "column topic: topic is empty"},
 		{name: "topic .", topic: ".", reason: `column topic: topic "." is not allowed`},
 		{name: "topic ..", topic: "..", reason: `column topic: topic ".." is not allowed`},
+		{name: "topic of 1,000 characters", topic: strings.Repeat("t", 1000), reason: "is 1000 characters: Kafka allows 249"},
 		{name: "topic of 250 characters", topic: strings.Repeat("t", 250), reason: "is 250 characters: Kafka allows 249"},
 		// Random: PostgreSQL would compress a repetitive one to fit an index entry.
-		{name: "topic of 3,000 characters with a key", topic: longTopic, reason: "is 3000 characters: Kafka allows 249"},
+		{name: "topic of 3,000 characters with a key", topic: longTopic, reason: "is longer than 1024 characters: Kafka allows 249"},
+		{name: "topic of 4 MiB with a key", topic: hugeTopic, reason: "is longer than 1024 characters: Kafka allows 249"},
 		{name: "topic with a slash", topic: "orders/eu", reason: `has '/'`},
 		{name: "topic with a space", topic: "orders eu", reason: `has ' '`},
 		{name: "topic not ASCII", topic: "bestellungen-ä", reason: `has 'ä'`},

@@ -429,13 +429,23 @@ func (s *Store) readSQL(shards int, bounded bool, skipArg int) string {
 	// index, no window over the rows: a running sum in SQL cost 0.7 ms of
 	// server time for 1,000 rows of 200 bytes, where the read without it
 	// took 0.2 ms.
-	return `SELECT id, topic, CASE WHEN size <= $2 THEN key END, CASE WHEN size <= $2 THEN value END,
+	// A topic of more than MaxTopicRead bytes (never a Kafka topic, which
+	// has at most 249 characters) comes as its first MaxTopicRead+1
+	// characters: the relay refuses it by its length, and a row cannot
+	// bring megabytes in its topic either.
+	return `SELECT id, CASE WHEN octet_length(topic) <= ` + strconv.Itoa(MaxTopicRead) + ` THEN topic ELSE left(topic, ` + strconv.Itoa(MaxTopicRead+1) + `) END,
+    CASE WHEN size <= $2 THEN key END, CASE WHEN size <= $2 THEN value END,
     CASE WHEN size <= $2 THEN headers END, partition, created_at, size
 FROM (SELECT id, topic, key, value, headers::text AS headers, partition, created_at FROM ` + s.t.Ident() +
 		` o WHERE published_at IS NULL` + filter + hold + ` ORDER BY id LIMIT $1) AS c,
     LATERAL (SELECT coalesce(octet_length(c.key), 0)::bigint + coalesce(octet_length(c.value), 0) + coalesce(octet_length(c.headers), 0) AS size) AS z
 ORDER BY id`
 }
+
+// MaxTopicRead bounds the topic a read with a byte bound brings: a topic of
+// more bytes comes as its first MaxTopicRead+1 characters, so a Row.Topic
+// of more than MaxTopicRead characters is one cut short.
+const MaxTopicRead = 1024
 
 // Lease is a relay's hold on one shard: the fencing token it got when it
 // took the shard (TakeLease). Every statement by which a relay changes rows

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -916,6 +917,9 @@ func oversizeError(row outbox.Row) error {
 // toRecord turns a row into a Kafka record, or says what is wrong with it.
 func toRecord(row outbox.Row) (txn.Record, error) {
 	rec := txn.Record{ID: row.ID, Topic: row.Topic, Key: row.Key, Value: row.Value, Partition: -1}
+	if utf8.RuneCountInString(row.Topic) > outbox.MaxTopicRead {
+		return rec, fmt.Errorf("column topic: topic %.20q... is longer than %d characters: Kafka allows 249", row.Topic, outbox.MaxTopicRead)
+	}
 	if err := outbox.ValidTopic(row.Topic); err != nil {
 		return rec, fmt.Errorf("column topic: %w", err)
 	}
