@@ -84,7 +84,7 @@ func parseDemoFlags(args []string, stderr io.Writer) (demoFlags, error) {
 	fs.DurationVar(&f.chaosEvery, "chaos-every", 3*time.Second, "mean time between -chaos crashes")
 	fs.StringVar(&f.delivery, "delivery", "exactly-once", "delivery `mode` of the relay: exactly-once, at-least-once or at-most-once (with -chaos, the last two show the duplicates or losses they allow)")
 	fs.StringVar(&f.schema, "schema", DefaultSchema, "PostgreSQL `schema` of the demo, dropped and created again; must start with "+DefaultSchema)
-	fs.StringVar(&f.logPath, "log", "", "relay log `file` (JSON, info level), - for stderr (warn level) (default "+filepath.Join(os.TempDir(), "outbox-relay-SCHEMA.log")+")")
+	fs.StringVar(&f.logPath, "log", "", "relay log `file` (JSON, info level), - for stderr (warn level) (default: a new file "+filepath.Join(os.TempDir(), "outbox-relay-SCHEMA-*.log")+", named when the demo starts)")
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), `Usage: outbox-relay demo [flags]
 
@@ -131,9 +131,6 @@ Flags:
 	}
 	if len(problems) > 0 {
 		return f, errors.New(strings.Join(problems, "; "))
-	}
-	if f.logPath == "" {
-		f.logPath = filepath.Join(os.TempDir(), "outbox-relay-"+f.schema+".log")
 	}
 	return f, nil
 }
@@ -189,7 +186,7 @@ func (d *demo) close() {
 func (d *demo) setup(ctx context.Context, stderr io.Writer) error {
 	var closeLog func()
 	var err error
-	d.log, d.logWhere, closeLog, err = demoLogger(d.f.logPath, stderr)
+	d.log, d.logWhere, closeLog, err = demoLogger(d.f.logPath, d.f.schema, stderr)
 	if err != nil {
 		return err
 	}
@@ -666,11 +663,19 @@ func (s *statusLine) print(ctx context.Context) {
 
 // demoLogger returns the relay's logger and says where its lines go: path
 // (created or truncated), or stderr at warn level when path is "-".
-func demoLogger(path string, stderr io.Writer) (*slog.Logger, string, func(), error) {
+func demoLogger(path, schema string, stderr io.Writer) (*slog.Logger, string, func(), error) {
 	if path == "-" {
 		return slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})), "stderr (JSON, warn level)", func() {}, nil
 	}
-	file, err := os.Create(path)
+	var file *os.File
+	var err error
+	if path == "" {
+		// A new file of its own, at a name no one can guess beforehand (so
+		// no one can plant a link there), readable by its owner only.
+		file, err = os.CreateTemp("", "outbox-relay-"+schema+"-*.log")
+	} else {
+		file, err = os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	}
 	if err != nil {
 		return nil, "", nil, fmt.Errorf("relay log file: %w (choose another with -log FILE, or -log - for stderr)", err)
 	}

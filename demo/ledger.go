@@ -35,10 +35,26 @@ const (
 	LedgerGroup = "outbox-demo-ledger"
 )
 
+// ledgerSetupLockKey is the first half of the advisory lock SetupLedger
+// takes ("ldgr"); the second is hashtext of the schema.
+const ledgerSetupLockKey = 1818519410
+
 // SetupLedger creates, if missing, the ledger's tables in schema: n
 // accounts at OpeningBalance, and the inbox tables. It drops nothing, so a
-// ledger process can call it on every start.
+// ledger process can call it on every start. It runs in one transaction
+// that first takes an advisory lock on the schema, so ledgers started at
+// the same moment take turns (CREATE SCHEMA IF NOT EXISTS and CREATE TABLE
+// IF NOT EXISTS are not safe against each other: one of two at once fails
+// on a duplicate key in the catalog); the later finds everything there.
 func SetupLedger(ctx context.Context, pool *pgxpool.Pool, schema string, n int) error {
+	tx, err := pool.Begin(ctx)
+	if err != nil {
+		return fmt.Errorf("set up the ledger in %s: %w", schema, err)
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // a no-op after commit
+	if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1, hashtext($2))`, ledgerSetupLockKey, schema); err != nil {
+		return fmt.Errorf("set up the ledger in %s: take the setup lock: %w", schema, err)
+	}
 	s := migrations.QuoteIdent(schema)
 	stmt := `CREATE SCHEMA IF NOT EXISTS ` + s + `;
 CREATE TABLE IF NOT EXISTS ` + s + `.` + LedgerAccounts + ` (
@@ -46,19 +62,22 @@ CREATE TABLE IF NOT EXISTS ` + s + `.` + LedgerAccounts + ` (
     balance bigint  NOT NULL,
     entries bigint  NOT NULL DEFAULT 0  -- transfers applied to the account
 )`
-	if _, err := pool.Exec(ctx, stmt); err != nil {
+	if _, err := tx.Exec(ctx, stmt); err != nil {
 		return fmt.Errorf("create the ledger's accounts in %s: %w", schema, err)
 	}
-	if _, err := pool.Exec(ctx, `INSERT INTO `+s+`.`+LedgerAccounts+` (id, balance) SELECT g, $2 FROM generate_series(1, $1::int) g ON CONFLICT (id) DO NOTHING`,
+	if _, err := tx.Exec(ctx, `INSERT INTO `+s+`.`+LedgerAccounts+` (id, balance) SELECT g, $2 FROM generate_series(1, $1::int) g ON CONFLICT (id) DO NOTHING`,
 		n, OpeningBalance); err != nil {
 		return fmt.Errorf("create %d ledger accounts in %s: %w", n, schema, err)
 	}
-	m, err := inbox.NewMigrator(pool, schema, LedgerInbox)
+	m, err := inbox.NewMigrator(tx, schema, LedgerInbox)
 	if err != nil {
 		return err
 	}
 	if _, err := m.Up(ctx); err != nil {
 		return fmt.Errorf("migrate the ledger's inbox in %s: %w", schema, err)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return fmt.Errorf("set up the ledger in %s: commit: %w", schema, err)
 	}
 	return nil
 }

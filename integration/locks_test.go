@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"regexp"
 	"testing"
 	"time"
 
@@ -43,6 +44,11 @@ func TestOutsideLockOnTheOutboxShowsAsAFailingShard(t *testing.T) {
 	faultsEventually(t, 30*time.Second, "the locked shard's failures climb to 2", func() bool { return failures() >= 2 })
 	if !faultsLogHas(logs.String(), "shard recovering after error", "lock timeout") {
 		t.Error("no log line names the lock timeout")
+	}
+	// The wait before the retry is a duration an operator reads ("200ms"),
+	// not nanoseconds (200000000).
+	if m := regexp.MustCompile(`"retry_in":([^,}]*)`).FindStringSubmatch(logs.String()); m == nil || !regexp.MustCompile(`^"[0-9.]+(ms|s)"$`).MatchString(m[1]) {
+		t.Errorf("retry_in is logged as %v, want a duration such as \"200ms\"", m)
 	}
 	if err := tx.Rollback(ctx); err != nil {
 		t.Fatal(err)

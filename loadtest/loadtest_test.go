@@ -93,10 +93,35 @@ func TestRefusesClearlyWithoutTheCreatePrivilege(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer admin.Close(ctx)
+	// Registered first, so it runs last: the shared server keeps no role of
+	// this test.
+	t.Cleanup(func() {
+		c, err := pgx.Connect(ctx, dbURL)
+		if err != nil {
+			t.Errorf("check that role %s is gone: %v", role, err)
+			return
+		}
+		defer c.Close(ctx)
+		var left bool
+		if err := c.QueryRow(ctx, `SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = $1)`, role).Scan(&left); err != nil || left {
+			t.Errorf("role %s is left on the server (%v)", role, err)
+		}
+	})
 	if _, err := admin.Exec(ctx, `CREATE ROLE `+role+` LOGIN`); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _, _ = admin.Exec(ctx, `DROP ROLE IF EXISTS `+role) })
+	// On a connection of its own: admin is closed by the time cleanups run.
+	t.Cleanup(func() {
+		c, err := pgx.Connect(ctx, dbURL)
+		if err != nil {
+			t.Errorf("drop role %s: %v", role, err)
+			return
+		}
+		defer c.Close(ctx)
+		if _, err := c.Exec(ctx, `DROP ROLE IF EXISTS `+role); err != nil {
+			t.Errorf("drop role %s: %v", role, err)
+		}
+	})
 	u, err := url.Parse(dbURL)
 	if err != nil {
 		t.Fatal(err)

@@ -27,6 +27,18 @@ import (
 // producing). A read that finds no row makes nothing durable: there is
 // nothing to publish.
 //
+// With synchronous standbys (synchronous_standby_names set), durable means
+// flushed on them too, whatever synchronous_commit the writers use: a
+// writer at local or off has its commit acknowledged before any standby
+// has it, and a promotion of that standby would lose a row Kafka holds.
+// So the read is also behind while the synchronous standbys' flushed
+// position (pg_stat_replication; unknown to a role without
+// pg_read_all_stats, which then always counts as behind) is before the
+// insert position, and then its commit runs with synchronous_commit raised
+// to on (set_config, local to the statement's transaction): it returns
+// only once the synchronous standbys flushed it, and every commit the read
+// saw before it.
+//
 // FOR KEY SHARE, not an UPDATE of the owner row: a pipelined mark in flight
 // holds that row FOR SHARE until it commits (the lease check of every mark),
 // and an UPDATE would wait for it, putting the mark back on the loop's
@@ -50,9 +62,14 @@ func (s *Store) ReadDurable(ctx context.Context, l Lease, shards, limit int, max
 func (s *Store) durableRead(read string, argN int) string {
 	shard, token := "$"+strconv.Itoa(argN), "$"+strconv.Itoa(argN+1)
 	return `WITH behind AS MATERIALIZED (
-    SELECT pg_current_wal_flush_lsn() < pg_current_wal_insert_lsn() AS yes
+    SELECT pg_current_wal_flush_lsn() < pg_current_wal_insert_lsn()
+        OR (current_setting('synchronous_standby_names') <> '' AND coalesce(
+            (SELECT min(flush_lsn) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')), '0/0') < pg_current_wal_insert_lsn()) AS yes
+), synchronous AS MATERIALIZED (
+    SELECT set_config('synchronous_commit', 'on', true) FROM behind
+    WHERE yes AND current_setting('synchronous_standby_names') <> '' AND current_setting('synchronous_commit') IN ('off', 'local', 'remote_write')
 ), flush AS MATERIALIZED (
-    SELECT FROM ` + s.t.OwnerIdent() + ` WHERE shard = ` + shard + ` AND token = ` + token + ` AND (SELECT yes FROM behind) FOR KEY SHARE
+    SELECT FROM ` + s.t.OwnerIdent() + ` WHERE shard = ` + shard + ` AND token = ` + token + ` AND (SELECT yes FROM behind) AND (SELECT count(*) FROM synchronous) >= 0 FOR KEY SHARE
 ), durable AS MATERIALIZED (
     SELECT NOT (SELECT yes FROM behind) OR EXISTS (SELECT FROM flush) AS ok
 )

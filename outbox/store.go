@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"slices"
 	"strconv"
@@ -784,11 +785,22 @@ const ListValueMaxBytes = 1 << 20
 // ListDeadLetters returns up to limit dead letters, oldest first, with the
 // rows each one holds, and their values up to ListValueMaxBytes.
 func (s *Store) ListDeadLetters(ctx context.Context, limit int) ([]DeadRow, error) {
+	return s.ListDeadLettersOrdered(ctx, limit, false)
+}
+
+// ListDeadLettersOrdered returns up to limit dead letters, newest first
+// (highest id first) when newest is set, else oldest first, with the rows
+// each one holds, and their values up to ListValueMaxBytes.
+func (s *Store) ListDeadLettersOrdered(ctx context.Context, limit int, newest bool) ([]DeadRow, error) {
+	order := "d.id"
+	if newest {
+		order = "d.id DESC"
+	}
 	rows, err := s.pool.Query(ctx, `SELECT d.id, d.topic, d.key, CASE WHEN octet_length(d.value) <= $2 THEN d.value END, octet_length(d.value)::bigint, d.headers::text, d.partition, d.created_at, d.error, d.failed_at,
     d.discarded_at, coalesce(d.discard_reason, ''),
     CASE WHEN d.discarded_at IS NULL AND d.key IS NOT NULL THEN (SELECT count(*) FROM `+s.t.Ident()+` o
         WHERE o.topic = d.topic AND o.key = d.key AND o.id > d.id AND o.published_at IS NULL) ELSE 0 END
-FROM `+s.t.DeadLetterIdent()+` d ORDER BY d.id LIMIT $1`, limit, ListValueMaxBytes)
+FROM `+s.t.DeadLetterIdent()+` d ORDER BY `+order+` LIMIT $1`, limit, ListValueMaxBytes)
 	if err != nil {
 		return nil, fmt.Errorf("list dead letters of %s: %w", s.t, err)
 	}
@@ -824,7 +836,8 @@ func (s *Store) Held(ctx context.Context, shard, shards int) (rows, keys int64, 
 // their original position: the same id and created_at, in the one
 // statement (one transaction) that deletes them from the dead-letter table.
 // A requeued row is therefore read before the rows of its key it held, and
-// the key's order is kept. It returns the ids it moved back, in order.
+// the key's order is kept. It returns the ids it moved back, in order, and
+// an *OvertakenError when it refused some (see RequeueReport).
 //
 // Same id and created_at is safe for recovery, which marks a row from a
 // checkpoint only when both match (I5): a dead-lettered row was never in a
@@ -837,21 +850,141 @@ func (s *Store) Held(ctx context.Context, shard, shards int) (rows, keys int64, 
 // have it in Kafka; `outbox-relay verify` reports it as
 // dead_letter_in_kafka before you requeue.)
 func (s *Store) Requeue(ctx context.Context, ids []int64) ([]int64, error) {
-	rows, err := s.pool.Query(ctx, `WITH moved AS (
-    DELETE FROM `+s.t.DeadLetterIdent()+` WHERE id = ANY($1::bigint[]) AND discarded_at IS NULL
+	rep, err := s.RequeueReport(ctx, ids)
+	if err != nil {
+		return nil, err
+	}
+	if len(rep.Overtaken) > 0 {
+		return rep.Moved, &OvertakenError{Overtaken: rep.Overtaken}
+	}
+	return rep.Moved, nil
+}
+
+// RequeueResult is what Store.RequeueReport did with each id it was given.
+type RequeueResult struct {
+	// Moved are the dead letters moved back at their own ids, in order.
+	Moved []int64
+	// Overtaken maps each dead letter refused because a later row of its
+	// (current) topic and key is already published to the first such row.
+	Overtaken map[int64]int64
+	// Discarded are dead letters given up with `dlq discard`: they go back
+	// only as new rows.
+	Discarded []int64
+	// Unknown are ids the dead-letter table does not hold.
+	Unknown []int64
+}
+
+// OvertakenError is the refusal of Store.Requeue to put a dead letter back
+// in place after a later row of its topic and key was published.
+type OvertakenError struct {
+	// Overtaken maps each refused dead letter to the first later row of its
+	// topic and key already published.
+	Overtaken map[int64]int64
+}
+
+func (e *OvertakenError) Error() string {
+	ids := slices.Sorted(maps.Keys(e.Overtaken))
+	parts := make([]string, len(ids))
+	for i, id := range ids {
+		parts[i] = fmt.Sprintf("%d (row %d of its topic and key is published)", id, e.Overtaken[id])
+	}
+	return "not requeued in place, as it would reach Kafka after later rows of its topic and key: " + strings.Join(parts, ", ") +
+		"; requeue them with --as-new (new ids, after everything written) if that order is acceptable"
+}
+
+// RequeueReport is Requeue, reporting what became of every id. It puts a
+// dead letter back in place only while no later row (a higher id) of its
+// topic and key is published: requeued in place it would be read before
+// the held rows of its key, but after a published one. That happens when
+// an operator changed the dead letter's topic or key in the dead-letter
+// table (the new topic and key were never held: their later rows may be in
+// Kafka), under OUTBOX_DEAD_LETTER_ORDER=skip, and in at-least-once mode
+// for a row of its key acknowledged before the refusal. Published rows are
+// seen while they are kept (OUTBOX_ON_PUBLISH=mark, before
+// OUTBOX_RETENTION deletes them); under delete they are gone, and the check
+// cannot see them. The refused rows stay in the dead-letter table;
+// `--as-new` moves them.
+func (s *Store) RequeueReport(ctx context.Context, ids []int64) (RequeueResult, error) {
+	var res RequeueResult
+	tx, err := s.pool.Begin(ctx)
+	if err != nil {
+		return res, fmt.Errorf("requeue dead letters of %s: %w", s.t, err)
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // a no-op after commit
+	found := map[int64]bool{}
+	var move []int64
+	rows, err := tx.Query(ctx, `SELECT d.id, d.discarded_at IS NOT NULL,
+    CASE WHEN d.key IS NULL OR d.discarded_at IS NOT NULL THEN NULL ELSE (SELECT min(o.id) FROM `+s.t.Ident()+` o
+        WHERE o.topic = d.topic AND o.key = d.key AND o.id > d.id AND o.published_at IS NOT NULL) END
+FROM `+s.t.DeadLetterIdent()+` d WHERE d.id = ANY($1::bigint[]) FOR UPDATE`, ids)
+	if err != nil {
+		return res, fmt.Errorf("requeue dead letters of %s: %w", s.t, err)
+	}
+	for rows.Next() {
+		var id int64
+		var discarded bool
+		var later *int64
+		if err := rows.Scan(&id, &discarded, &later); err != nil {
+			rows.Close()
+			return res, fmt.Errorf("requeue dead letters of %s: %w", s.t, err)
+		}
+		found[id] = true
+		switch {
+		case discarded:
+			res.Discarded = append(res.Discarded, id)
+		case later != nil:
+			if res.Overtaken == nil {
+				res.Overtaken = map[int64]int64{}
+			}
+			res.Overtaken[id] = *later
+		default:
+			move = append(move, id)
+		}
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return res, fmt.Errorf("requeue dead letters of %s: %w", s.t, err)
+	}
+	for _, id := range ids {
+		if !found[id] && !slices.Contains(res.Unknown, id) {
+			res.Unknown = append(res.Unknown, id)
+		}
+	}
+	if len(move) > 0 {
+		rows, err := tx.Query(ctx, `WITH moved AS (
+    DELETE FROM `+s.t.DeadLetterIdent()+` WHERE id = ANY($1::bigint[])
     RETURNING id, topic, key, value, headers, partition, created_at
 )
 INSERT INTO `+s.t.Ident()+` (id, topic, key, value, headers, partition, created_at) OVERRIDING SYSTEM VALUE
 SELECT id, topic, key, value, headers, partition, created_at FROM moved ORDER BY id
-RETURNING id`, ids)
+RETURNING id`, move)
+		if err != nil {
+			return res, fmt.Errorf("requeue dead letters of %s: %w", s.t, err)
+		}
+		if res.Moved, err = pgx.CollectRows(rows, pgx.RowTo[int64]); err != nil {
+			return res, fmt.Errorf("requeue dead letters of %s: %w", s.t, err)
+		}
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return RequeueResult{}, fmt.Errorf("requeue dead letters of %s: commit: %w", s.t, err)
+	}
+	slices.Sort(res.Moved)
+	slices.Sort(res.Discarded)
+	slices.Sort(res.Unknown)
+	return res, nil
+}
+
+// DeadLetterIDs returns those of ids that the dead-letter table holds, in
+// order.
+func (s *Store) DeadLetterIDs(ctx context.Context, ids []int64) ([]int64, error) {
+	rows, err := s.pool.Query(ctx, `SELECT id FROM `+s.t.DeadLetterIdent()+` WHERE id = ANY($1::bigint[]) ORDER BY id`, ids)
 	if err != nil {
-		return nil, fmt.Errorf("requeue dead letters of %s: %w", s.t, err)
+		return nil, fmt.Errorf("look up dead letters of %s: %w", s.t, err)
 	}
 	out, err := pgx.CollectRows(rows, pgx.RowTo[int64])
 	if err != nil {
-		return nil, fmt.Errorf("requeue dead letters of %s: %w", s.t, err)
+		return nil, fmt.Errorf("look up dead letters of %s: %w", s.t, err)
 	}
-	slices.Sort(out)
 	return out, nil
 }
 

@@ -45,6 +45,12 @@ type Config struct {
 	// marks of up to that many batches (a database crash with unflushed
 	// commits, a fail-over to an asynchronous standby) republishes nothing.
 	RecoveryWindow int `env:"OUTBOX_RECOVERY_WINDOW" envDefault:"8"`
+	// StandbyNames are the physical standbys (their application_name in
+	// pg_stat_replication) that must have flushed a row's commit before it
+	// is published, so that a promotion of any of them finds every row that
+	// Kafka holds (and the marks of all but the checkpoint's last batches).
+	// A standby missing or behind holds publishing.
+	StandbyNames []string `env:"OUTBOX_STANDBY_NAMES" envSeparator:","`
 	// StatementTimeout and LockTimeout bound every query of the relay
 	// (PostgreSQL's statement_timeout and lock_timeout).
 	StatementTimeout time.Duration `env:"OUTBOX_STATEMENT_TIMEOUT" envDefault:"30s"`

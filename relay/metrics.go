@@ -31,6 +31,16 @@ type Metrics struct {
 	Deleted             prometheus.Counter
 	Takeovers           *prometheus.CounterVec
 	ShardsLost          *prometheus.CounterVec
+	// StandbyWait, StandbyHeld, StandbyLag and StandbyConnected are the
+	// OUTBOX_STANDBY_NAMES barrier's: how long batches waited, how long
+	// the current wait has lasted, and each standby's position.
+	StandbyWait      prometheus.Histogram
+	StandbyHeld      prometheus.Gauge
+	StandbyLag       *prometheus.GaugeVec
+	StandbyConnected *prometheus.GaugeVec
+	// Phantoms counts rows a checkpoint recorded as published that the
+	// database, at recovery, no longer has (or has as other rows).
+	Phantoms *prometheus.CounterVec
 }
 
 // NewMetrics creates the metrics and registers them on reg.
@@ -82,10 +92,21 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Shards the table is split into (OUTBOX_SHARDS): sum(owned_shards) should equal it."}),
 		Deleted: prometheus.NewCounter(prometheus.CounterOpts{Namespace: ns, Name: "retention_deleted_rows_total",
 			Help: "Published rows deleted by retention."}),
+		StandbyWait: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: ns, Name: "standby_wait_seconds",
+			Help: "OUTBOX_STANDBY_NAMES: how long each batch waited for the named standbys to flush its rows' commits.", Buckets: prometheus.ExponentialBuckets(0.0005, 2, 18)}),
+		StandbyHeld: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: ns, Name: "standby_held_seconds",
+			Help: "OUTBOX_STANDBY_NAMES: how long the current wait for the named standbys has lasted; 0 when publishing is not held."}),
+		StandbyLag: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "standby_lag_bytes",
+			Help: "OUTBOX_STANDBY_NAMES: WAL bytes the standby has not flushed of what the relay waits for (-1 when it is not connected)."}, []string{"standby"}),
+		StandbyConnected: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "standby_connected",
+			Help: "OUTBOX_STANDBY_NAMES: 1 when the primary's pg_stat_replication lists the standby, 0 when it does not (publishing is held)."}, []string{"standby"}),
+		Phantoms: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "phantom_rows_total",
+			Help: "Rows a checkpoint recorded as published to Kafka that the database no longer has, or has as other rows (a fail-over to a standby that lacked them, a restore): Kafka holds events of transactions this database never had."}, shard),
 	}
 	reg.MustRegister(m.Backlog, m.OldestAge, m.HeldRows, m.HeldKeys, m.Published, m.PublishedBytes, m.BatchSize, m.TxnDuration, m.EndToEnd,
 		m.Aborts, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.PossiblyLost, m.Rewinds, m.ConsecutiveFailures,
-		m.Takeovers, m.ShardsLost, m.OwnedShards, m.Shards, m.Deleted)
+		m.Takeovers, m.ShardsLost, m.OwnedShards, m.Shards, m.Deleted,
+		m.StandbyWait, m.StandbyHeld, m.StandbyLag, m.StandbyConnected, m.Phantoms)
 	return m
 }
 
@@ -95,7 +116,7 @@ var abortReasons = []string{"aborted", "record_error", "commit_unknown", "send_f
 // shardTaken creates the shard's series at zero, so that increase() and
 // rate() see their first event.
 func (m *Metrics) shardTaken(label string) {
-	for _, c := range []*prometheus.CounterVec{m.Published, m.PublishedBytes, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.PossiblyLost, m.Rewinds} {
+	for _, c := range []*prometheus.CounterVec{m.Published, m.PublishedBytes, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.PossiblyLost, m.Rewinds, m.Phantoms} {
 		c.WithLabelValues(label)
 	}
 	for _, reason := range abortReasons {

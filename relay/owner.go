@@ -265,7 +265,7 @@ func (o *owner) tick(ctx context.Context, shutting bool) error {
 		}
 		if !w.stalled {
 			w.stalled = true
-			r.log.Warn("shard worker makes no progress: its lease is no longer renewed", "shard", s, "token", w.lease.Token, "lease", r.cfg.ownerLease())
+			r.log.Warn("shard worker makes no progress: its lease is no longer renewed", "shard", s, "token", w.lease.Token, "lease", r.cfg.ownerLease().String())
 		}
 	}
 	for _, l := range o.held {

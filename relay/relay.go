@@ -23,6 +23,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/migrations"
 	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/standby"
 	"github.com/outbox-relay/outbox-relay/txn"
 )
 
@@ -98,6 +99,12 @@ type Relay struct {
 	// not run, reported by /readyz.
 	haltedMu sync.Mutex
 	halted   map[int32]error
+
+	// standbys is the OUTBOX_STANDBY_NAMES barrier (nil without it).
+	standbys *standby.Barrier
+	// history is the database's system identifier and timeline, read at
+	// every recovery and written into every checkpoint.
+	history atomic.Pointer[outbox.History]
 }
 
 // New checks the configuration and prepares a relay on the database pool
@@ -149,6 +156,11 @@ func New(cfg Config, pool *pgxpool.Pool, opts ...Option) (*Relay, error) {
 	if r.fail != nil {
 		r.tcfg.BeforeCommit = func(ctx context.Context, shard int32, ids []int64) error {
 			return r.failpoint(ctx, FailBeforeCommit, shard, ids)
+		}
+	}
+	if len(cfg.StandbyNames) > 0 {
+		if r.standbys, err = newStandbyBarrier(r.pool, cfg.StandbyNames, r.m); err != nil {
+			return nil, fmt.Errorf("configuration: %w", err)
 		}
 	}
 	r.connCfg = r.pool.Config().ConnConfig
@@ -277,6 +289,11 @@ func (r *Relay) start(ctx context.Context) error {
 	// member lock is granted: a reshard may run until then.
 	if err := r.checkIdentity(ctx); err != nil {
 		return err
+	}
+	if r.standbys != nil {
+		if err := r.standbys.CheckAccess(ctx); err != nil {
+			return err
+		}
 	}
 	r.warnWithoutShardIndex(ctx)
 	for _, w := range r.warnings {

@@ -110,7 +110,7 @@ func (r *Relay) runShard(ctx context.Context, l *lease) error {
 			log.Error("shard lost", "reason", "this instance cannot reach Kafka: shard given up to a standby", "err", err)
 			return errKafkaUnreachable
 		default:
-			log.Warn("shard recovering after error", "err", err, "retry_in", wait, "consecutive_failures", r.failed(l))
+			log.Warn("shard recovering after error", "err", err, "retry_in", wait.String(), "consecutive_failures", r.failed(l))
 		}
 		l.step(wait)
 		select {
@@ -202,6 +202,12 @@ func (r *Relay) recoverShard(ctx context.Context, s int32, l *lease, log *slog.L
 		log.Info("shard recovered", "delivery", string(r.mode), "possibly_lost", len(lost))
 		return p, nil
 	}
+	h, err := r.store.History(ctx)
+	if err != nil {
+		p.Close()
+		return nil, fmt.Errorf("recover shard %d: %w", s, err)
+	}
+	r.history.Store(&h)
 	cp, err := p.ReadCheckpoint(ctx)
 	if err != nil {
 		p.Close()
@@ -256,6 +262,11 @@ func (r *Relay) applyCheckpoint(ctx context.Context, s int32, l *lease, cp *txn.
 	for i, row := range rows {
 		ids[i], created[i] = row.ID, row.Created
 	}
+	// Before the marks: in delete mode they remove the rows.
+	gone, err := r.historyChanged(ctx, cp, ids, log)
+	if err != nil {
+		return 0, err
+	}
 	var marked int64
 	if cp.Version == 1 {
 		// Written before the upgrade: ids without fingerprints. A row
@@ -280,6 +291,7 @@ func (r *Relay) applyCheckpoint(ctx context.Context, s int32, l *lease, cp *txn.
 	if err != nil {
 		return marked, err
 	}
+	r.reportPhantoms(s, ids, gone, rw.Replaced, log)
 	if rw.Detected() {
 		r.m.Rewinds.WithLabelValues(strconv.Itoa(int(s))).Inc()
 		maxID := slices.Max(ids)
@@ -409,6 +421,9 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, l *lease, p *txn.Produ
 		idleWait = 0
 		// The batch runs to its end even when shutdown begins: a clean
 		// stop commits and marks what it has started.
+		if err := r.waitForStandbys(ctx, l); err != nil {
+			return err
+		}
 		bctx, cancel := graceful(ctx, r.cfg.ShutdownTimeout)
 		err = r.publishRows(bctx, s, l, p, rows, log)
 		cancel()
@@ -578,8 +593,32 @@ func (r *Relay) deadLetter(ctx context.Context, s int32, l *lease, dead []outbox
 	for i, d := range dead {
 		ids[i] = d.ID
 	}
-	log.Warn("rows moved to the dead-letter table", "ids", ids, "first_error", dead[0].Error)
+	log.Warn("rows moved to the dead-letter table", "ids", ids, "causes", deadLetterCauses(dead))
 	return nil
+}
+
+// deadLetterCause is one error of a dead-letter move and the ids it holds
+// for, as the move's log line lists them.
+type deadLetterCause struct {
+	Error string  `json:"error"`
+	IDs   []int64 `json:"ids"`
+}
+
+// deadLetterCauses groups dead by error, in the order of their first row,
+// so that the log line gives every row its own cause.
+func deadLetterCauses(dead []outbox.DeadLetter) []deadLetterCause {
+	var out []deadLetterCause
+	at := map[string]int{}
+	for _, d := range dead {
+		i, ok := at[d.Error]
+		if !ok {
+			i = len(out)
+			at[d.Error] = i
+			out = append(out, deadLetterCause{Error: d.Error})
+		}
+		out[i].IDs = append(out[i].IDs, d.ID)
+	}
+	return out
 }
 
 // publish sends one batch in one transaction and marks it. When Kafka refuses
@@ -606,6 +645,9 @@ func (r *Relay) publish(ctx context.Context, s int32, l *lease, p *txn.Producer,
 		ids[i] = rec.ID
 	}
 	cp := txn.Checkpoint{Relay: r.cfg.RelayName, Shard: s, Table: r.store.Table().String(), Incarnation: r.incarnation}
+	if h := r.history.Load(); h != nil {
+		cp.SystemID, cp.Timeline = h.SystemID, h.Timeline
+	}
 
 	// The batch's payload, counted before Publish lets it go (sent).
 	bytes := recordBytes(recs)

@@ -132,7 +132,7 @@ func (w *waker) run(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		w.log.Warn("wake-up listener lost, workers poll until it is back", "err", err, "retry_in", backoff)
+		w.log.Warn("wake-up listener lost, workers poll until it is back", "err", err, "retry_in", backoff.String())
 		w.broadcast()
 		select {
 		case <-ctx.Done():

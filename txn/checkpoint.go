@@ -34,14 +34,21 @@ var ErrCheckpointForeign = errors.New("checkpoint partition holds a record that 
 // transaction and the shard's previous ones hold, whose database mark may be
 // missing or not durable (I2, I5).
 type Checkpoint struct {
-	Version     int       `json:"v"`
-	Relay       string    `json:"relay"`
-	Shard       int32     `json:"shard"`
-	Table       string    `json:"table"`
-	Incarnation string    `json:"incarnation"`      // identity of the outbox table
-	IDs         []int64   `json:"ids,omitempty"`    // version 1: the last batch's ids
-	Window      []byte    `json:"window,omitempty"` // version 2: the recovery window, see Window
-	Written     time.Time `json:"written"`
+	Version     int    `json:"v"`
+	Relay       string `json:"relay"`
+	Shard       int32  `json:"shard"`
+	Table       string `json:"table"`
+	Incarnation string `json:"incarnation"` // identity of the outbox table
+	// SystemID and Timeline are the database's when the transaction was
+	// written (outbox.History): recovery says when they changed, a
+	// fail-over or a restore, and reports the window's rows the database
+	// no longer has. Empty in checkpoints of relays before they were
+	// recorded.
+	SystemID string    `json:"system_id,omitempty"`
+	Timeline int32     `json:"timeline,omitempty"`
+	IDs      []int64   `json:"ids,omitempty"`    // version 1: the last batch's ids
+	Window   []byte    `json:"window,omitempty"` // version 2: the recovery window, see Window
+	Written  time.Time `json:"written"`
 }
 
 // EnsureCheckpointTopic creates the checkpoint topic (compacted, one

@@ -241,6 +241,7 @@ func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint, se
 			}
 		}
 	}
+	watch := p.watchTopics(ctx, recs)
 	for _, r := range recs {
 		p.cl.Produce(ctx, p.kafkaRecord(r), promise(r.ID, r.Topic))
 	}
@@ -255,12 +256,20 @@ func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint, se
 	// the idempotent sequence numbers make the broker drop the duplicate,
 	// which is how a lost produce acknowledgement cannot duplicate a row).
 	flushErr := p.cl.Flush(ctx)
+	gone := watch.stop()
 	mu.Lock()
 	rerrs, oerr := recordErrs, otherErr
 	mu.Unlock()
-	if flushErr != nil || rerrs != nil || oerr != nil {
+	if flushErr != nil || rerrs != nil || oerr != nil || len(gone) > 0 {
 		abortErr := p.abortAfterFailure(ctx)
 		switch {
+		case len(gone) > 0 && abortErr == nil && !errors.Is(oerr, ErrFatal) && (oerr == nil || !isFenced(oerr) && !isRelayFatal(oerr)):
+			// A topic deleted after the check: its produce would wait out
+			// the client's unknown-topic retries (seconds apart, up to the
+			// transaction's budget). The watch found it gone from metadata
+			// and aborted the produce; the transaction is aborted, so its
+			// rows alone are at fault, as if refused before sending.
+			return &RecordErrors{Records: gone.records(recs), BeforeSend: true}
 		case errors.Is(oerr, ErrFatal):
 			return oerr
 		case oerr != nil && (isFenced(oerr) || isRelayFatal(oerr)):
@@ -311,6 +320,107 @@ func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint, se
 		// transaction and the checkpoint says whether these ids committed.
 		return fmt.Errorf("commit: %w: %w", ErrCommitUnknown, err)
 	}
+}
+
+// topicWatchAfter is how long a produce may wait before the producer looks
+// whether a topic of its records was deleted after the check
+// (watchTopics).
+const topicWatchAfter = 500 * time.Millisecond
+
+// goneTopics are the topics watchTopics found deleted, with the error their
+// records are refused with.
+type goneTopics map[string]error
+
+// records are the record errors of the records of recs whose topic is gone.
+func (g goneTopics) records(recs []Record) []*RecordError {
+	var out []*RecordError
+	for _, r := range recs {
+		if err, ok := g[r.Topic]; ok {
+			out = append(out, &RecordError{ID: r.ID, Err: err})
+		}
+	}
+	return out
+}
+
+// topicWatch is a running watchTopics.
+type topicWatch struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+	gone   goneTopics
+}
+
+// stop ends the watch and returns the topics it found gone (nil: none).
+func (w *topicWatch) stop() goneTopics {
+	w.cancel()
+	<-w.done
+	return w.gone
+}
+
+// watchTopics guards a produce of recs against a topic deleted after
+// checkRecords learned it. franz-go retries a produce that meets
+// UNKNOWN_TOPIC_OR_PARTITION after each metadata refresh (at most one in
+// 5 s) and fails the record only after four such answers, so the whole
+// transaction would wait 15 s or more, or run out of its budget. Once the
+// produce has run topicWatchAfter, the watch asks the cluster about the
+// records' topics every topicRefreshDelay; a topic the cluster calls
+// unknown twice in a row (the rule of learn) is forgotten and the buffered
+// records are aborted, so that the produce returns at once and the caller
+// refuses that topic's records.
+func (p *Producer) watchTopics(ctx context.Context, recs []Record) *topicWatch {
+	var topics []string
+	for _, r := range recs {
+		if !slices.Contains(topics, r.Topic) {
+			topics = append(topics, r.Topic)
+		}
+	}
+	wctx, cancel := context.WithCancel(ctx)
+	w := &topicWatch{cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(w.done)
+		wait := topicWatchAfter
+		unknown := map[string]int{}
+		for {
+			select {
+			case <-wctx.Done():
+				return
+			case <-time.After(wait):
+			}
+			wait = topicRefreshDelay
+			_, errs, err := p.describeTopics(wctx, topics)
+			if err != nil {
+				continue
+			}
+			gone := goneTopics{}
+			for _, t := range topics {
+				if !errors.Is(errs[t], kerr.UnknownTopicOrPartition) {
+					unknown[t] = 0
+					continue
+				}
+				if unknown[t]++; unknown[t] >= 2 {
+					gone[t] = fmt.Errorf("topic %q does not exist: it was deleted after the relay checked it (the cluster said so twice, %v apart, while its records waited): create the topic, or set OUTBOX_CREATE_TOPICS=true to have the relay create missing topics; then requeue the row (outbox-relay dlq requeue) (%w)",
+						t, topicRefreshDelay, kerr.UnknownTopicOrPartition)
+				}
+			}
+			if len(gone) == 0 {
+				continue
+			}
+			for t := range gone {
+				p.forget(t)
+			}
+			w.gone = gone
+			p.log.Warn("topics deleted after they were checked: their records are refused, the rest goes on", "topics", slices.Sorted(maps.Keys(gone)))
+			// The records wait for the client's next metadata update (at
+			// most one in 5 s) to be tried again; the abort fails them at
+			// that safe point, so the update is asked for now. The parent
+			// context: a wait quit early leaves the client in an invalid
+			// state (franz-go). It returns once no record is buffered, as
+			// the Flush that stop follows does.
+			p.cl.ForceMetadataRefresh()
+			_ = p.cl.AbortBufferedRecords(ctx)
+			return
+		}
+	}()
+	return w
 }
 
 // abortAfterFailure drops what is buffered and aborts the transaction after a
@@ -578,7 +688,7 @@ func (p *Producer) learn(ctx context.Context, topics []string) (map[string]error
 		}
 		cancel()
 		if len(pending) > 0 {
-			p.log.Warn("topics created but not yet ready; producing anyway", "topics", pending, "waited", topicReadyTimeout)
+			p.log.Warn("topics created but not yet ready; producing anyway", "topics", pending, "waited", topicReadyTimeout.String())
 		}
 	}
 	p.cacheTopics(ctx, ready)
@@ -737,6 +847,8 @@ func (p *Producer) Send(ctx context.Context, recs []Record) (acked []int64, refu
 		otherErr error
 	)
 	ok := make([]bool, len(recs))
+	aborted := make([]bool, len(recs))
+	watch := p.watchTopics(ctx, recs)
 	for i, r := range recs {
 		if skip[r.ID] {
 			continue
@@ -749,6 +861,8 @@ func (p *Producer) Send(ctx context.Context, recs []Record) (acked []int64, refu
 			switch {
 			case err == nil:
 				ok[i] = true
+			case errors.Is(err, kgo.ErrAborting):
+				aborted[i] = true // by the watch: see below
 			case isRecordFatal(err):
 				p.forgetIfGone(r.Topic, err)
 				refused = append(refused, &RecordError{ID: r.ID, Err: err})
@@ -758,10 +872,19 @@ func (p *Producer) Send(ctx context.Context, recs []Record) (acked []int64, refu
 		})
 	}
 	wg.Wait()
+	gone := watch.stop()
 	for i, r := range recs {
-		if ok[i] {
+		switch {
+		case ok[i]:
 			acked = append(acked, r.ID)
+		case aborted[i] && gone[r.Topic] != nil:
+			// Its topic was deleted after the check (watchTopics).
+			refused = append(refused, &RecordError{ID: r.ID, Err: gone[r.Topic]})
+		case aborted[i] && len(gone) == 0 && otherErr == nil:
+			otherErr = kgo.ErrAborting
 		}
+		// A record of another topic aborted with them is neither
+		// acknowledged nor refused: it stays unmarked and goes out again.
 	}
 	if otherErr != nil {
 		return acked, refused, fmt.Errorf("produce: %w", classify(otherErr))

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -85,6 +86,13 @@ INSERT INTO billing.events_dead_letter (id, topic, value, created_at, error) VAL
 	if code, _, errs := cli(t, env, "dlq", "requeue", "abc"); code != 1 || !strings.Contains(errs, `"abc" is not an id`) {
 		t.Fatalf("dlq requeue abc: code %d, %s", code, errs)
 	}
+	if code, out, errs := cli(t, env, "dlq", "requeue", "999"); code != 1 || !strings.Contains(out, "requeued 0 of 1") ||
+		!strings.Contains(errs, "no dead letter has id [999]") {
+		t.Fatalf("dlq requeue 999 (no such dead letter): code %d, want 1 with the id named\n%s%s", code, out, errs)
+	}
+	if code, out, errs := cli(t, env, "dlq", "requeue", "--as-new", "999"); code != 1 || !strings.Contains(errs, "no dead letter has id [999]") {
+		t.Fatalf("dlq requeue --as-new 999 (no such dead letter): code %d, want 1 with the id named\n%s%s", code, out, errs)
+	}
 	if code, out, _ := cli(t, env, "dlq", "requeue", "99"); code != 0 || !strings.Contains(out, "requeued 1 of 1") {
 		t.Fatalf("dlq requeue 99: code %d\n%s", code, out)
 	}
@@ -146,7 +154,7 @@ INSERT INTO outbox_dead_letter (id, topic, key, value, created_at, error) SELECT
 UPDATE outbox SET published_at = now() WHERE id = 1`); err != nil {
 		t.Fatal(err)
 	}
-	if code, out, _ := cli(t, env, "status"); code != 0 || !strings.Contains(out, "held rows:           2 of 2 keys") || !strings.Contains(out, "dead letters:        2 (0 discarded)") {
+	if code, out, _ := cli(t, env, "status"); code != 0 || !strings.Contains(out, "held rows:           2 rows held on 2 keys") || !strings.Contains(out, "dead letters:        2 (0 discarded)") {
 		t.Fatalf("status: code %d\n%s", code, out)
 	}
 	if code, out, _ := cli(t, append(env, "OUTBOX_DEAD_LETTER_ORDER=skip"), "status"); code != 0 || !strings.Contains(out, "held rows:           none (OUTBOX_DEAD_LETTER_ORDER=skip)") {
@@ -161,13 +169,14 @@ UPDATE outbox SET published_at = now() WHERE id = 1`); err != nil {
 	if code, out, errs := cli(t, env, "dlq", "discard", "2", "--reason", "opened by hand"); code != 0 || !strings.Contains(out, "discarded 1 of 1") {
 		t.Fatalf("dlq discard: code %d\n%s%s", code, out, errs)
 	}
-	if code, out, _ := cli(t, env, "status"); code != 0 || !strings.Contains(out, "held rows:           1 of 1 keys") || !strings.Contains(out, "(1 discarded)") {
+	if code, out, _ := cli(t, env, "status"); code != 0 || !strings.Contains(out, "held rows:           1 row held on 1 key (") || !strings.Contains(out, "(1 discarded)") {
 		t.Fatalf("status after discard: code %d\n%s", code, out)
 	}
 	if code, out, _ := cli(t, env, "dlq", "list"); code != 0 || !strings.Contains(out, `"opened by hand"`) {
 		t.Fatalf("dlq list after discard: code %d\n%s", code, out)
 	}
-	if code, out, _ := cli(t, env, "dlq", "requeue", "2", "5"); code != 0 || !strings.Contains(out, "requeued 1 of 2 dead letters in their original position (ids [5])") {
+	if code, out, errs := cli(t, env, "dlq", "requeue", "2", "5"); code != 1 || !strings.Contains(out, "requeued 1 of 2 dead letters in their original position (ids [5])") ||
+		!strings.Contains(errs, "[2] discarded: a discarded dead letter goes back only with --as-new") {
 		t.Fatalf("dlq requeue of a discarded and an open dead letter: code %d\n%s", code, out)
 	}
 	if code, out, _ := cli(t, env, "dlq", "requeue", "--as-new", "2"); code != 0 || !strings.Contains(out, "requeued 1 of 1 dead letters as new outbox rows [7]") {
@@ -181,7 +190,7 @@ UPDATE outbox SET published_at = now() WHERE id = 1`); err != nil {
 	if err != nil || fmt.Sprint(ids) != "[3 4 5 6 7]" {
 		t.Fatalf("unpublished ids %v %v, want [3 4 5 6 7]", ids, err)
 	}
-	if code, out, _ := cli(t, env, "status"); code != 0 || !strings.Contains(out, "held rows:           0 of 0 keys") {
+	if code, out, _ := cli(t, env, "status"); code != 0 || !strings.Contains(out, "held rows:           none\n") {
 		t.Fatalf("status after requeue: code %d\n%s", code, out)
 	}
 }
@@ -243,5 +252,161 @@ func TestMigrateBuildsTheShardIndex(t *testing.T) {
 	defer p.Close()
 	if ok, err := outbox.HasShardIndex(ctx, p, outbox.DefaultTable, 4); err != nil || !ok {
 		t.Fatalf("after psql -f, no valid shard index (%v)", err)
+	}
+}
+
+// TestStatusSaysPendingMigrationsAndTheRecordedIdentity: `status` before
+// `migrate up` says the migrations are pending and exits non-zero; after it,
+// status shows what the first relay recorded (shard count, relay name,
+// checkpoint topic, delivery mode) and each shard's owner.
+func TestStatusSaysPendingMigrationsAndTheRecordedIdentity(t *testing.T) {
+	ctx := context.Background()
+	url := testenv.CreateDatabase(t)
+	env := []string{"OUTBOX_DATABASE_URL=" + url}
+	if code, out, errs := cli(t, env, "status"); code == 0 || !strings.Contains(out, "pending migrations:  6") ||
+		!strings.Contains(errs, "6 migrations pending: run `outbox-relay migrate up` first") {
+		t.Fatalf("status before migrate up: code %d, want non-zero with the pending migrations named\n%s%s", code, out, errs)
+	}
+	if code, out, errs := cli(t, env, "migrate", "up"); code != 0 {
+		t.Fatalf("migrate up: code %d\n%s%s", code, out, errs)
+	}
+	code, out, errs := cli(t, env, "status")
+	if code != 0 || !strings.Contains(out, "shards:              not recorded yet") || !strings.Contains(out, "owners:              none yet") {
+		t.Fatalf("status before any relay ran: code %d\n%s%s", code, out, errs)
+	}
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, `UPDATE outbox_relay_state SET shards = 2, relay_name = 'payments-relay', checkpoint_topic = 'payments-checkpoints', delivery = 'exactly-once';
+INSERT INTO outbox_owner (shard, token, owner) VALUES (0, 3, 'host-a pid 11'), (1, 1, 'host-b pid 12')`); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errs = cli(t, env, "status")
+	for _, want := range []string{
+		"shards:              2\n", "relay name:          payments-relay\n", "checkpoint topic:    payments-checkpoints\n",
+		"delivery:            exactly-once\n", "owners:              shard 0: host-a pid 11 (lease renewed ", "                     shard 1: host-b pid 12 (lease renewed ",
+	} {
+		if code != 0 || !strings.Contains(out, want) {
+			t.Fatalf("status: code %d, want %q in\n%s%s", code, want, out, errs)
+		}
+	}
+}
+
+// TestDLQRequeueRefusesARowWhoseTopicOrKeyWasChanged: an operator changes a
+// dead letter's topic (or key) in the dead-letter table. The dead letter
+// never held its new topic and key, whose later rows went out meanwhile;
+// requeued in place (its old, lower id) it would reach Kafka after them. So
+// `dlq requeue` refuses it, names the published row and --as-new, and exits
+// 1; the row stays a dead letter, and --as-new moves it.
+func TestDLQRequeueRefusesARowWhoseTopicOrKeyWasChanged(t *testing.T) {
+	ctx := context.Background()
+	url := testenv.CreateDatabase(t)
+	env := []string{"OUTBOX_DATABASE_URL=" + url}
+	if code, out, errs := cli(t, env, "migrate", "up"); code != 0 {
+		t.Fatalf("migrate up: code %d\n%s%s", code, out, errs)
+	}
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	// Row 1 (t, a) and row 3 (t, b) are dead letters; rows 2 (t2, a) and 4
+	// (t, c) are not held by them and are published; row 5 (t, b) is held.
+	if _, err := conn.Exec(ctx, `INSERT INTO outbox (topic, key, value) VALUES ('t', 'a', '1'), ('t2', 'a', '2'), ('t', 'b', '3'), ('t', 'c', '4'), ('t', 'b', '5');
+WITH moved AS (DELETE FROM outbox WHERE id IN (1, 3) RETURNING id, topic, key, value, created_at)
+INSERT INTO outbox_dead_letter (id, topic, key, value, created_at, error) SELECT id, topic, key, value, created_at, 'refused' FROM moved;
+UPDATE outbox SET published_at = now() WHERE id IN (2, 4);
+UPDATE outbox_dead_letter SET topic = 't2' WHERE id = 1;
+UPDATE outbox_dead_letter SET key = 'c' WHERE id = 3`); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ id, published string }{{"1", "2"}, {"3", "4"}} {
+		code, out, errs := cli(t, env, "dlq", "requeue", tc.id)
+		if code != 1 || !strings.Contains(out, "requeued 0 of 1") || !strings.Contains(errs, tc.id+" (row "+tc.published+" of its topic and key is published)") ||
+			!strings.Contains(errs, "--as-new") {
+			t.Fatalf("dlq requeue %s after its topic or key was changed: code %d, want 1 naming row %s and --as-new\n%s%s", tc.id, code, tc.published, out, errs)
+		}
+	}
+	var dead int
+	if err := conn.QueryRow(ctx, `SELECT count(*) FROM outbox_dead_letter`).Scan(&dead); err != nil || dead != 2 {
+		t.Fatalf("dead letters after the refusals: %d %v, want 2", dead, err)
+	}
+	if code, out, errs := cli(t, env, "dlq", "requeue", "--as-new", "1", "3"); code != 0 || !strings.Contains(out, "requeued 2 of 2 dead letters as new outbox rows [6 7]") {
+		t.Fatalf("dlq requeue --as-new 1 3: code %d\n%s%s", code, out, errs)
+	}
+}
+
+// TestDLQListNewestFirstJSONAndTruncated: `dlq list` shows the newest dead
+// letters first (`-order oldest` the other way), cuts a long topic and key
+// in the table, and `-json` prints every field whole.
+func TestDLQListNewestFirstJSONAndTruncated(t *testing.T) {
+	ctx := context.Background()
+	url := testenv.CreateDatabase(t)
+	env := []string{"OUTBOX_DATABASE_URL=" + url}
+	if code, out, errs := cli(t, env, "migrate", "up"); code != 0 {
+		t.Fatalf("migrate up: code %d\n%s%s", code, out, errs)
+	}
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	long := "payments." + strings.Repeat("x", 200)
+	if _, err := conn.Exec(ctx, `INSERT INTO outbox_dead_letter (id, topic, key, value, headers, created_at, error) VALUES
+    (10, 't', 'a', 'v', '{"type":"transfer"}', now(), 'MESSAGE_TOO_LARGE: too big'),
+    (20, $1, $2, NULL, NULL, now(), 'topic does not exist')`, long, strings.Repeat("k", 300)); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errs := cli(t, env, "dlq", "list")
+	if code != 0 || strings.Index(out, "\n20 ") < 0 || strings.Index(out, "\n20 ") > strings.Index(out, "\n10 ") {
+		t.Fatalf("dlq list: code %d, want 20 listed before 10\n%s%s", code, out, errs)
+	}
+	if strings.Contains(out, long) || !strings.Contains(out, long[:37]+"...") || strings.Contains(out, strings.Repeat("k", 100)) {
+		t.Fatalf("dlq list prints the long topic or key whole:\n%s", out)
+	}
+	if code, out, _ := cli(t, env, "dlq", "list", "-order", "oldest"); code != 0 || strings.Index(out, "\n10 ") > strings.Index(out, "\n20 ") {
+		t.Fatalf("dlq list -order oldest: code %d, want 10 listed before 20\n%s", code, out)
+	}
+	if code, _, errs := cli(t, env, "dlq", "list", "-order", "random"); code != 1 || !strings.Contains(errs, "use newest or oldest") {
+		t.Fatalf("dlq list -order random: code %d, %s", code, errs)
+	}
+	code, out, errs = cli(t, env, "dlq", "list", "-json")
+	var got []struct {
+		ID         int64           `json:"id"`
+		Topic      string          `json:"topic"`
+		Key        *string         `json:"key"`
+		ValueBytes *int            `json:"value_bytes"`
+		Headers    json.RawMessage `json:"headers"`
+		Error      string          `json:"error"`
+		Holds      *int64          `json:"holds"`
+	}
+	if code != 0 {
+		t.Fatalf("dlq list -json: code %d\n%s%s", code, out, errs)
+	}
+	if err := json.Unmarshal([]byte(out), &got); err != nil {
+		t.Fatalf("dlq list -json is not a JSON array: %v\n%s", err, out)
+	}
+	if len(got) != 2 || got[0].ID != 20 || got[0].Topic != long || got[0].Key == nil || len(*got[0].Key) != 300 || got[0].ValueBytes != nil ||
+		got[1].ID != 10 || got[1].ValueBytes == nil || *got[1].ValueBytes != 1 || strings.Join(strings.Fields(string(got[1].Headers)), "") != `{"type":"transfer"}` ||
+		got[1].Error != "MESSAGE_TOO_LARGE: too big" || got[1].Holds == nil {
+		t.Fatalf("dlq list -json:\n%s", out)
+	}
+}
+
+func TestStatusShowsTheNamedStandbys(t *testing.T) {
+	url := testenv.CreateDatabase(t)
+	env := []string{"OUTBOX_DATABASE_URL=" + url}
+	if code, out, errs := cli(t, env, "migrate", "up"); code != 0 {
+		t.Fatalf("migrate up: code %d\n%s%s", code, out, errs)
+	}
+	code, out, errs := cli(t, append(env, "OUTBOX_STANDBY_NAMES=stb-gone"), "status")
+	if code != 0 || !strings.Contains(out, "standby stb-gone:    NOT CONNECTED: publishing is held") {
+		t.Fatalf("status with a named standby that is not connected: code %d\n%s%s", code, out, errs)
+	}
+	code, out, errs = cli(t, env, "status")
+	if code != 0 || !strings.Contains(out, "standbys:            none named (OUTBOX_STANDBY_NAMES unset)") {
+		t.Fatalf("status without OUTBOX_STANDBY_NAMES: code %d\n%s%s", code, out, errs)
 	}
 }

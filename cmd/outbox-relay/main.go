@@ -22,6 +22,8 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"regexp"
+	"runtime"
 	"runtime/debug"
 	"strings"
 	"syscall"
@@ -41,11 +43,14 @@ Usage:
   outbox-relay migrate up               apply pending migrations
   outbox-relay migrate status           list migrations and when they were applied
   outbox-relay migrate sql              print the DDL for the configured schema and table
-  outbox-relay status                   backlog, oldest unpublished row, dead letters
+  outbox-relay status                   recorded shards, relay name and mode, owners, backlog, dead letters
+                                        and held rows (exit 1 while a migration is pending)
   outbox-relay reshard                  change the shard count to OUTBOX_SHARDS (every relay stopped)
-  outbox-relay dlq list [-limit N]      list dead letters
+  outbox-relay dlq list [-limit N] [-order newest|oldest] [-json]
+                                        list dead letters, newest first
   outbox-relay dlq requeue ID...        move dead letters back into the outbox at their original ids
-                                        (--as-new: as new rows, after everything written)
+                                        (--as-new: as new rows, after everything written); exit 1 if
+                                        an id is unknown, discarded, or has later rows of its key out
   outbox-relay dlq discard ID... --reason TEXT
                                         give dead letters up (kept for audit), releasing their keys
   outbox-relay verify [-since 24h | -from-id N -to-id M] [-json]
@@ -57,7 +62,7 @@ Usage:
                                         topics removed afterwards: the relay's rows/s against the database-only
                                         ceiling (ratio), and commit-to-consume latency at -rate rows/s
   outbox-relay demo [-events N]         embedded Kafka + payments simulator + exactly-once checker + ledger
-  outbox-relay version                  print the version
+  outbox-relay version                  print the version and the commit it was built from
 
 Configuration reference: README.md, "Configuration".
 `
@@ -95,7 +100,7 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	case "demo-ledger": // hidden: the demo's ledger alone, for the kill tests
 		err = runDemoLedger(ctx, args[1:], environ, stderr)
 	case "version":
-		fmt.Fprintln(stdout, "outbox-relay", version())
+		fmt.Fprintf(stdout, "outbox-relay %s (commit %s, %s)\n", version(), commit(), runtime.Version())
 	case "help", "-h", "-help", "--help":
 		fmt.Fprint(stdout, usage)
 	default:
@@ -109,17 +114,75 @@ func run(args, environ []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-// buildVersion is set at build time: go build -ldflags "-X main.buildVersion=v1.2.3".
-var buildVersion string
+// buildVersion and buildCommit are set at build time, as deploy/Dockerfile
+// does: go build -ldflags "-X main.buildVersion=v1.2.3 -X main.buildCommit=$(git rev-parse HEAD)".
+// Unset, the binary's build information gives them (`go install
+// <module>/cmd/outbox-relay@v1.2.3`, or go build in a git checkout).
+var buildVersion, buildCommit string
 
+// version is the relay's version: buildVersion, else the main module's
+// version in the build information (the tag of `go install ...@v1.2.3`,
+// or the pseudo-version Go derives from a checkout's commit), else
+// "(devel)".
 func version() string {
-	if buildVersion != "" {
-		return buildVersion
+	bi, _ := debug.ReadBuildInfo()
+	v, _ := describeBuild(bi, buildVersion, buildCommit)
+	return v
+}
+
+// commit is the commit the binary was built from, or "unknown".
+func commit() string {
+	bi, _ := debug.ReadBuildInfo()
+	_, c := describeBuild(bi, buildVersion, buildCommit)
+	return c
+}
+
+// pseudoVersionCommit matches the commit at the end of a Go pseudo-version
+// (v0.0.0-20261207120739-0def4a23292c, v1.2.4-0.20261207120739-0def4a23292c).
+var pseudoVersionCommit = regexp.MustCompile(`[-.][0-9]{14}-([0-9a-f]{12})(\+dirty)?$`)
+
+// describeBuild returns the version and commit of a build: the -X values
+// when set; else from bi, the version of its main module and the commit of
+// its vcs.revision setting (with "-dirty" when vcs.modified), or the short
+// commit of a pseudo-version; "(devel)" and "unknown" when nothing says.
+// `go install <module>@v1.2.3` records the tag but no commit: the tag
+// names it.
+func describeBuild(bi *debug.BuildInfo, ldVersion, ldCommit string) (version, commit string) {
+	version, commit = ldVersion, ldCommit
+	if bi != nil {
+		if version == "" && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+			version = bi.Main.Version
+		}
+		if commit == "" {
+			modified := false
+			for _, s := range bi.Settings {
+				switch s.Key {
+				case "vcs.revision":
+					commit = s.Value
+				case "vcs.modified":
+					modified = s.Value == "true"
+				}
+			}
+			if commit != "" && modified {
+				commit += "-dirty"
+			}
+		}
+		if commit == "" {
+			if m := pseudoVersionCommit.FindStringSubmatch(bi.Main.Version); m != nil {
+				commit = m[1]
+			}
+		}
 	}
-	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
-		return bi.Main.Version
+	if version == "" {
+		version = "(devel)"
 	}
-	return "(devel)"
+	if commit == "" {
+		commit = "unknown"
+		if bi != nil && version == bi.Main.Version && version != "(devel)" && !pseudoVersionCommit.MatchString(version) {
+			commit = "unknown (the tag " + version + " names it)"
+		}
+	}
+	return version, commit
 }
 
 func newLogger(w io.Writer, level string) *slog.Logger {
@@ -166,7 +229,7 @@ func runRelay(ctx context.Context, environ []string, stderr io.Writer) error {
 		defer srv.Close()
 		log.Info("serving /metrics, /healthz, /readyz", "addr", ln.Addr().String())
 	}
-	log.Info("starting", "version", version(), "database", relay.RedactURL(cfg.DatabaseURL), "brokers", cfg.KafkaBrokers)
+	log.Info("starting", "version", version(), "commit", commit(), "database", relay.RedactURL(cfg.DatabaseURL), "brokers", cfg.KafkaBrokers)
 	if err := r.Run(ctx); err != nil {
 		return err
 	}

@@ -194,3 +194,12 @@ func TestChecksCatchAnUnregisteredMetricInADescription(t *testing.T) {
 	}
 	wantError(t, CheckMentions("outbox-relay.json", b, metrics), "names outbox_relay_backlog_row, which the relay does not register; did you mean outbox_relay_backlog_rows?")
 }
+
+func TestChecksCatchAMigrationWithTheRelaysURL(t *testing.T) {
+	dir := broken(t, filepath.Join(repoRoot(t), "deploy", "kubernetes"), "migrate-job.yaml", "name: outbox-relay-admin-db", "name: outbox-relay-db")
+	objs, err := kustomizeObjects(t, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantError(t, CheckMigrationRole(objs), "runs migrate up with the relay's database URL (Secret outbox-relay-db key OUTBOX_DATABASE_URL")
+}

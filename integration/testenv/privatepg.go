@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -143,4 +144,158 @@ func (pg *PrivatePostgres) stop(mode string) {
 		cmd = exec.Command(bin, args...)
 	}
 	_ = cmd.Run() // already stopped is fine
+}
+
+// Port is the server's port.
+func (pg *PrivatePostgres) Port() int { return pg.port }
+
+// Standby is a physical streaming standby of a private primary.
+type Standby struct {
+	*PrivatePostgres
+	// Name is its application_name, as the primary's
+	// pg_stat_replication and synchronous_standby_names know it.
+	Name    string
+	stalled int
+}
+
+// StartStandby makes a streaming standby of pg named name (its
+// application_name) with pg_basebackup, starts it and waits until the
+// primary lists it as streaming. The primary needs nothing but its
+// defaults (wal_level=replica, max_wal_senders, initdb's replication line
+// in pg_hba.conf). It is stopped and removed with the test.
+func (pg *PrivatePostgres) StartStandby(tb testing.TB, name string, settings ...string) *Standby {
+	tb.Helper()
+	dir, err := os.MkdirTemp("", "outbox-pg-standby-")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o755); err != nil {
+		tb.Fatal(err)
+	}
+	sb := &PrivatePostgres{tb: tb, dir: dir, data: filepath.Join(dir, "data"), port: freePort(tb)}
+	if os.Geteuid() == 0 {
+		u, err := user.Lookup("postgres")
+		if err != nil {
+			tb.Fatal(err)
+		}
+		uid, _ := strconv.Atoi(u.Uid)
+		gid, _ := strconv.Atoi(u.Gid)
+		if err := os.Chown(dir, uid, gid); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	sb.run("pg_basebackup", "-h", "127.0.0.1", "-p", strconv.Itoa(pg.port), "-U", "postgres", "-D", sb.data, "-X", "stream", "-c", "fast", "--no-sync")
+	conninfo := fmt.Sprintf("host=127.0.0.1 port=%d user=postgres application_name=%s", pg.port, name)
+	if err := os.WriteFile(filepath.Join(sb.data, "standby.signal"), nil, 0o600); err != nil {
+		tb.Fatal(err)
+	}
+	if os.Geteuid() == 0 {
+		u, _ := user.Lookup("postgres")
+		uid, _ := strconv.Atoi(u.Uid)
+		gid, _ := strconv.Atoi(u.Gid)
+		_ = os.Chown(filepath.Join(sb.data, "standby.signal"), uid, gid)
+	}
+	sb.args = []string{"-p", strconv.Itoa(sb.port), "-k", dir, "-c", "listen_addresses=127.0.0.1", "-c", "primary_conninfo='" + conninfo + "'", "-c", "hot_standby=on"}
+	for _, s := range settings {
+		sb.args = append(sb.args, "-c", s)
+	}
+	sb.Start()
+	st := &Standby{PrivatePostgres: sb, Name: name}
+	tb.Cleanup(func() { st.Resume(); sb.stop("immediate") })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := pgx.Connect(ctx, pg.URL("postgres", "postgres"))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer c.Close(context.Background())
+	for {
+		var n int
+		if err := c.QueryRow(ctx, `SELECT count(*) FROM pg_stat_replication WHERE application_name = $1 AND state = 'streaming'`, name).Scan(&n); err != nil {
+			tb.Fatal(err)
+		}
+		if n == 1 {
+			return st
+		}
+		if ctx.Err() != nil {
+			tb.Fatalf("standby %s did not start streaming", name)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// Promote ends the standby's recovery: it becomes a primary on a new
+// timeline, with the WAL it had received.
+func (s *Standby) Promote() {
+	s.tb.Helper()
+	s.run("pg_ctl", "-D", s.data, "-w", "-t", "60", "promote")
+}
+
+// receiver is the pid of the standby's WAL receiver (0 when none runs).
+func (s *Standby) receiver() int {
+	s.tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := pgx.Connect(ctx, s.URL("postgres", "postgres"))
+	if err != nil {
+		s.tb.Fatal(err)
+	}
+	defer c.Close(context.Background())
+	var pid int
+	if err := c.QueryRow(ctx, `SELECT coalesce((SELECT pid FROM pg_stat_wal_receiver), 0)`).Scan(&pid); err != nil {
+		s.tb.Fatal(err)
+	}
+	return pid
+}
+
+// Stall stops the standby's WAL receiver (SIGSTOP): it receives and
+// flushes nothing until Resume, as a standby behind a slow network would.
+func (s *Standby) Stall() {
+	s.tb.Helper()
+	pid := s.receiver()
+	if pid == 0 {
+		s.tb.Fatal("standby has no WAL receiver to stall")
+	}
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		s.tb.Fatal(err)
+	}
+	s.stalled = pid
+}
+
+// Cut kills the standby's stalled WAL receiver (SIGKILL), as a lost
+// connection would end it: what it had received and not flushed is gone.
+// The standby's postmaster restarts its processes and recovers from the
+// WAL it flushed.
+func (s *Standby) Cut() {
+	s.tb.Helper()
+	if s.stalled == 0 {
+		s.tb.Fatal("Cut needs a stalled standby")
+	}
+	_ = syscall.Kill(s.stalled, syscall.SIGKILL)
+	s.stalled = 0
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for {
+		c, err := pgx.Connect(ctx, s.URL("postgres", "postgres"))
+		if err == nil {
+			c.Close(ctx)
+			return
+		}
+		if ctx.Err() != nil {
+			s.tb.Fatalf("standby did not come back after its WAL receiver was killed: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// Stalled is the pid of the WAL receiver Stall stopped, 0 when none is.
+func (s *Standby) Stalled() int { return s.stalled }
+
+// Resume lets a stalled WAL receiver run again.
+func (s *Standby) Resume() {
+	if s.stalled != 0 {
+		_ = syscall.Kill(s.stalled, syscall.SIGCONT)
+		s.stalled = 0
+	}
 }

@@ -24,6 +24,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: outbox-relay
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Labels of every pod: the selector labels and commonLabels. */}}
+{{- define "outbox-relay.podLabels" -}}
+{{ include "outbox-relay.selectorLabels" . }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/* Labels that select the relay pods (the component keeps the migration Job's pods out). */}}
@@ -46,9 +57,21 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
-{{/* The image reference. */}}
+{{/*
+The image reference: [global.imageRegistry/]repository:tag[@digest], the tag
+defaulting to the chart's appVersion. With a digest the kubelet pulls by
+digest; the tag stays for people reading the manifest.
+*/}}
 {{- define "outbox-relay.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- $repository := .Values.image.repository }}
+{{- with (.Values.global | default dict).imageRegistry }}
+{{- $repository = printf "%s/%s" (trimSuffix "/" .) $repository }}
+{{- end }}
+{{- $ref := printf "%s:%s" $repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- with .Values.image.digest }}
+{{- $ref = printf "%s@%s" $ref . }}
+{{- end }}
+{{- $ref }}
 {{- end }}
 
 {{/*
@@ -64,9 +87,33 @@ integers.
 {{- end }}
 {{- end }}
 
-{{/* true when the migration Job needs the chart's hook Secret for its URL. */}}
+{{/*
+true when the migration Job needs the chart's hook Secret for its URL:
+migration.databaseURL is given, or the relay's own URL is to be used
+(migration.useRelaySecret) and the chart creates that Secret, which exists
+only after the pre-install hooks.
+*/}}
 {{- define "outbox-relay.migrationHookSecret" -}}
-{{- if and .Values.migration.enabled (not .Values.migration.secretName) (or .Values.migration.databaseURL .Values.secret.create) }}true{{ end }}
+{{- if and .Values.migration.enabled (not .Values.migration.secretName) (or .Values.migration.databaseURL (and .Values.migration.useRelaySecret .Values.secret.create)) }}true{{ end }}
+{{- end }}
+
+{{/*
+The Secret whose OUTBOX_DATABASE_URL the migration uses: migration.secretName;
+else the hook Secret (migration.databaseURL); else, with
+migration.useRelaySecret, the relay's; else <fullname>-admin, which the user
+creates with the admin role's URL (README, "PostgreSQL permissions": the
+relay role may not CREATE, so `migrate up` with its URL fails).
+*/}}
+{{- define "outbox-relay.migrationSecretName" -}}
+{{- if .Values.migration.secretName }}
+{{- .Values.migration.secretName }}
+{{- else if eq (include "outbox-relay.migrationHookSecret" .) "true" }}
+{{- printf "%s-migrate" (include "outbox-relay.fullname" .) }}
+{{- else if .Values.migration.useRelaySecret }}
+{{- include "outbox-relay.secretName" . }}
+{{- else }}
+{{- printf "%s-admin" (include "outbox-relay.fullname" .) }}
+{{- end }}
 {{- end }}
 
 {{/* The pod-level settings the relay and the migration share. */}}
@@ -90,5 +137,40 @@ tolerations:
 {{- with .Values.extraVolumes }}
 volumes:
   {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/*
+A Go duration (config.OUTBOX_SHUTDOWN_TIMEOUT: "30s", "1m30s", "1500ms",
+"0") in seconds, as a float; values.schema.json has checked its form.
+*/}}
+{{- define "outbox-relay.durationSeconds" -}}
+{{- $s := toString . }}
+{{- $total := 0.0 }}
+{{- $units := dict "ns" 0.000000001 "us" 0.000001 "µs" 0.000001 "ms" 0.001 "s" 1.0 "m" 60.0 "h" 3600.0 }}
+{{- range regexFindAll "[0-9]+(\\.[0-9]+)?(ns|us|µs|ms|s|m|h)" $s -1 }}
+{{- $unit := regexFind "(ns|us|µs|ms|s|m|h)$" . }}
+{{- $number := trimSuffix $unit . | float64 }}
+{{- $total = addf $total (mulf $number (get $units $unit)) }}
+{{- end }}
+{{- $total }}
+{{- end }}
+
+{{/*
+The relay pods' terminationGracePeriodSeconds: above OUTBOX_SHUTDOWN_TIMEOUT,
+so that a stopping relay finishes its transaction and releases its shards
+before SIGKILL. Unset: the timeout rounded up, plus 15 seconds; set to a
+value not above it: the render fails.
+*/}}
+{{- define "outbox-relay.terminationGracePeriodSeconds" -}}
+{{- $shutdown := .Values.config.OUTBOX_SHUTDOWN_TIMEOUT | default "30s" | toString }}
+{{- $seconds := include "outbox-relay.durationSeconds" $shutdown | float64 }}
+{{- $grace := .Values.terminationGracePeriodSeconds }}
+{{- if kindIs "invalid" $grace }}
+{{- add (ceil $seconds | int64) 15 }}
+{{- else if le (float64 $grace) $seconds }}
+{{- fail (printf "terminationGracePeriodSeconds %v does not exceed config.OUTBOX_SHUTDOWN_TIMEOUT %s: the kubelet would kill a stopping relay in the middle of its transaction; raise it above %v seconds, or leave it unset (null) to derive it" (include "outbox-relay.envString" $grace) $shutdown $seconds) }}
+{{- else }}
+{{- include "outbox-relay.envString" $grace }}
 {{- end }}
 {{- end }}
