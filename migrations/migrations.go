@@ -324,8 +324,9 @@ func (m *Migrator) Pending(ctx context.Context) (int, error) {
 }
 
 // appliedElsewhere reports whether the newest migration's objects exist:
-// version 5's discarded_at column of <table>_dead_letter and its
-// <table>_dead_letter_held index (and, with them, every earlier object).
+// version 6's <table>_dead_letter_held_digest index (and, with it, every
+// earlier object: version 5's discarded_at column of <table>_dead_letter
+// is in its predicate).
 // Update it with each new migration.
 func (m *Migrator) appliedElsewhere(ctx context.Context) (bool, error) {
 	tx, err := m.db.Begin(ctx)
@@ -334,7 +335,7 @@ func (m *Migrator) appliedElsewhere(ctx context.Context) (bool, error) {
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // read-only
 	dead := QuoteIdent(m.schema) + "." + QuoteIdent(m.table+"_dead_letter")
-	held := QuoteIdent(m.schema) + "." + QuoteIdent(m.table+"_dead_letter_held")
+	held := QuoteIdent(m.schema) + "." + QuoteIdent(m.table+"_dead_letter_held_digest")
 	var ok bool
 	err = tx.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL AND EXISTS (
     SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($2) AND attname = 'discarded_at' AND NOT attisdropped)`, held, dead).Scan(&ok)

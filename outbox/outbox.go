@@ -16,6 +16,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -122,8 +123,13 @@ func (m Message) Validate() error {
 	return nil
 }
 
-// ValidTopic reports whether topic is a legal Kafka topic name: 1 to 249
-// characters of ASCII letters, digits, '.', '_' and '-', and not "." or "..".
+// kafkaInternalTopics are the topics Kafka keeps for itself: a produce
+// request to one is refused (INVALID_TOPIC_EXCEPTION).
+var kafkaInternalTopics = []string{"__consumer_offsets", "__transaction_state", "__share_group_state", "__cluster_metadata"}
+
+// ValidTopic reports whether topic is a legal Kafka topic name for a row: 1
+// to 249 characters of ASCII letters, digits, '.', '_' and '-', not "." or
+// "..", and not one of Kafka's internal topics.
 func ValidTopic(topic string) error {
 	switch {
 	case topic == "":
@@ -132,6 +138,8 @@ func ValidTopic(topic string) error {
 		return fmt.Errorf("topic %.20q... is %d characters: Kafka allows 249", topic, len(topic))
 	case topic == "." || topic == "..":
 		return fmt.Errorf("topic %q is not allowed by Kafka", topic)
+	case slices.Contains(kafkaInternalTopics, topic):
+		return fmt.Errorf("topic %q is internal to Kafka (the brokers refuse produce requests to it): write the row to a topic of your own", topic)
 	}
 	for _, r := range topic {
 		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-') {

@@ -6,12 +6,12 @@ import (
 )
 
 func TestValidTopic(t *testing.T) {
-	for _, ok := range []string{"payments", "a.b-c_D9", strings.Repeat("x", 249)} {
+	for _, ok := range []string{"payments", "a.b-c_D9", strings.Repeat("x", 249), "__app_internal"} {
 		if err := ValidTopic(ok); err != nil {
 			t.Errorf("%q: %v", ok, err)
 		}
 	}
-	for _, bad := range []string{"", ".", "..", "has space", "ünï", strings.Repeat("x", 250)} {
+	for _, bad := range []string{"", ".", "..", "has space", "ünï", strings.Repeat("x", 250), "__consumer_offsets", "__transaction_state"} {
 		if err := ValidTopic(bad); err == nil {
 			t.Errorf("%q accepted", bad)
 		}

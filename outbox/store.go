@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math"
 	"slices"
 	"strconv"
 	"strings"
@@ -26,7 +27,26 @@ type Row struct {
 	Headers   []byte // the jsonb text, nil when NULL
 	Partition *int32
 	CreatedAt time.Time
+	// Oversize is set, and Value and Headers are nil, when the row's key,
+	// value and headers add up to more than the store's record limit
+	// (WithRecordMaxBytes): such a row can never be a Kafka record, and the
+	// read does not bring its value into the relay, whatever its size.
+	// Key is still read when it is within the limit on its own.
+	Oversize *Oversize
 }
+
+// Oversize is what the read tells of a row larger than the record limit:
+// the sizes of its columns, and the MD5 of its key when the key alone is
+// larger than the limit (Key is then nil), so that the row's key can still
+// be told from others (hold-key) without reading it.
+type Oversize struct {
+	Key, Value, Headers int64 // bytes; headers as JSON text
+	Limit               int64 // the record limit it passes
+	KeyDigest           []byte
+}
+
+// Total is the row's key, value and headers in bytes.
+func (o *Oversize) Total() int64 { return o.Key + o.Value + o.Headers }
 
 // Store runs the relay's queries on one outbox table.
 type Store struct {
@@ -35,6 +55,22 @@ type Store struct {
 	order DeadLetterOrder
 	// onPublish: Delete makes every mark a delete (WithOnPublish).
 	onPublish OnPublish
+	// recordMax: rows larger than this come without their value
+	// (WithRecordMaxBytes); 0 is no limit.
+	recordMax int64
+}
+
+// WithRecordMaxBytes returns a copy of the store whose reads bring no row
+// whose key, value and headers (as JSON text) add up to more than n bytes:
+// such a row comes with Row.Oversize set instead of its value and headers
+// (and of its key, if the key alone passes n), so that a row that can never
+// be published (n is the producer's largest record) is dead-lettered by its
+// size without its value ever being in the relay's memory. 0 (the default)
+// is no limit.
+func (s *Store) WithRecordMaxBytes(n int64) *Store {
+	c := *s
+	c.recordMax = max(n, 0)
+	return &c
 }
 
 // DeadLetterOrder is what a dead letter does to the later rows of its key
@@ -77,9 +113,13 @@ func (s *Store) WithDeadLetterOrder(o DeadLetterOrder) *Store {
 // heldFilter is the condition, on outbox rows aliased o, of rows held by a
 // dead letter: a dead letter of the same topic and key with a lower id that
 // is not discarded. A NULL key equals nothing, so keyless rows are never
-// held. The probe is an index-only lookup in <table>_dead_letter_held.
+// held. The probe is a lookup in <table>_dead_letter_held_digest, on the
+// MD5 of topic and key (a key or topic of any length has a bounded index
+// entry); the topic and key themselves are then compared on the dead
+// letters found, so a collision holds nothing.
 func (s *Store) heldFilter() string {
-	return `EXISTS (SELECT FROM ` + s.t.DeadLetterIdent() + ` d WHERE d.topic = o.topic AND d.key = o.key AND d.id < o.id AND d.discarded_at IS NULL AND d.key IS NOT NULL)`
+	return `EXISTS (SELECT FROM ` + s.t.DeadLetterIdent() + ` d WHERE md5(d.topic) = md5(o.topic) AND md5(d.key) = md5(o.key) AND d.id < o.id` +
+		` AND d.discarded_at IS NULL AND d.key IS NOT NULL AND d.topic = o.topic AND d.key = o.key)`
 }
 
 // Table is the table the store reads.
@@ -128,8 +168,18 @@ func (s *Store) ReadBatch(ctx context.Context, shard, shards, limit int, maxByte
 func (s *Store) read(ctx context.Context, l *Lease, shard, shards, limit int, maxBytes int64, skip []int64) ([]Row, error) {
 	args := []any{limit}
 	var bound byteBound
-	if maxBytes > 0 {
+	switch {
+	case maxBytes > 0:
 		bound = byteBound{max: maxBytes, inline: max(1, maxBytes/int64(max(limit, 1)))}
+	case s.recordMax > 0:
+		bound = byteBound{max: math.MaxInt64, inline: s.recordMax}
+	}
+	if s.recordMax > 0 {
+		// A row larger than the record limit must not come with its
+		// columns: it is dead-lettered by its size (readOversize).
+		bound.inline = min(bound.inline, s.recordMax)
+	}
+	if bound.max > 0 {
 		args = append(args, bound.inline)
 	}
 	_, fargs := shardFilter(shard, shards, 0)
@@ -139,7 +189,7 @@ func (s *Store) read(ctx context.Context, l *Lease, shard, shards, limit int, ma
 		args = append(args, skip)
 		skipArg = len(args)
 	}
-	q := s.readSQL(shards, maxBytes > 0, skipArg)
+	q := s.readSQL(shards, bound.max > 0, skipArg)
 	if l != nil {
 		q = s.durableRead(q, len(args)+1)
 		args = append(args, l.Shard, l.Token)
@@ -156,6 +206,7 @@ func (s *Store) read(ctx context.Context, l *Lease, shard, shards, limit int, ma
 		out     []Row
 		total   int64
 		outside []int // rows of out whose columns are read apart (readOutside)
+		over    []int // rows of out larger than the record limit (readOversize)
 		ok      = true
 		// One set of destinations for every row, and one string per
 		// topic: a row costs the allocations of its key, value and
@@ -186,12 +237,18 @@ func (s *Store) read(ctx context.Context, l *Lease, shard, shards, limit int, ma
 			// bound, and always the first. The rows past it are not kept
 			// (Close reads and drops them: each at most bound.inline
 			// bytes, as larger ones come without their columns).
-			if len(out) > 0 && total+size > bound.max {
-				break
-			}
-			total += size
-			if size > bound.inline {
-				outside = append(outside, len(out))
+			if s.recordMax > 0 && size > s.recordMax {
+				// Dead-lettered by its size: none of its bytes are
+				// brought, so it takes none of the bound.
+				over = append(over, len(out))
+			} else {
+				if len(out) > 0 && total+size > bound.max {
+					break
+				}
+				total += size
+				if size > bound.inline {
+					outside = append(outside, len(out))
+				}
 			}
 		}
 		t, seen := topics[string(topic)]
@@ -212,7 +269,59 @@ func (s *Store) read(ctx context.Context, l *Lease, shard, shards, limit int, ma
 	if err := s.readOutside(ctx, out, outside); err != nil {
 		return fail(err)
 	}
+	if err := s.readOversize(ctx, out, over); err != nil {
+		return fail(err)
+	}
 	return out, nil
+}
+
+// readOversize sets Oversize on the rows of out at the indexes in which,
+// larger than the record limit, which the read sent without their columns:
+// the sizes of key, value and headers, and the key if it is within the
+// limit on its own, else its MD5. The value is never read. Like
+// readOutside, a row gone or changed since the read fails it.
+func (s *Store) readOversize(ctx context.Context, out []Row, which []int) error {
+	if len(which) == 0 {
+		return nil
+	}
+	ids := make([]int64, len(which))
+	at := make(map[int64]int, len(which))
+	for i, w := range which {
+		ids[i] = out[w].ID
+		at[out[w].ID] = w
+	}
+	rows, err := s.pool.Query(ctx, `SELECT id, created_at, coalesce(octet_length(key), 0)::bigint, coalesce(octet_length(value), 0)::bigint,
+    coalesce(octet_length(headers::text), 0)::bigint, CASE WHEN octet_length(key) <= $2 THEN key END,
+    CASE WHEN octet_length(key) > $2 THEN decode(md5(key), 'hex') END
+FROM `+s.t.Ident()+` WHERE id = ANY($1::bigint[])`, ids, s.recordMax)
+	if err != nil {
+		return fmt.Errorf("read the sizes of %d rows larger than a record: %w", len(ids), err)
+	}
+	found := 0
+	var (
+		id      int64
+		created time.Time
+		o       Oversize
+		key     []byte
+	)
+	_, err = pgx.ForEachRow(rows, []any{&id, &created, &o.Key, &o.Value, &o.Headers, &key, &o.KeyDigest}, func() error {
+		w, ok := at[id]
+		if !ok || !out[w].CreatedAt.Equal(created) {
+			return nil
+		}
+		found++
+		over := o
+		over.Limit = s.recordMax
+		out[w].Key, out[w].Value, out[w].Headers, out[w].Oversize = key, nil, nil, &over
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("read the sizes of %d rows larger than a record: %w", len(ids), err)
+	}
+	if found != len(ids) {
+		return fmt.Errorf("read the sizes of %d rows larger than a record: %d of them are gone or changed since the read", len(ids), len(ids)-found)
+	}
+	return nil
 }
 
 // byteBound is a read's bound in bytes (OUTBOX_BATCH_MAX_BYTES): max in
@@ -321,13 +430,23 @@ func (s *Store) readSQL(shards int, bounded bool, skipArg int) string {
 	// index, no window over the rows: a running sum in SQL cost 0.7 ms of
 	// server time for 1,000 rows of 200 bytes, where the read without it
 	// took 0.2 ms.
-	return `SELECT id, topic, CASE WHEN size <= $2 THEN key END, CASE WHEN size <= $2 THEN value END,
+	// A topic of more than MaxTopicRead bytes (never a Kafka topic, which
+	// has at most 249 characters) comes as its first MaxTopicRead+1
+	// characters: the relay refuses it by its length, and a row cannot
+	// bring megabytes in its topic either.
+	return `SELECT id, CASE WHEN octet_length(topic) <= ` + strconv.Itoa(MaxTopicRead) + ` THEN topic ELSE left(topic, ` + strconv.Itoa(MaxTopicRead+1) + `) END,
+    CASE WHEN size <= $2 THEN key END, CASE WHEN size <= $2 THEN value END,
     CASE WHEN size <= $2 THEN headers END, partition, created_at, size
 FROM (SELECT id, topic, key, value, headers::text AS headers, partition, created_at FROM ` + s.t.Ident() +
 		` o WHERE published_at IS NULL` + filter + hold + ` ORDER BY id LIMIT $1) AS c,
     LATERAL (SELECT coalesce(octet_length(c.key), 0)::bigint + coalesce(octet_length(c.value), 0) + coalesce(octet_length(c.headers), 0) AS size) AS z
 ORDER BY id`
 }
+
+// MaxTopicRead bounds the topic a read with a byte bound brings: a topic of
+// more bytes comes as its first MaxTopicRead+1 characters, so a Row.Topic
+// of more than MaxTopicRead characters is one cut short.
+const MaxTopicRead = 1024
 
 // Lease is a relay's hold on one shard: the fencing token it got when it
 // took the shard (TakeLease). Every statement by which a relay changes rows
@@ -653,34 +772,42 @@ type DeadRow struct {
 	// Holds is how many unpublished rows of its topic and key come after
 	// it: the rows it holds under HoldKey (0 once discarded).
 	Holds int64
+	// ValueBytes is the value's size, nil for a tombstone. The value itself
+	// (Row.Value) is read only up to ListValueMaxBytes: a dead letter
+	// larger than any record (a 200 MiB value) is listed without it.
+	ValueBytes *int64
 }
 
+// ListValueMaxBytes is the largest value ListDeadLetters reads; larger ones
+// come with their size alone (DeadRow.ValueBytes).
+const ListValueMaxBytes = 1 << 20
+
 // ListDeadLetters returns up to limit dead letters, oldest first, with the
-// rows each one holds.
+// rows each one holds, and their values up to ListValueMaxBytes.
 func (s *Store) ListDeadLetters(ctx context.Context, limit int) ([]DeadRow, error) {
 	return s.ListDeadLettersOrdered(ctx, limit, false)
 }
 
 // ListDeadLettersOrdered returns up to limit dead letters, newest first
 // (highest id first) when newest is set, else oldest first, with the rows
-// each one holds.
+// each one holds, and their values up to ListValueMaxBytes.
 func (s *Store) ListDeadLettersOrdered(ctx context.Context, limit int, newest bool) ([]DeadRow, error) {
 	order := "d.id"
 	if newest {
 		order = "d.id DESC"
 	}
-	rows, err := s.pool.Query(ctx, `SELECT d.id, d.topic, d.key, d.value, d.headers::text, d.partition, d.created_at, d.error, d.failed_at,
+	rows, err := s.pool.Query(ctx, `SELECT d.id, d.topic, d.key, CASE WHEN octet_length(d.value) <= $2 THEN d.value END, octet_length(d.value)::bigint, d.headers::text, d.partition, d.created_at, d.error, d.failed_at,
     d.discarded_at, coalesce(d.discard_reason, ''),
     CASE WHEN d.discarded_at IS NULL AND d.key IS NOT NULL THEN (SELECT count(*) FROM `+s.t.Ident()+` o
         WHERE o.topic = d.topic AND o.key = d.key AND o.id > d.id AND o.published_at IS NULL) ELSE 0 END
-FROM `+s.t.DeadLetterIdent()+` d ORDER BY `+order+` LIMIT $1`, limit)
+FROM `+s.t.DeadLetterIdent()+` d ORDER BY `+order+` LIMIT $1`, limit, ListValueMaxBytes)
 	if err != nil {
 		return nil, fmt.Errorf("list dead letters of %s: %w", s.t, err)
 	}
 	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (DeadRow, error) {
 		var d DeadRow
 		var headers *string
-		err := r.Scan(&d.ID, &d.Topic, &d.Key, &d.Value, &headers, &d.Partition, &d.CreatedAt, &d.Error, &d.FailedAt,
+		err := r.Scan(&d.ID, &d.Topic, &d.Key, &d.Value, &d.ValueBytes, &headers, &d.Partition, &d.CreatedAt, &d.Error, &d.FailedAt,
 			&d.DiscardedAt, &d.DiscardReason, &d.Holds)
 		if headers != nil {
 			d.Headers = []byte(*headers)

@@ -140,6 +140,9 @@ func New(cfg Config, pool *pgxpool.Pool, opts ...Option) (*Relay, error) {
 	}
 	r.warnings = warnings
 	r.mode = settings.Mode
+	// No row larger than the largest record the producer sends is read
+	// with its value: it is dead-lettered by its size (publishRows).
+	r.store = r.store.WithRecordMaxBytes(int64(recordMaxBytes(settings)))
 	r.tcfg = txn.Config{
 		Brokers:         cfg.KafkaBrokers,
 		RelayName:       cfg.RelayName,

@@ -14,7 +14,9 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/outbox-relay/outbox-relay/outbox"
@@ -452,6 +454,10 @@ func (r *Relay) publishRows(ctx context.Context, s int32, l *lease, p *txn.Produ
 	created := make([]time.Time, 0, len(rows))
 	bad := map[int64]error{}
 	for _, row := range rows {
+		if row.Oversize != nil {
+			bad[row.ID] = oversizeError(row)
+			continue
+		}
 		rec, err := toRecord(row)
 		if err == nil && row.Topic == r.cfg.CheckpointTopic {
 			// A row in the checkpoint topic could forge a checkpoint and
@@ -508,6 +514,17 @@ func (r *Relay) newHolds() holds {
 
 func holdKey(topic string, key []byte) string { return topic + "\x00" + string(key) }
 
+// rowHoldKey is holdKey of a row, which may come with the MD5 of its key
+// instead of the key (a key larger than a record, Row.Oversize): every row
+// of such a key comes so, and a key that comes is never that large, so the
+// two never meet. ok is false for a keyless row.
+func rowHoldKey(row outbox.Row) (k string, ok bool) {
+	if row.Oversize != nil && row.Oversize.KeyDigest != nil {
+		return row.Topic + "\x01" + string(row.Oversize.KeyDigest), true
+	}
+	return holdKey(row.Topic, row.Key), row.Key != nil
+}
+
 // hold records that the row of topic and key was dead-lettered.
 func (h holds) hold(topic string, key []byte) {
 	if h != nil && key != nil {
@@ -528,11 +545,14 @@ func (h holds) deadLetters(rows []outbox.Row, bad map[int64]error) []outbox.Dead
 	var dead []outbox.DeadLetter
 	for _, row := range rows { // in id order
 		err, ok := bad[row.ID]
-		if !ok || h.has(row.Topic, row.Key) {
+		k, keyed := rowHoldKey(row)
+		if !ok || h != nil && keyed && h[k] {
 			continue
 		}
 		dead = append(dead, outbox.DeadLetter{ID: row.ID, Error: err.Error()})
-		h.hold(row.Topic, row.Key)
+		if h != nil && keyed {
+			h[k] = true
+		}
 	}
 	return dead
 }
@@ -924,9 +944,34 @@ func subset(recs []txn.Record, created []time.Time, ids []int64) ([]txn.Record, 
 	return outR, outC
 }
 
+// recordMaxBytes is the largest record the producer sends: its batch.size
+// (OUTBOX_KAFKA_BATCH_SIZE, franz-go's ProducerBatchMaxBytes), as the
+// producer applies it (txn.Producer lowers it further per topic to the
+// topic's max.message.bytes, which it checks before sending).
+func recordMaxBytes(s txn.Settings) int32 {
+	if s.BatchMaxBytes <= 0 {
+		return 1 << 20
+	}
+	return s.BatchMaxBytes
+}
+
+// oversizeError is the dead-letter reason of a row larger than the largest
+// record the producer sends (Row.Oversize): read without its value, it can
+// never be published.
+func oversizeError(row outbox.Row) error {
+	o := row.Oversize
+	return fmt.Errorf("%w: row is %d bytes (key %d, value %d, headers %d as JSON text), more than %d, the largest record the relay sends "+
+		"(OUTBOX_KAFKA_BATCH_SIZE, which the topic's max.message.bytes may lower further); the relay did not read its value. "+
+		"Shrink the row (store the payload elsewhere and send a reference), or raise OUTBOX_KAFKA_BATCH_SIZE and the topic's max.message.bytes, then requeue it",
+		kerr.MessageTooLarge, o.Total(), o.Key, o.Value, o.Headers, o.Limit)
+}
+
 // toRecord turns a row into a Kafka record, or says what is wrong with it.
 func toRecord(row outbox.Row) (txn.Record, error) {
 	rec := txn.Record{ID: row.ID, Topic: row.Topic, Key: row.Key, Value: row.Value, Partition: -1}
+	if utf8.RuneCountInString(row.Topic) > outbox.MaxTopicRead {
+		return rec, fmt.Errorf("column topic: topic %.20q... is longer than %d characters: Kafka allows 249", row.Topic, outbox.MaxTopicRead)
+	}
 	if err := outbox.ValidTopic(row.Topic); err != nil {
 		return rec, fmt.Errorf("column topic: %w", err)
 	}

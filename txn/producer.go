@@ -14,6 +14,7 @@ import (
 	"maps"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -91,6 +92,7 @@ type Producer struct {
 	mu         sync.Mutex
 	partitions map[string]int   // partition counts, for explicit partitions
 	maxBytes   map[string]int32 // the topics' max.message.bytes
+	compacted  map[string]bool  // topics whose cleanup.policy includes compact
 	epoch      int16
 
 	// window holds the rows of the shard's last committed batches; every
@@ -126,7 +128,7 @@ func NewProducer(ctx context.Context, cfg Config, shard int32) (*Producer, error
 		log = log.With("transactional_id", cfg.TransactionalID(shard))
 		opts = append(opts, kgo.TransactionalID(cfg.TransactionalID(shard)))
 	}
-	p := &Producer{cfg: cfg, shard: shard, log: log, partitions: map[string]int{}, maxBytes: map[string]int32{}}
+	p := &Producer{cfg: cfg, shard: shard, log: log, partitions: map[string]int{}, maxBytes: map[string]int32{}, compacted: map[string]bool{}}
 	opts = append(opts, kgo.ProducerBatchMaxBytesFn(p.batchMaxBytes))
 	opts = append(opts, cfg.Extra...)
 	cl, err := kgo.NewClient(opts...)
@@ -533,6 +535,12 @@ func (p *Producer) refuse(recs []Record, refused map[string]error, learned map[s
 				"partition %d does not exist: topic %q has %d partitions; fix the row's partition or add partitions", r.Partition, r.Topic, n)})
 			continue
 		}
+		if r.Key == nil && p.isCompacted(r.Topic) {
+			bad = append(bad, &RecordError{ID: r.ID, Err: fmt.Errorf(
+				"%w: column key is NULL and topic %q is compacted (cleanup.policy=compact): Kafka refuses a record without a key there; give the row a key, or write it to a topic that is not compacted",
+				kerr.InvalidRecord, r.Topic)})
+			continue
+		}
 		if size, limit := r.batchSize(), p.batchMaxBytes(r.Topic); size > int(limit) {
 			bad = append(bad, &RecordError{ID: r.ID, Err: fmt.Errorf(
 				"%w: record is %d bytes in its batch, more than %d (the smaller of topic %q max.message.bytes and the producer's batch.size); shrink the row or raise the limit",
@@ -545,7 +553,15 @@ func (p *Producer) refuse(recs []Record, refused map[string]error, learned map[s
 // refused reports whether r fails the checks of checkRecords against a topic
 // of n partitions.
 func (p *Producer) refused(r Record, n int) bool {
-	return r.Partition >= 0 && int(r.Partition) >= n || r.batchSize() > int(p.batchMaxBytes(r.Topic))
+	return r.Partition >= 0 && int(r.Partition) >= n || r.batchSize() > int(p.batchMaxBytes(r.Topic)) || r.Key == nil && p.isCompacted(r.Topic)
+}
+
+// isCompacted reports whether topic's cleanup.policy, as last learned,
+// includes compact.
+func (p *Producer) isCompacted(topic string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.compacted[topic]
 }
 
 // known reports whether the producer has cached topic's partition count.
@@ -570,6 +586,7 @@ func (p *Producer) forget(topic string) {
 	p.mu.Lock()
 	delete(p.partitions, topic)
 	delete(p.maxBytes, topic)
+	delete(p.compacted, topic)
 	p.mu.Unlock()
 }
 
@@ -757,19 +774,25 @@ func (p *Producer) describeTopics(ctx context.Context, topics []string) (map[str
 }
 
 // cacheTopics caches the partition counts of topics that exist, and learns
-// their max.message.bytes (one DescribeConfigs request; without the
-// permission, the producer's batch limit alone applies).
+// their max.message.bytes and cleanup.policy (one DescribeConfigs request;
+// without the permission, the producer's batch limit alone applies, and a
+// keyless record to a compacted topic is refused by the broker, after
+// sending).
 func (p *Producer) cacheTopics(ctx context.Context, parts map[string]int) {
 	if len(parts) == 0 {
 		return
 	}
 	limits := map[string]int32{}
+	compacted := map[string]bool{}
 	if rcs, err := p.adm.DescribeTopicConfigs(ctx, slices.Collect(maps.Keys(parts))...); err == nil {
 		for _, rc := range rcs {
 			if rc.Err != nil {
 				continue
 			}
 			for _, kv := range rc.Configs {
+				if kv.Key == "cleanup.policy" && kv.Value != nil && slices.Contains(strings.Split(*kv.Value, ","), "compact") {
+					compacted[rc.Name] = true
+				}
 				if kv.Key == "max.message.bytes" && kv.Value != nil {
 					if v, err := strconv.ParseInt(*kv.Value, 10, 32); err == nil && v > 0 {
 						limits[rc.Name] = int32(v)
@@ -785,6 +808,7 @@ func (p *Producer) cacheTopics(ctx context.Context, parts map[string]int) {
 		if l, ok := limits[t]; ok {
 			p.maxBytes[t] = l
 		}
+		p.compacted[t] = compacted[t]
 	}
 }
 

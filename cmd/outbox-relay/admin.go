@@ -506,8 +506,8 @@ func runDLQ(ctx context.Context, args, environ []string, stdout io.Writer) error
 		fmt.Fprintln(tw, "ID\tTOPIC\tKEY\tVALUE BYTES\tFAILED AT\tHOLDS\tDISCARDED\tERROR")
 		for _, d := range dead {
 			value := "null"
-			if d.Value != nil {
-				value = strconv.Itoa(len(d.Value))
+			if d.ValueBytes != nil {
+				value = strconv.FormatInt(*d.ValueBytes, 10)
 			}
 			holds := strconv.FormatInt(d.Holds, 10)
 			if s.order == outbox.Skip {
@@ -657,8 +657,8 @@ func writeDeadLettersJSON(w io.Writer, dead []outbox.DeadRow, order outbox.DeadL
 			k := string(d.Key)
 			j.Key = &k
 		}
-		if d.Value != nil {
-			n := len(d.Value)
+		if d.ValueBytes != nil {
+			n := int(*d.ValueBytes)
 			j.ValueBytes = &n
 		}
 		if d.Headers != nil {
