@@ -62,8 +62,13 @@ import (
 )
 
 // HeaderOutboxID is the record header that carries the outbox row id, the
-// inbox's dedupe key (with the topic).
+// inbox's dedupe key (with the topic) for records without HeaderEventID.
 const HeaderOutboxID = txn.HeaderOutboxID
+
+// HeaderEventID is the record header that carries the event's identity (a
+// UUID): with the topic, the inbox's dedupe key when present. It is unique
+// across outbox tables, databases, restores and fail-overs.
+const HeaderEventID = txn.HeaderEventID
 
 // Start says where a group starts on a partition it has never consumed (no
 // row in <table>_offsets). Once a partition has a row, the inbox always
@@ -93,7 +98,8 @@ type Config struct {
 
 	// Schema and Table name the inbox tables: <Schema>.<Table>_offsets,
 	// _applied and _dead_letter. Defaults "public" and "inbox". The
-	// dedupe key is (topic, outbox-id) within these tables: two services
+	// dedupe key is (topic, event id), or (topic, outbox-id) for records
+	// without an event id, within these tables: two services
 	// that apply the same topic to one database each need their own
 	// Table.
 	Schema string
@@ -213,8 +219,12 @@ func (c *Config) validate() error {
 // Event is one record to apply.
 type Event struct {
 	// OutboxID is the outbox row id from the record's outbox-id header:
-	// with Topic, the dedupe key.
-	OutboxID  int64
+	// with Topic, the dedupe key of a record without an event id.
+	OutboxID int64
+	// EventID is the event's identity from the record's outbox-event-id
+	// header (a lower-case UUID), "" for a record from before the relay's
+	// migration 7: with Topic, the dedupe key when set.
+	EventID   string
 	Topic     string
 	Partition int32
 	Offset    int64

@@ -874,7 +874,7 @@ func subset(recs []txn.Record, created []time.Time, ids []int64) ([]txn.Record, 
 
 // toRecord turns a row into a Kafka record, or says what is wrong with it.
 func toRecord(row outbox.Row) (txn.Record, error) {
-	rec := txn.Record{ID: row.ID, Topic: row.Topic, Key: row.Key, Value: row.Value, Partition: -1}
+	rec := txn.Record{ID: row.ID, Topic: row.Topic, Key: row.Key, Value: row.Value, Partition: -1, EventID: row.EventID}
 	if err := outbox.ValidTopic(row.Topic); err != nil {
 		return rec, fmt.Errorf("column topic: %w", err)
 	}
@@ -896,6 +896,9 @@ func toRecord(row outbox.Row) (txn.Record, error) {
 				// last one (Java's lastHeader), or compare names loosely,
 				// take this row for another.
 				return rec, fmt.Errorf("column headers sets %q, which is reserved (%q in any case, with or without spaces): the relay sends the row id in it; rename the header (e.g. to %q)", k, outbox.ReservedHeader, "app-"+strings.TrimSpace(k))
+			}
+			if outbox.IsReservedEventHeader(k) {
+				return rec, fmt.Errorf("column headers sets %q, which is reserved (%q in any case, with or without spaces): the relay sends column event_id in it; set the event_id column instead", k, outbox.ReservedEventHeader)
 			}
 			v, ok := h[k].(string)
 			if !ok {

@@ -1,0 +1,204 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-relay/outbox-relay/inbox"
+	"github.com/outbox-relay/outbox-relay/integration/testenv"
+)
+
+// eventSink is an inbox in its own database whose handler records every
+// event it applies (the record value, a token unique per event) in table
+// sink, one row per application.
+type eventSink struct {
+	db *testenv.DB
+}
+
+// startEventSink starts an inbox of a new group on topic, in a new
+// database, until the test ends.
+func startEventSink(t *testing.T, k *testenv.Kafka, topic string) *eventSink {
+	t.Helper()
+	ctx := context.Background()
+	db := testenv.NewDB(t)
+	m, err := inbox.NewMigrator(db.Pool, "public", "inbox")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Up(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Pool.Exec(ctx, `CREATE TABLE sink (token text NOT NULL, outbox_id bigint NOT NULL, applied_at timestamptz NOT NULL DEFAULT clock_timestamp())`); err != nil {
+		t.Fatal(err)
+	}
+	in, err := inbox.New(inbox.Config{Brokers: k.Brokers, Group: testenv.RandomName("sink-"), Topics: []string{topic}},
+		db.Pool, func(ctx context.Context, tx pgx.Tx, ev *inbox.Event) error {
+			_, err := tx.Exec(ctx, `INSERT INTO sink (token, outbox_id) VALUES ($1, $2)`, string(ev.Value), ev.OutboxID)
+			return err
+		}, inbox.WithLogger(testenv.Logger(t, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- in.Run(runCtx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("inbox: %v", err)
+		}
+	})
+	return &eventSink{db: db}
+}
+
+// insertTokens writes one row per token into db's outbox (plain SQL, the
+// writers' contract), keyed by the token's index modulo 4.
+func insertTokens(t *testing.T, db *testenv.DB, topic string, tokens []string) {
+	t.Helper()
+	keys := make([][]byte, len(tokens))
+	vals := make([][]byte, len(tokens))
+	for i, tok := range tokens {
+		keys[i], vals[i] = []byte("k"+strconv.Itoa(i%4)), []byte(tok)
+	}
+	if _, err := db.Pool.Exec(context.Background(), `INSERT INTO outbox (topic, key, value)
+SELECT $1, k, v FROM unnest($2::bytea[], $3::bytea[]) WITH ORDINALITY AS u(k, v, n) ORDER BY n`, topic, keys, vals); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func eventTokens(prefix string, n int) []string {
+	out := make([]string, n)
+	for i := range out {
+		out[i] = prefix + strconv.Itoa(i)
+	}
+	return out
+}
+
+// requireAppliedOnce waits until every token was applied (or timeout),
+// lets a duplicate arrive, and fails naming the tokens applied never or
+// more than once.
+func (s *eventSink) requireAppliedOnce(t *testing.T, want []string, timeout time.Duration) {
+	t.Helper()
+	ctx := context.Background()
+	count := func() map[string]int {
+		rows, err := s.db.Pool.Query(ctx, `SELECT token, count(*)::int FROM sink GROUP BY token`)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := map[string]int{}
+		var tok string
+		var n int
+		if _, err := pgx.ForEachRow(rows, []any{&tok, &n}, func() error { got[tok] = n; return nil }); err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	deadline := time.Now().Add(timeout)
+	for {
+		got := count()
+		all := true
+		for _, w := range want {
+			if got[w] == 0 {
+				all = false
+				break
+			}
+		}
+		if all || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	time.Sleep(time.Second) // a duplicate would be applied by now
+	got := count()
+	var missing, twice []string
+	for _, w := range want {
+		switch n := got[w]; {
+		case n == 0:
+			missing = append(missing, w)
+		case n > 1:
+			twice = append(twice, fmt.Sprintf("%s x%d", w, n))
+		}
+	}
+	var extra []string
+	for tok := range got {
+		if !slices.Contains(want, tok) {
+			extra = append(extra, tok)
+		}
+	}
+	if len(missing)+len(twice)+len(extra) > 0 {
+		slices.Sort(missing)
+		t.Fatalf("of %d events the inbox applied %d: never applied %d %v; applied more than once %v; not written %v",
+			len(want), len(want)-len(missing), len(missing), firstFew(missing), twice, extra)
+	}
+}
+
+func firstFew[T any](s []T) []T {
+	if len(s) > 12 {
+		return s[:12]
+	}
+	return s
+}
+
+// TestEventIdentityTwoTablesOneTopic: two outbox tables in two databases
+// (two services) feed one topic, so their row ids are the same 1..n; the
+// one inbox must apply every event of both once, not take the second
+// table's events for duplicates of the first's.
+func TestEventIdentityTwoTablesOneTopic(t *testing.T) {
+	topic := testenv.RandomName("shared-")
+	k := testenv.NewKafka(t, 3, topic)
+	a, b := testenv.NewDB(t), testenv.NewDB(t)
+	sink := startEventSink(t, k, topic)
+	testenv.StartRelay(t, a, testenv.RelayConfig(a, k))
+	testenv.StartRelay(t, b, testenv.RelayConfig(b, k))
+	wantA, wantB := eventTokens("a-", 40), eventTokens("b-", 40)
+	insertTokens(t, a, topic, wantA[:20])
+	insertTokens(t, b, topic, wantB[:20])
+	insertTokens(t, b, topic, wantB[20:])
+	insertTokens(t, a, topic, wantA[20:])
+	sink.requireAppliedOnce(t, append(wantA, wantB...), 30*time.Second)
+}
+
+// TestEventIdentityRestoredSequence: the outbox table's ids start over,
+// once by TRUNCATE ... RESTART IDENTITY and once as a restore from an
+// earlier dump does (the rows after the dump are gone and the sequence is
+// back where the dump took it), and new rows reuse published ids. Every
+// new event must be applied once, with no operator setval.
+func TestEventIdentityRestoredSequence(t *testing.T) {
+	ctx := context.Background()
+	topic := testenv.RandomName("restored-")
+	k := testenv.NewKafka(t, 3, topic)
+	db := testenv.NewDB(t)
+	sink := startEventSink(t, k, topic)
+	testenv.StartRelay(t, db, testenv.RelayConfig(db, k))
+
+	before := eventTokens("before-", 20)
+	insertTokens(t, db, topic, before)
+	sink.requireAppliedOnce(t, before, 30*time.Second)
+
+	if _, err := db.Pool.Exec(ctx, `TRUNCATE outbox RESTART IDENTITY`); err != nil {
+		t.Fatal(err)
+	}
+	truncated := eventTokens("after-truncate-", 20)
+	insertTokens(t, db, topic, truncated) // ids 1..20 again
+	want := append(slices.Clone(before), truncated...)
+	sink.requireAppliedOnce(t, want, 30*time.Second)
+
+	// The restore of a dump taken when the table held ids 1..10: the rows
+	// after it are gone, and the sequence is back at 10.
+	if _, err := db.Pool.Exec(ctx, `DELETE FROM outbox WHERE id > 10`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Pool.Exec(ctx, `SELECT setval(pg_get_serial_sequence('outbox', 'id'), 10)`); err != nil {
+		t.Fatal(err)
+	}
+	restored := eventTokens("after-restore-", 20)
+	insertTokens(t, db, topic, restored) // ids 11..30: 11..20 again
+	want = append(want, restored...)
+	sink.requireAppliedOnce(t, want, 30*time.Second)
+}
