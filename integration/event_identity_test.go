@@ -12,6 +12,9 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/inbox"
 	"github.com/outbox-relay/outbox-relay/integration/testenv"
+	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/txn"
+	"github.com/outbox-relay/outbox-relay/verify"
 )
 
 // eventSink is an inbox in its own database whose handler records every
@@ -201,4 +204,42 @@ func TestEventIdentityRestoredSequence(t *testing.T) {
 	insertTokens(t, db, topic, restored) // ids 11..30: 11..20 again
 	want = append(want, restored...)
 	sink.requireAppliedOnce(t, want, 30*time.Second)
+}
+
+// TestVerifyChecksTheEventID: verify expects the relay's outbox-event-id
+// header, the row's event_id, right after outbox-id: the relay's own
+// records are clean, a record of a row with an event id whose header is
+// another id or missing is `differ`, and a row from before migration 7
+// (event_id NULL) is clean without it.
+func TestVerifyChecksTheEventID(t *testing.T) {
+	ctx := context.Background()
+	tr := newTruth(t)
+	tr.row(t, "k0", "v", `{"type":"transfer"}`)
+	tr.row(t, "k0", "v", "")
+	tr.relayAll(t)
+	if rep, err := tr.verify(t, nil); err != nil || !rep.Clean() || rep.Records != 2 {
+		t.Fatalf("the relay's records: %v, counts %v, findings %v", err, rep.Counts, rep.Findings)
+	}
+	id := func(n int64) string { return strconv.FormatInt(n, 10) }
+	wrong := tr.row(t, "k1", "v", `{"type":"transfer"}`)
+	tr.produceRaw(t, "k1", "v", "outbox-id", id(wrong), txn.HeaderEventID, outbox.NewEventID(), "type", "transfer")
+	missing := tr.row(t, "k2", "v", `{"type":"transfer"}`)
+	tr.produceRaw(t, "k2", "v", "outbox-id", id(missing), "type", "transfer")
+	// A row written before migration 7 has no event id.
+	if _, err := tr.db.Pool.Exec(ctx, `ALTER TABLE outbox DROP CONSTRAINT outbox_event_id_set`); err != nil {
+		t.Fatal(err)
+	}
+	var old int64
+	if err := tr.db.Pool.QueryRow(ctx, `INSERT INTO outbox (topic, key, value, headers, event_id) VALUES ($1, 'k3', 'v', '{"type":"transfer"}', NULL) RETURNING id`, tr.topic).Scan(&old); err != nil {
+		t.Fatal(err)
+	}
+	tr.produceRaw(t, "k3", "v", "outbox-id", id(old), "type", "transfer")
+	tr.markPublished(t, wrong, missing, old)
+	rep, err := tr.verify(t, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := findingIDs(rep, verify.Differ), []int64{wrong, missing}; !slices.Equal(got, want) || rep.Clean() {
+		t.Fatalf("differ findings for ids %v, want %v (another event id, no event id; row %d has none and is clean); counts %v, findings %v", got, want, old, rep.Counts, rep.Findings)
+	}
 }
