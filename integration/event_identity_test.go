@@ -243,3 +243,32 @@ func TestVerifyChecksTheEventID(t *testing.T) {
 		t.Fatalf("differ findings for ids %v, want %v (another event id, no event id; row %d has none and is clean); counts %v, findings %v", got, want, old, rep.Counts, rep.Findings)
 	}
 }
+
+// TestEventIdentityWriterKeyIsAppliedOnce: a writer that sets the event id
+// itself (an idempotency key) and writes one business event twice (a
+// retried request) gets it applied once, while events with their own ids
+// are all applied.
+func TestEventIdentityWriterKeyIsAppliedOnce(t *testing.T) {
+	ctx := context.Background()
+	topic := testenv.RandomName("keyed-")
+	k := testenv.NewKafka(t, 3, topic)
+	db := testenv.NewDB(t)
+	sink := startEventSink(t, k, topic)
+	testenv.StartRelay(t, db, testenv.RelayConfig(db, k))
+	key := outbox.NewEventID()
+	for range 2 {
+		if err := db.Table.Write(ctx, db.Pool, outbox.Message{Topic: topic, Key: []byte("k"), Value: []byte("keyed"), EventID: key},
+			outbox.Message{Topic: topic, Key: []byte("k"), Value: []byte("own-" + outbox.NewEventID())}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rows, err := db.Pool.Query(ctx, `SELECT convert_from(value, 'UTF8') FROM outbox WHERE value <> 'keyed'`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	own, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink.requireAppliedOnce(t, append(own, "keyed"), 30*time.Second)
+}
