@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -271,4 +272,73 @@ func TestEventIdentityWriterKeyIsAppliedOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	sink.requireAppliedOnce(t, append(own, "keyed"), 30*time.Second)
+}
+
+// TestEventIdentitySurvivesTheDeadLetterTable: a row whose headers set
+// outbox-event-id (any case) is dead-lettered with an error naming the
+// column to use instead, and keeps its event id there; requeued, in place
+// or as a new row, it is published with that same event id.
+func TestEventIdentitySurvivesTheDeadLetterTable(t *testing.T) {
+	ctx := context.Background()
+	db := testenv.NewDB(t)
+	topic := testenv.RandomName("dead-")
+	k := testenv.NewKafka(t, 1, topic)
+	events := map[int64]string{}
+	for _, key := range []string{"a", "b"} {
+		var id int64
+		var ev string
+		if err := db.Pool.QueryRow(ctx, `INSERT INTO outbox (topic, key, value, headers) VALUES ($1, $2, 'v', '{"Outbox-Event-Id":"x"}') RETURNING id, event_id::text`,
+			topic, []byte(key)).Scan(&id, &ev); err != nil {
+			t.Fatal(err)
+		}
+		events[id] = ev
+	}
+	cfg := testenv.RelayConfig(db, k)
+	run := testenv.StartRelay(t, db, cfg)
+	store := outbox.NewStore(db.Pool, db.Table)
+	deadline := time.Now().Add(30 * time.Second)
+	var dead []outbox.DeadRow
+	for {
+		var err error
+		if dead, err = store.ListDeadLetters(ctx, 10); err != nil {
+			t.Fatal(err)
+		}
+		if len(dead) == 2 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if len(dead) != 2 {
+		t.Fatalf("dead letters %+v, want both rows", dead)
+	}
+	for _, d := range dead {
+		if !strings.Contains(d.Error, `"Outbox-Event-Id"`) || !strings.Contains(d.Error, "event_id column") {
+			t.Errorf("dead letter %d: error %q does not name the header and the event_id column", d.ID, d.Error)
+		}
+		var ev string
+		if err := db.Pool.QueryRow(ctx, `SELECT event_id::text FROM outbox_dead_letter WHERE id = $1`, d.ID).Scan(&ev); err != nil || ev != events[d.ID] {
+			t.Errorf("dead letter %d: event_id %q, %v; the row had %q", d.ID, ev, err, events[d.ID])
+		}
+	}
+	if _, err := db.Pool.Exec(ctx, `UPDATE outbox_dead_letter SET headers = '{"type":"fixed"}'`); err != nil {
+		t.Fatal(err)
+	}
+	ids := []int64{dead[0].ID, dead[1].ID}
+	if got, err := store.Requeue(ctx, ids[:1]); err != nil || len(got) != 1 {
+		t.Fatalf("requeue: %v, %v", got, err)
+	}
+	asNew, err := store.RequeueAsNew(ctx, ids[1:])
+	if err != nil || len(asNew) != 1 {
+		t.Fatalf("requeue as new: %v, %v", asNew, err)
+	}
+	want := map[int64]string{ids[0]: events[ids[0]], asNew[0]: events[ids[1]]}
+	seen := k.NewConsumer(t, topic).WaitFor(t, 2, 30*time.Second)
+	for _, s := range seen {
+		if w, ok := want[s.ID]; !ok || s.Headers[txn.HeaderEventID] != w {
+			t.Errorf("record of row %d: outbox-event-id %q, want %q (the dead letter's)", s.ID, s.Headers[txn.HeaderEventID], w)
+		}
+	}
+	if err := run.Stop(); err != nil {
+		t.Fatal(err)
+	}
 }
