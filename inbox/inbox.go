@@ -4,7 +4,8 @@
 // An [Inbox] consumes its topics as a member of a Kafka consumer group,
 // reading with isolation.level=read_committed, and runs the [Handler] for
 // each event inside a database transaction (a pgx.Tx). In that same
-// transaction it records the event as applied (its topic and outbox-id, in
+// transaction it records the event as applied (its topic and event id, the
+// outbox-event-id header, or its outbox-id for a record without one, in
 // <table>_applied) and the offset of the next record to apply for the
 // group, topic and partition (in <table>_offsets). Either all three commit
 // or none does. So:
@@ -15,8 +16,10 @@
 //     the inbox commits only as a courtesy for lag monitoring and never
 //     reads.
 //   - A record delivered again (an offset below the stored one, or a second
-//     record with an outbox-id already applied, as the relay's at-least-once
-//     mode or a restored outbox can produce) is skipped, never applied twice.
+//     record with an event id already applied, as the relay's at-least-once
+//     mode or a requeue can produce) is skipped, never applied twice. Two
+//     outbox tables feeding one topic, or a restored outbox whose ids start
+//     over, give their rows distinct event ids: each is applied.
 //   - A handler error rolls back the whole transaction (the handler's writes,
 //     the applied row, the offset) and the event is tried again under the
 //     retry policy ([Config.MaxAttempts], [Config.RetryBackoff]). An event
