@@ -253,6 +253,7 @@ func (i *Inbox) applyBatch(ctx context.Context, key partitionKey, epoch int64, b
 		evKeys             []string
 		invalid            []*kgo.Record
 		invalidWhy         []string
+		invalidIDs         []int64 // the outbox-id of an invalid record, 0 when it has none
 		seen               = make(map[dedupeKey]bool, len(todo))
 	)
 	for n, r := range todo {
@@ -260,12 +261,14 @@ func (i *Inbox) applyBatch(ctx context.Context, key partitionKey, epoch int64, b
 		if !valid {
 			invalid = append(invalid, r)
 			invalidWhy = append(invalidWhy, "no valid "+HeaderOutboxID+" header: the record did not come from outbox-relay, or was altered")
+			invalidIDs = append(invalidIDs, 0)
 			continue
 		}
 		ev, evValid := eventID(r)
 		if !evValid {
 			invalid = append(invalid, r)
 			invalidWhy = append(invalidWhy, "header "+HeaderEventID+" is not a UUID: the record did not come from outbox-relay, or was altered")
+			invalidIDs = append(invalidIDs, id)
 			continue
 		}
 		ids[n], evs[n] = id, ev
@@ -317,7 +320,7 @@ RETURNING event_id::text`, key.topic, i.cfg.Group, key.partition, evIDs, evKeys,
 		}
 	}
 	for n, r := range invalid {
-		if err := i.insertDeadLetter(ctx, tx, key, r, 0, invalidWhy[n], 0); err != nil {
+		if err := i.insertDeadLetter(ctx, tx, key, r, invalidIDs[n], invalidWhy[n], 0); err != nil {
 			return ok, err
 		}
 	}
