@@ -1,8 +1,10 @@
 package integration
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"os/exec"
 	"slices"
 	"strconv"
 	"strings"
@@ -169,9 +171,10 @@ func TestEventIdentityTwoTablesOneTopic(t *testing.T) {
 }
 
 // TestEventIdentityRestoredSequence: the outbox table's ids start over,
-// once by TRUNCATE ... RESTART IDENTITY and once as a restore from an
-// earlier dump does (the rows after the dump are gone and the sequence is
-// back where the dump took it), and new rows reuse published ids. Every
+// once by TRUNCATE ... RESTART IDENTITY, once as a restore from an earlier
+// dump does (the rows after the dump are gone and the sequence is back where
+// the dump took it: DELETE and setval), and once by a real pg_dump restored
+// with psql; each time new rows reuse published ids. Every
 // new event must be applied once, with no operator setval.
 func TestEventIdentityRestoredSequence(t *testing.T) {
 	ctx := context.Background()
@@ -184,6 +187,14 @@ func TestEventIdentityRestoredSequence(t *testing.T) {
 	before := eventTokens("before-", 20)
 	insertTokens(t, db, topic, before)
 	sink.requireAppliedOnce(t, before, 30*time.Second)
+	// A dump of the table now (ids 1..20, published), restored at the end.
+	dump, err := exec.Command("pg_dump", "--data-only", "--table=public.outbox", db.URL).Output()
+	if err != nil {
+		t.Fatalf("pg_dump: %v", err)
+	}
+	if !strings.Contains(string(dump), "setval") {
+		t.Fatalf("the dump does not set the sequence back:\n%s", dump)
+	}
 
 	if _, err := db.Pool.Exec(ctx, `TRUNCATE outbox RESTART IDENTITY`); err != nil {
 		t.Fatal(err)
@@ -204,6 +215,25 @@ func TestEventIdentityRestoredSequence(t *testing.T) {
 	restored := eventTokens("after-restore-", 20)
 	insertTokens(t, db, topic, restored) // ids 11..30: 11..20 again
 	want = append(want, restored...)
+	sink.requireAppliedOnce(t, want, 30*time.Second)
+
+	// The real thing: the dump taken after the first rows, restored with
+	// psql into the emptied table; its sequence goes back to 20.
+	if _, err := db.Pool.Exec(ctx, `TRUNCATE outbox`); err != nil {
+		t.Fatal(err)
+	}
+	psql := exec.Command("psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", db.URL)
+	psql.Stdin = bytes.NewReader(dump)
+	if out, err := psql.CombinedOutput(); err != nil {
+		t.Fatalf("psql restore: %v\n%s", err, out)
+	}
+	dumped := eventTokens("after-dump-restore-", 20)
+	insertTokens(t, db, topic, dumped) // ids 21..40: 21..30 again
+	var first int64
+	if err := db.Pool.QueryRow(ctx, `SELECT min(id) FROM outbox WHERE convert_from(value, 'UTF8') LIKE 'after-dump-restore-%'`).Scan(&first); err != nil || first != 21 {
+		t.Fatalf("after the restore of the dump the new rows start at id %d (%v), want 21: the dump did not rewind the sequence", first, err)
+	}
+	want = append(want, dumped...)
 	sink.requireAppliedOnce(t, want, 30*time.Second)
 }
 
