@@ -12,6 +12,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/inbox"
 	"github.com/outbox-relay/outbox-relay/integration/testenv"
+	"github.com/outbox-relay/outbox-relay/outbox"
 )
 
 // BenchmarkInboxThroughput: b.N events (104-byte values, 1000 keys, 6
@@ -105,7 +106,8 @@ INSERT INTO accounts (id, balance) SELECT g, 0 FROM generate_series(0, 999) g`);
 }
 
 // produceEvents commits n events to topic, keys "acct-<id mod 1000>" with
-// Kafka's default partitioner, outbox-ids 1..n, in transactions of 1000.
+// Kafka's default partitioner, outbox-ids 1..n, each with a random event id
+// as the relay sends it, in transactions of 1000.
 func produceEvents(b *testing.B, k *testenv.Kafka, topic string, n int) {
 	b.Helper()
 	ctx := context.Background()
@@ -120,7 +122,8 @@ func produceEvents(b *testing.B, k *testenv.Kafka, topic string, n int) {
 		}
 		for id := lo; id <= min(n, lo+999); id++ {
 			cl.Produce(ctx, &kgo.Record{Key: []byte("acct-" + strconv.Itoa(id%1000)), Value: value,
-				Headers: []kgo.RecordHeader{{Key: inbox.HeaderOutboxID, Value: []byte(strconv.Itoa(id))}}}, nil)
+				Headers: []kgo.RecordHeader{{Key: inbox.HeaderOutboxID, Value: []byte(strconv.Itoa(id))},
+					{Key: inbox.HeaderEventID, Value: []byte(outbox.NewEventID())}}}, nil)
 		}
 		if err := cl.Flush(ctx); err != nil {
 			b.Fatal(err)

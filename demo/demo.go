@@ -299,7 +299,7 @@ func (d *demo) printPlan() {
 	out.linef("            per account, on one partition")
 	out.linef("Ledger      a second service: consumer group %s reads the events through package inbox", d.ledger.Group)
 	out.linef("            and applies each transfer to %s in the transaction that records it applied", LedgerAccounts)
-	out.linef("            (dedupe by outbox-id, offsets in PostgreSQL); its balances must equal the source's")
+	out.linef("            (dedupe by event id, offsets in PostgreSQL); its balances must equal the source's")
 	if f.chaos {
 		out.linef("Chaos       the relay crashes about every %s and a new one takes over;", f.chaosEvery)
 		out.linef("            so does the ledger's consumer, inside and right after its database transaction")
@@ -549,8 +549,8 @@ func (d *demo) summarize(ctx context.Context, check *checker, runner *relayRunne
 	} else {
 		line("balance_total", total, fmt.Sprintf("CHANGED: want %d accounts x %d = %d", d.f.accounts, OpeningBalance, wantTotal))
 	}
-	line("ledger_applied", applied, "transfers the ledger applied through the inbox, each outbox-id once")
-	line("ledger_skipped", ls.Duplicates+ls.Redelivered, "records the ledger's inbox skipped: an outbox-id already applied, or an offset below the stored one")
+	line("ledger_applied", applied, "transfers the ledger applied through the inbox, each event id once")
+	line("ledger_skipped", ls.Duplicates+ls.Redelivered, "records the ledger's inbox skipped: an event id already applied, or an offset below the stored one")
 	if len(diffs) == 0 {
 		line("ledger_balances", "equal", fmt.Sprintf("all %d ledger balances equal the source's", d.f.accounts))
 	} else {
@@ -595,7 +595,7 @@ func (d *demo) summarize(ctx context.Context, check *checker, runner *relayRunne
 		}
 		out.linef("ledger tables: %s.%s, %s.%s_applied, %s.%s_dead_letter", d.f.schema, LedgerAccounts, d.f.schema, LedgerInbox, d.f.schema, LedgerInbox)
 	} else if c.duplicates > 0 {
-		out.linef("the ledger's inbox skipped the %d duplicates (same outbox-id): its balances equal the source's all the same", c.duplicates)
+		out.linef("the ledger's inbox skipped the %d duplicates (same event id): its balances equal the source's all the same", c.duplicates)
 	}
 	if !kafkaOK {
 		return fmt.Errorf("exactly-once check failed: %d duplicates, %d missing, %d out of order, %d unexpected",

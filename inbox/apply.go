@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"runtime/debug"
 	"strconv"
+	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -242,30 +243,54 @@ func (i *Inbox) applyBatch(ctx context.Context, key partitionKey, epoch int64, b
 		return ok, nil
 	}
 
-	ids := make([]int64, len(todo)) // 0: no valid outbox-id
+	// Each record's dedupe key: its event id when it has one (relay
+	// schema version 7 and later), else its outbox-id (older records).
+	ids := make([]int64, len(todo)) // 0: poison (no valid outbox-id or event id)
+	evs := make([]string, len(todo))
 	var (
 		insIDs, insOffsets []int64
+		evIDs, evOffsets   []int64
+		evKeys             []string
 		invalid            []*kgo.Record
-		seen               = make(map[int64]bool, len(todo))
+		invalidWhy         []string
+		invalidIDs         []int64 // the outbox-id of an invalid record, 0 when it has none
+		seen               = make(map[dedupeKey]bool, len(todo))
 	)
 	for n, r := range todo {
 		id, valid := outboxID(r)
 		if !valid {
 			invalid = append(invalid, r)
+			invalidWhy = append(invalidWhy, "no valid "+HeaderOutboxID+" header: the record did not come from outbox-relay, or was altered")
+			invalidIDs = append(invalidIDs, 0)
 			continue
 		}
-		ids[n] = id
-		if !seen[id] {
-			seen[id] = true
-			insIDs = append(insIDs, id)
-			insOffsets = append(insOffsets, r.Offset)
+		ev, evValid := eventID(r)
+		if !evValid {
+			invalid = append(invalid, r)
+			invalidWhy = append(invalidWhy, "header "+HeaderEventID+" is not a UUID: the record did not come from outbox-relay, or was altered")
+			invalidIDs = append(invalidIDs, id)
+			continue
+		}
+		ids[n], evs[n] = id, ev
+		k := dedupeKey{id: id, event: ev}
+		if ev != "" {
+			k.id = 0
+		}
+		if seen[k] {
+			continue
+		}
+		seen[k] = true
+		if ev != "" {
+			evIDs, evKeys, evOffsets = append(evIDs, id), append(evKeys, ev), append(evOffsets, r.Offset)
+		} else {
+			insIDs, insOffsets = append(insIDs, id), append(insOffsets, r.Offset)
 		}
 	}
-	fresh := make(map[int64]bool, len(insIDs))
+	fresh := make(map[dedupeKey]bool, len(insIDs)+len(evIDs))
 	if len(insIDs) > 0 {
 		rows, err := tx.Query(ctx, `INSERT INTO `+i.t.applied+` (topic, outbox_id, consumer_group, partition, kafka_offset)
 SELECT $1, id, $2, $3, o FROM unnest($4::bigint[], $5::bigint[]) AS u(id, o)
-ON CONFLICT (topic, outbox_id) DO NOTHING
+ON CONFLICT (topic, outbox_id) WHERE event_id IS NULL DO NOTHING
 RETURNING outbox_id`, key.topic, i.cfg.Group, key.partition, insIDs, insOffsets)
 		if err != nil {
 			return ok, fmt.Errorf("record applied events: %w", err)
@@ -275,11 +300,27 @@ RETURNING outbox_id`, key.topic, i.cfg.Group, key.partition, insIDs, insOffsets)
 			return ok, fmt.Errorf("record applied events: %w", err)
 		}
 		for _, id := range got {
-			fresh[id] = true
+			fresh[dedupeKey{id: id}] = true
 		}
 	}
-	for _, r := range invalid {
-		if err := i.insertDeadLetter(ctx, tx, key, r, 0, "no valid "+HeaderOutboxID+" header: the record did not come from outbox-relay, or was altered", 0); err != nil {
+	if len(evIDs) > 0 {
+		rows, err := tx.Query(ctx, `INSERT INTO `+i.t.applied+` (topic, outbox_id, event_id, consumer_group, partition, kafka_offset)
+SELECT $1, id, ev::uuid, $2, $3, o FROM unnest($4::bigint[], $5::text[], $6::bigint[]) AS u(id, ev, o)
+ON CONFLICT (topic, event_id) WHERE event_id IS NOT NULL DO NOTHING
+RETURNING event_id::text`, key.topic, i.cfg.Group, key.partition, evIDs, evKeys, evOffsets)
+		if err != nil {
+			return ok, fmt.Errorf("record applied events: %w", err)
+		}
+		got, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil {
+			return ok, fmt.Errorf("record applied events: %w", err)
+		}
+		for _, ev := range got {
+			fresh[dedupeKey{event: ev}] = true
+		}
+	}
+	for n, r := range invalid {
+		if err := i.insertDeadLetter(ctx, tx, key, r, invalidIDs[n], invalidWhy[n], 0); err != nil {
 			return ok, err
 		}
 	}
@@ -290,11 +331,15 @@ RETURNING outbox_id`, key.topic, i.cfg.Group, key.partition, insIDs, insOffsets)
 		if id == 0 {
 			continue
 		}
-		if !fresh[id] {
+		k := dedupeKey{id: id}
+		if evs[n] != "" {
+			k = dedupeKey{event: evs[n]}
+		}
+		if !fresh[k] {
 			duplicates++
 			continue
 		}
-		delete(fresh, id) // a second record of the id in this batch is a duplicate
+		delete(fresh, k) // a second record of the key in this batch is a duplicate
 		ev := eventOf(r, id, attempt)
 		if err := i.callHandler(ctx, tx, ev); err != nil {
 			if ctx.Err() != nil || tx.Conn().IsClosed() {
@@ -340,7 +385,7 @@ WHERE consumer_group = $1 AND topic = $2 AND partition = $3`, i.cfg.Group, key.t
 	if len(invalid) > 0 {
 		i.deadLettered.Add(int64(len(invalid)))
 		i.m.deadLetters.WithLabelValues("no_outbox_id").Add(float64(len(invalid)))
-		i.log.Warn("inbox: records without a valid outbox-id moved to the dead-letter table", "topic", key.topic,
+		i.log.Warn("inbox: records without a valid outbox-id or event id moved to the dead-letter table", "topic", key.topic,
 			"partition", key.partition, "offsets", offsetsOf(invalid), "table", i.t.deadLetter)
 	}
 	i.markCommit(key, epoch, batch[len(batch)-1])
@@ -395,12 +440,21 @@ func (i *Inbox) insertDeadLetter(ctx context.Context, tx pgx.Tx, key partitionKe
 		ts = &r.Timestamp
 	}
 	_, err := tx.Exec(ctx, `INSERT INTO `+i.t.deadLetter+`
-(consumer_group, topic, partition, kafka_offset, outbox_id, key, value, headers, record_time, error, attempts)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+(consumer_group, topic, partition, kafka_offset, outbox_id, key, value, headers, record_time, error, attempts, event_id)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::uuid)
 ON CONFLICT (consumer_group, topic, partition, kafka_offset) DO NOTHING`,
-		i.cfg.Group, key.topic, key.partition, r.Offset, outboxID, r.Key, r.Value, headersJSON(r.Headers), ts, cause, attempts)
+		i.cfg.Group, key.topic, key.partition, r.Offset, outboxID, r.Key, r.Value, headersJSON(r.Headers), ts, cause, attempts, eventIDArg(r))
 	if err != nil {
 		return fmt.Errorf("insert into %s: %w", i.t.deadLetter, err)
+	}
+	return nil
+}
+
+// eventIDArg is the record's event id for a uuid column: nil when it has
+// none or an invalid one.
+func eventIDArg(r *kgo.Record) any {
+	if ev, ok := eventID(r); ok && ev != "" {
+		return ev
 	}
 	return nil
 }
@@ -442,6 +496,49 @@ func transient(err error) bool {
 	return false
 }
 
+// dedupeKey is what the inbox deduplicates a record by, within its topic:
+// its event id when it has one, else (a record from before the relay's
+// migration 7) its outbox-id.
+type dedupeKey struct {
+	id    int64  // 0 when event is set
+	event string // lower-case UUID text, as PostgreSQL prints it
+}
+
+// eventID reads the record's outbox-event-id header: "" and valid when
+// there is none (an older record), the UUID in lower case when it is one,
+// invalid otherwise.
+func eventID(r *kgo.Record) (string, bool) {
+	for _, h := range r.Headers {
+		if h.Key == HeaderEventID {
+			v := strings.ToLower(string(h.Value))
+			return v, validUUID(v)
+		}
+	}
+	return "", true
+}
+
+// validUUID reports whether s is a UUID in PostgreSQL's printed form
+// (8-4-4-4-12 lower-case hexadecimal digits).
+func validUUID(s string) bool {
+	if len(s) != 36 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch i {
+		case 8, 13, 18, 23:
+			if c != '-' {
+				return false
+			}
+		default:
+			if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+				return false
+			}
+		}
+	}
+	return true
+}
+
 // outboxID parses the record's outbox-id header: a positive decimal.
 func outboxID(r *kgo.Record) (int64, bool) {
 	for _, h := range r.Headers {
@@ -454,7 +551,8 @@ func outboxID(r *kgo.Record) (int64, bool) {
 }
 
 func eventOf(r *kgo.Record, id int64, attempt int) *Event {
-	return &Event{OutboxID: id, Topic: r.Topic, Partition: r.Partition, Offset: r.Offset, Key: r.Key, Value: r.Value,
+	ev, _ := eventID(r)
+	return &Event{OutboxID: id, EventID: ev, Topic: r.Topic, Partition: r.Partition, Offset: r.Offset, Key: r.Key, Value: r.Value,
 		Headers: r.Headers, Timestamp: r.Timestamp, Attempt: attempt}
 }
 

@@ -4,7 +4,8 @@
 // An [Inbox] consumes its topics as a member of a Kafka consumer group,
 // reading with isolation.level=read_committed, and runs the [Handler] for
 // each event inside a database transaction (a pgx.Tx). In that same
-// transaction it records the event as applied (its topic and outbox-id, in
+// transaction it records the event as applied (its topic and event id, the
+// outbox-event-id header, or its outbox-id for a record without one, in
 // <table>_applied) and the offset of the next record to apply for the
 // group, topic and partition (in <table>_offsets). Either all three commit
 // or none does. So:
@@ -15,8 +16,10 @@
 //     the inbox commits only as a courtesy for lag monitoring and never
 //     reads.
 //   - A record delivered again (an offset below the stored one, or a second
-//     record with an outbox-id already applied, as the relay's at-least-once
-//     mode or a restored outbox can produce) is skipped, never applied twice.
+//     record with an event id already applied, as the relay's at-least-once
+//     mode or a requeue can produce) is skipped, never applied twice. Two
+//     outbox tables feeding one topic, or a restored outbox whose ids start
+//     over, give their rows distinct event ids: each is applied.
 //   - A handler error rolls back the whole transaction (the handler's writes,
 //     the applied row, the offset) and the event is tried again under the
 //     retry policy ([Config.MaxAttempts], [Config.RetryBackoff]). An event
@@ -62,8 +65,13 @@ import (
 )
 
 // HeaderOutboxID is the record header that carries the outbox row id, the
-// inbox's dedupe key (with the topic).
+// inbox's dedupe key (with the topic) for records without HeaderEventID.
 const HeaderOutboxID = txn.HeaderOutboxID
+
+// HeaderEventID is the record header that carries the event's identity (a
+// UUID): with the topic, the inbox's dedupe key when present. It is unique
+// across outbox tables, databases, restores and fail-overs.
+const HeaderEventID = txn.HeaderEventID
 
 // Start says where a group starts on a partition it has never consumed (no
 // row in <table>_offsets). Once a partition has a row, the inbox always
@@ -93,7 +101,8 @@ type Config struct {
 
 	// Schema and Table name the inbox tables: <Schema>.<Table>_offsets,
 	// _applied and _dead_letter. Defaults "public" and "inbox". The
-	// dedupe key is (topic, outbox-id) within these tables: two services
+	// dedupe key is (topic, event id), or (topic, outbox-id) for records
+	// without an event id, within these tables: two services
 	// that apply the same topic to one database each need their own
 	// Table.
 	Schema string
@@ -213,8 +222,12 @@ func (c *Config) validate() error {
 // Event is one record to apply.
 type Event struct {
 	// OutboxID is the outbox row id from the record's outbox-id header:
-	// with Topic, the dedupe key.
-	OutboxID  int64
+	// with Topic, the dedupe key of a record without an event id.
+	OutboxID int64
+	// EventID is the event's identity from the record's outbox-event-id
+	// header (a lower-case UUID), "" for a record from before the relay's
+	// migration 7: with Topic, the dedupe key when set.
+	EventID   string
 	Topic     string
 	Partition int32
 	Offset    int64

@@ -258,12 +258,14 @@ func (m *Migrator) Pending(ctx context.Context) (int, error) {
 		}
 	}
 	if n == len(st) && n > 0 {
-		// Version 1's tables, the newest objects. Update with each new
-		// migration.
+		// Version 1's tables and version 2's event_id columns, the newest
+		// objects. Update with each new migration.
 		var ok bool
 		q := func(suffix string) string { return quoteIdent(m.schema) + "." + quoteIdent(m.table+suffix) }
 		err := pgx.BeginFunc(ctx, m.db, func(tx pgx.Tx) error {
-			return tx.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL`,
+			return tx.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL
+    AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($2) AND attname = 'event_id' AND NOT attisdropped)
+    AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($3) AND attname = 'event_id' AND NOT attisdropped)`,
 				q("_offsets"), q("_applied"), q("_dead_letter")).Scan(&ok)
 		})
 		if err != nil {

@@ -62,8 +62,16 @@ FROM `+i.t.deadLetter+` WHERE id = $1 FOR UPDATE`, id).
 		if r.Headers, err = parseHeaders(headers); err != nil {
 			return fmt.Errorf("dead letter %d: headers: %w", id, err)
 		}
-		tag, err := tx.Exec(ctx, `INSERT INTO `+i.t.applied+` (topic, outbox_id, consumer_group, partition, kafka_offset)
-VALUES ($1, $2, $3, $4, $5) ON CONFLICT (topic, outbox_id) DO NOTHING`, r.Topic, *outboxID, i.cfg.Group, r.Partition, r.Offset)
+		// The dedupe key of the record: its event id when it has one.
+		q := `INSERT INTO ` + i.t.applied + ` (topic, outbox_id, consumer_group, partition, kafka_offset)
+VALUES ($1, $2, $3, $4, $5) ON CONFLICT (topic, outbox_id) WHERE event_id IS NULL DO NOTHING`
+		args := []any{r.Topic, *outboxID, i.cfg.Group, r.Partition, r.Offset}
+		if ev := eventIDArg(&r); ev != nil {
+			q = `INSERT INTO ` + i.t.applied + ` (topic, outbox_id, consumer_group, partition, kafka_offset, event_id)
+VALUES ($1, $2, $3, $4, $5, $6::uuid) ON CONFLICT (topic, event_id) WHERE event_id IS NOT NULL DO NOTHING`
+			args = append(args, ev)
+		}
+		tag, err := tx.Exec(ctx, q, args...)
 		if err != nil {
 			return fmt.Errorf("record dead letter %d as applied: %w", id, err)
 		}

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"database/sql"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -38,7 +39,8 @@ func TestEveryWritePathReachesKafkaOnceIntact(t *testing.T) {
 	type want struct {
 		key, value []byte
 		headers    map[string]string
-		partition  int32 // -1: by key
+		partition  int32  // -1: by key
+		eventID    string // "": drawn by Write or the column default
 	}
 	var expect []want
 
@@ -48,7 +50,8 @@ func TestEveryWritePathReachesKafkaOnceIntact(t *testing.T) {
 		t.Fatal(err)
 	}
 	msgs := []outbox.Message{
-		{Topic: "orders", Key: []byte("acct-1"), Value: []byte(`{"n":1}`), Headers: map[string]string{"type": "created", "trace": "abc"}},
+		{Topic: "orders", Key: []byte("acct-1"), Value: []byte(`{"n":1}`), Headers: map[string]string{"type": "created", "trace": "abc"},
+			EventID: "0b7c4c1e-3f4a-4d2b-9a55-0123456789ab"},
 		{Topic: "orders", Key: []byte("acct-1"), Value: nil}, // tombstone
 		{Topic: "orders", Key: []byte("acct-2"), Value: []byte{}},
 		{Topic: "orders", Key: []byte("pinned-1"), Value: []byte{0, 1, 2, 255}, Partition: &p2},
@@ -65,7 +68,7 @@ func TestEveryWritePathReachesKafkaOnceIntact(t *testing.T) {
 		if m.Partition != nil {
 			p = *m.Partition
 		}
-		expect = append(expect, want{m.Key, m.Value, m.Headers, p})
+		expect = append(expect, want{m.Key, m.Value, m.Headers, p, m.EventID})
 	}
 
 	// 2. A rolled-back write: never published.
@@ -92,8 +95,11 @@ func TestEveryWritePathReachesKafkaOnceIntact(t *testing.T) {
 		if i == 5 {
 			m.Value = nil
 		}
+		if i == 7 {
+			m.EventID = "7E57C0DE-0000-4000-8000-00000000C0FF" // COPY, upper case: stored and sent in lower case
+		}
 		many = append(many, m)
-		expect = append(expect, want{m.Key, m.Value, m.Headers, -1})
+		expect = append(expect, want{m.Key, m.Value, m.Headers, -1, strings.ToLower(m.EventID)})
 	}
 	if err := db.Table.WriteMany(ctx, tx, many); err != nil {
 		t.Fatal(err)
@@ -127,7 +133,7 @@ func TestEveryWritePathReachesKafkaOnceIntact(t *testing.T) {
 		if m.Partition != nil {
 			p = *m.Partition
 		}
-		expect = append(expect, want{m.Key, m.Value, m.Headers, p})
+		expect = append(expect, want{m.Key, m.Value, m.Headers, p, ""})
 	}
 
 	// 5. Plain SQL, as any language would write it (the README contract).
@@ -135,18 +141,21 @@ func TestEveryWritePathReachesKafkaOnceIntact(t *testing.T) {
 		VALUES ('orders', 'acct-1', '{"amount":100}', '{"type":"transfer"}')`); err != nil {
 		t.Fatal(err)
 	}
-	expect = append(expect, want{[]byte("acct-1"), []byte(`{"amount":100}`), map[string]string{"type": "transfer"}, -1})
-	if _, err := db.Pool.Exec(ctx, `INSERT INTO outbox (topic, key, value) VALUES ('orders', convert_to('acct-3', 'UTF8'), NULL)`); err != nil {
+	expect = append(expect, want{[]byte("acct-1"), []byte(`{"amount":100}`), map[string]string{"type": "transfer"}, -1, ""})
+	if _, err := db.Pool.Exec(ctx, `INSERT INTO outbox (topic, key, value, event_id) VALUES ('orders', convert_to('acct-3', 'UTF8'), NULL, '6f1c2a5e-0d1b-4c1e-9a7e-2f8d9c3b4a10')`); err != nil {
 		t.Fatal(err)
 	}
-	expect = append(expect, want{[]byte("acct-3"), nil, nil, -1})
+	expect = append(expect, want{[]byte("acct-3"), nil, nil, -1, "6f1c2a5e-0d1b-4c1e-9a7e-2f8d9c3b4a10"})
 
-	rows, err := db.Pool.Query(ctx, `SELECT id FROM outbox ORDER BY id`)
+	rows, err := db.Pool.Query(ctx, `SELECT id, event_id::text FROM outbox ORDER BY id`)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ids, err := pgx.CollectRows(rows, pgx.RowTo[int64])
-	if err != nil {
+	var ids []int64
+	eventIDs := map[int64]string{}
+	var id int64
+	var ev string
+	if _, err := pgx.ForEachRow(rows, []any{&id, &ev}, func() error { ids = append(ids, id); eventIDs[id] = ev; return nil }); err != nil {
 		t.Fatal(err)
 	}
 	if len(ids) != len(expect) {
@@ -177,8 +186,11 @@ func TestEveryWritePathReachesKafkaOnceIntact(t *testing.T) {
 				t.Errorf("id %d: header %s = %q, want %q", id, hk, s.Headers[hk], hv)
 			}
 		}
-		if len(s.Headers) != len(w.headers)+1 {
-			t.Errorf("id %d: headers %v, want %v plus outbox-id", id, s.Headers, w.headers)
+		if s.Headers["outbox-event-id"] != eventIDs[id] || w.eventID != "" && eventIDs[id] != w.eventID {
+			t.Errorf("id %d: outbox-event-id header %q, the row's event_id %q, the writer set %q", id, s.Headers["outbox-event-id"], eventIDs[id], w.eventID)
+		}
+		if len(s.Headers) != len(w.headers)+2 {
+			t.Errorf("id %d: headers %v, want %v plus outbox-id and outbox-event-id", id, s.Headers, w.headers)
 		}
 		switch {
 		case w.partition >= 0:

@@ -15,6 +15,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/integration/testenv"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/txn"
 	"github.com/outbox-relay/outbox-relay/verify"
 )
 
@@ -56,7 +57,48 @@ func (tr *truth) row(t *testing.T, key, value, headers string) int64 {
 }
 
 // produce writes a record by hand on partition 0 and returns its offset.
+// As the relay does, it sends the event id of the row an "outbox-id"
+// header names (in the table or the dead-letter table) right after that
+// header, unless headers set "outbox-event-id" themselves; produceRaw
+// sends headers exactly as given.
 func (tr *truth) produce(t *testing.T, key, value string, headers ...string) int64 {
+	t.Helper()
+	if !slices.Contains(headers, txn.HeaderEventID) {
+		for i := 0; i+1 < len(headers); i += 2 {
+			if headers[i] != txn.HeaderOutboxID {
+				continue
+			}
+			if ev := tr.eventID(t, headers[i+1]); ev != "" {
+				headers = slices.Insert(slices.Clone(headers), i+2, txn.HeaderEventID, ev)
+			}
+			break
+		}
+	}
+	return tr.produceRaw(t, key, value, headers...)
+}
+
+// eventID is the event id of the row (or dead letter) whose id is the
+// decimal id, "" when there is none.
+func (tr *truth) eventID(t *testing.T, id string) string {
+	t.Helper()
+	n, err := strconv.ParseInt(id, 10, 64)
+	if err != nil {
+		return ""
+	}
+	var ev *string
+	if err := tr.db.Pool.QueryRow(context.Background(), `SELECT coalesce((SELECT event_id::text FROM outbox WHERE id = $1),
+    (SELECT event_id::text FROM outbox_dead_letter WHERE id = $1))`, n).Scan(&ev); err != nil {
+		t.Fatal(err)
+	}
+	if ev == nil {
+		return ""
+	}
+	return *ev
+}
+
+// produceRaw writes a record with exactly the given headers on partition
+// 0 and returns its offset.
+func (tr *truth) produceRaw(t *testing.T, key, value string, headers ...string) int64 {
 	t.Helper()
 	r := &kgo.Record{Key: []byte(key), Value: []byte(value), Partition: 0}
 	for i := 0; i+1 < len(headers); i += 2 {
@@ -134,7 +176,7 @@ func TestVerifyComparesHeadersAsTheRelaySentThem(t *testing.T) {
 	reordered := tr.row(t, "k4", "v", `{"a":"1","type":"transfer"}`)
 	tr.produce(t, "k4", "v", "outbox-id", id(reordered), "type", "transfer", "a", "1")
 	late := tr.row(t, "k5", "v", `{"a":"1"}`)
-	tr.produce(t, "k5", "v", "a", "1", "outbox-id", id(late))
+	tr.produceRaw(t, "k5", "v", txn.HeaderEventID, tr.eventID(t, id(late)), "outbox-id", id(late), "a", "1")
 	tr.markPublished(t, repeated, extra, missingH, reordered, late)
 	rep, err := tr.verify(t, nil)
 	if err != nil {

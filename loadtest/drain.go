@@ -102,7 +102,7 @@ func DrainCeiling(ctx context.Context, pool *pgxpool.Pool, t outbox.Table, batch
 // drainShard is one shard's loop of DrainCeiling.
 func drainShard(ctx context.Context, pool *pgxpool.Pool, t outbox.Table, done string, batch, shard, shards int) (int, error) {
 	filter, fargs := outbox.ShardFilter(shard, shards, 2)
-	read := `SELECT id, topic, key, value, headers::text, partition, created_at FROM ` + t.Ident() +
+	read := `SELECT id, topic, key, value, headers::text, partition, created_at, event_id::text FROM ` + t.Ident() +
 		` WHERE published_at IS NULL` + filter + ` ORDER BY id LIMIT $1`
 	args := append([]any{batch}, fargs...)
 	var (
@@ -114,6 +114,7 @@ func drainShard(ctx context.Context, pool *pgxpool.Pool, t outbox.Table, done st
 		h       *string
 		p       *int32
 		created time.Time
+		event   *string
 	)
 	for {
 		rows, err := pool.Query(ctx, read, args...)
@@ -121,7 +122,7 @@ func drainShard(ctx context.Context, pool *pgxpool.Pool, t outbox.Table, done st
 			return total, fmt.Errorf("read a batch: %w", err)
 		}
 		ids = ids[:0]
-		if _, err := pgx.ForEachRow(rows, []any{&id, &topic, &key, &v, &h, &p, &created}, func() error {
+		if _, err := pgx.ForEachRow(rows, []any{&id, &topic, &key, &v, &h, &p, &created, &event}, func() error {
 			ids = append(ids, id)
 			return nil
 		}); err != nil {

@@ -324,9 +324,10 @@ func (m *Migrator) Pending(ctx context.Context) (int, error) {
 }
 
 // appliedElsewhere reports whether the newest migration's objects exist:
-// version 6's <table>_dead_letter_held_digest index (and, with it, every
+// version 6's <table>_dead_letter_held_digest index (with it, every
 // earlier object: version 5's discarded_at column of <table>_dead_letter
-// is in its predicate).
+// is in its predicate) and version 7's event_id column of
+// <table>_dead_letter.
 // Update it with each new migration.
 func (m *Migrator) appliedElsewhere(ctx context.Context) (bool, error) {
 	tx, err := m.db.Begin(ctx)
@@ -338,7 +339,8 @@ func (m *Migrator) appliedElsewhere(ctx context.Context) (bool, error) {
 	held := QuoteIdent(m.schema) + "." + QuoteIdent(m.table+"_dead_letter_held_digest")
 	var ok bool
 	err = tx.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL AND EXISTS (
-    SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($2) AND attname = 'discarded_at' AND NOT attisdropped)`, held, dead).Scan(&ok)
+    SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($2) AND attname = 'discarded_at' AND NOT attisdropped) AND EXISTS (
+    SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($2) AND attname = 'event_id' AND NOT attisdropped)`, held, dead).Scan(&ok)
 	if err != nil {
 		return false, fmt.Errorf("check schema: %w", err)
 	}

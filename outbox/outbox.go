@@ -7,12 +7,17 @@
 //	INSERT INTO outbox (topic, key, value, headers)
 //	VALUES ('payments', 'acct-42', '{"amount":100}', '{"type":"transfer"}');
 //
+// Column event_id (a uuid, default gen_random_uuid()) may be set too, to an
+// idempotency key of the application's.
+//
 // The relay publishes it once the writing transaction commits.
 package outbox
 
 import (
 	"context"
+	"crypto/rand"
 	"database/sql"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -38,6 +43,13 @@ type Message struct {
 	// Partition, when set, is the Kafka partition; nil lets the relay choose
 	// by Kafka's default murmur2 hash of the key.
 	Partition *int32
+	// EventID is the event's identity, a UUID (column event_id), which the
+	// relay sends in the "outbox-event-id" header and the inbox
+	// deduplicates by. Empty draws a random one (version 4). Set it
+	// to an idempotency key of your own to make a retried business
+	// operation one event: a consumer applies an event id once, whatever
+	// table, database or row id it came from.
+	EventID string
 }
 
 // Table names an outbox table: its schema and name, always quoted as
@@ -99,6 +111,16 @@ const CopyThreshold = 64
 // dead-letters such a row, and Write refuses such a Message.
 const ReservedHeader = "outbox-id"
 
+// ReservedEventHeader is the record header the relay sets to the row's
+// event_id (EventHeader). A row may not set it either.
+const ReservedEventHeader = "outbox-event-id"
+
+// IsReservedEventHeader reports whether a header name would pass for the
+// relay's outbox-event-id with a consumer that compares names loosely.
+func IsReservedEventHeader(name string) bool {
+	return strings.EqualFold(strings.TrimSpace(name), ReservedEventHeader)
+}
+
 // IsReservedHeader reports whether a header name would pass for the
 // relay's outbox-id with a consumer that compares names loosely: any case,
 // surrounding spaces ("Outbox-Id", "outbox-id ").
@@ -119,8 +141,48 @@ func (m Message) Validate() error {
 		if IsReservedHeader(k) {
 			return fmt.Errorf("outbox message: Headers sets %q, which is reserved (%q in any case, with or without spaces): the relay sends the row id in it; rename the header", k, ReservedHeader)
 		}
+		if IsReservedEventHeader(k) {
+			return fmt.Errorf("outbox message: Headers sets %q, which is reserved (%q in any case, with or without spaces): the relay sends the event id in it; set EventID instead", k, ReservedEventHeader)
+		}
+	}
+	if m.EventID != "" {
+		if err := ValidEventID(m.EventID); err != nil {
+			return fmt.Errorf("outbox message: EventID %q is not a UUID (column event_id is uuid): leave it empty for a random one, or derive a UUID from your key (e.g. a name-based UUID)", m.EventID)
+		}
 	}
 	return nil
+}
+
+// ValidEventID reports whether s is a UUID in the form PostgreSQL prints
+// (8-4-4-4-12 hexadecimal digits, either case), the form the relay sends.
+func ValidEventID(s string) error {
+	if len(s) != 36 {
+		return fmt.Errorf("%q is %d characters, not a UUID of 36 (8-4-4-4-12 hexadecimal digits)", s, len(s))
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch i {
+		case 8, 13, 18, 23:
+			if c != '-' {
+				return fmt.Errorf("%q is not a UUID: want '-' at position %d", s, i+1)
+			}
+		default:
+			if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F') {
+				return fmt.Errorf("%q is not a UUID: %q is not a hexadecimal digit", s, c)
+			}
+		}
+	}
+	return nil
+}
+
+// NewEventID returns a random (version 4) UUID, as gen_random_uuid does.
+func NewEventID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails (Go 1.24)
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	h := hex.EncodeToString(b[:])
+	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
 }
 
 // kafkaInternalTopics are the topics Kafka keeps for itself: a produce
@@ -162,19 +224,22 @@ func headersJSON(h map[string]string) ([]byte, error) {
 
 func (t Table) insertSQL(n int) string {
 	var b strings.Builder
-	b.WriteString("INSERT INTO " + t.Ident() + " (topic, key, value, headers, partition) VALUES ")
+	b.WriteString("INSERT INTO " + t.Ident() + " (topic, key, value, headers, partition, event_id) VALUES ")
 	for i := range n {
 		if i > 0 {
 			b.WriteString(", ")
 		}
-		p := i * 5
-		fmt.Fprintf(&b, "($%d, $%d, $%d, $%d::jsonb, $%d)", p+1, p+2, p+3, p+4, p+5)
+		p := i * cols
+		fmt.Fprintf(&b, "($%d, $%d, $%d, $%d::jsonb, $%d, $%d::uuid)", p+1, p+2, p+3, p+4, p+5, p+6)
 	}
 	return b.String()
 }
 
+// cols is how many columns Write sets per row.
+const cols = 6
+
 func args(msgs []Message) ([]any, error) {
-	out := make([]any, 0, 5*len(msgs))
+	out := make([]any, 0, cols*len(msgs))
 	for i, m := range msgs {
 		if err := m.Validate(); err != nil {
 			return nil, fmt.Errorf("message %d: %w", i, err)
@@ -187,7 +252,11 @@ func args(msgs []Message) ([]any, error) {
 		if h != nil {
 			hv = string(h)
 		}
-		out = append(out, m.Topic, m.Key, m.Value, hv, m.Partition)
+		ev := m.EventID
+		if ev == "" {
+			ev = NewEventID()
+		}
+		out = append(out, m.Topic, m.Key, m.Value, hv, m.Partition, ev)
 	}
 	return out, nil
 }
@@ -221,14 +290,14 @@ func (t Table) WriteMany(ctx context.Context, db CopyExecer, msgs []Message) err
 	}
 	rows := make([][]any, len(msgs))
 	for i := range msgs {
-		row := a[5*i : 5*i+5]
+		row := a[cols*i : cols*i+cols]
 		if row[3] != nil {
 			row[3] = json.RawMessage(row[3].(string))
 		}
 		rows[i] = row
 	}
-	cols := []string{"topic", "key", "value", "headers", "partition"}
-	if _, err := db.CopyFrom(ctx, t.pgIdentifier(), cols, pgx.CopyFromRows(rows)); err != nil {
+	names := []string{"topic", "key", "value", "headers", "partition", "event_id"}
+	if _, err := db.CopyFrom(ctx, t.pgIdentifier(), names, pgx.CopyFromRows(rows)); err != nil {
 		return fmt.Errorf("copy outbox rows to %s: %w", t, err)
 	}
 	return nil

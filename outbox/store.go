@@ -33,6 +33,9 @@ type Row struct {
 	// read does not bring its value into the relay, whatever its size.
 	// Key is still read when it is within the limit on its own.
 	Oversize *Oversize
+	// EventID is the event_id column as text, "" for a row written before
+	// migration 7 (NULL): the relay then sends no outbox-event-id header.
+	EventID string
 }
 
 // Oversize is what the read tells of a row larger than the record limit:
@@ -216,7 +219,8 @@ func (s *Store) read(ctx context.Context, l *Lease, shard, shards, limit int, ma
 		topics  = map[string]string{}
 		size    int64
 		durable bool
-		dest    = []any{&row.ID, &topic, &row.Key, &row.Value, &row.Headers, &row.Partition, &row.CreatedAt}
+		eventID pgtype.Text
+		dest    = []any{&row.ID, &topic, &row.Key, &row.Value, &row.Headers, &row.Partition, &row.CreatedAt, &eventID}
 	)
 	if bound.max > 0 {
 		dest = append(dest, &size)
@@ -257,6 +261,7 @@ func (s *Store) read(ctx context.Context, l *Lease, shard, shards, limit int, ma
 			topics[t] = t
 		}
 		row.Topic = t
+		row.EventID = eventID.String // "" when NULL
 		out = append(out, row)
 	}
 	rows.Close()
@@ -417,7 +422,7 @@ func (s *Store) readSQL(shards int, bounded bool, skipArg int) string {
 	}
 	if !bounded {
 		filter, _ := shardFilter(0, shards, 2)
-		return `SELECT id, topic, key, value, headers::text, partition, created_at FROM ` + s.t.Ident() +
+		return `SELECT id, topic, key, value, headers::text, partition, created_at, event_id::text FROM ` + s.t.Ident() +
 			` o WHERE published_at IS NULL` + filter + hold + ` ORDER BY id LIMIT $1`
 	}
 	filter, _ := shardFilter(0, shards, 3)
@@ -436,8 +441,8 @@ func (s *Store) readSQL(shards int, bounded bool, skipArg int) string {
 	// bring megabytes in its topic either.
 	return `SELECT id, CASE WHEN octet_length(topic) <= ` + strconv.Itoa(MaxTopicRead) + ` THEN topic ELSE left(topic, ` + strconv.Itoa(MaxTopicRead+1) + `) END,
     CASE WHEN size <= $2 THEN key END, CASE WHEN size <= $2 THEN value END,
-    CASE WHEN size <= $2 THEN headers END, partition, created_at, size
-FROM (SELECT id, topic, key, value, headers::text AS headers, partition, created_at FROM ` + s.t.Ident() +
+    CASE WHEN size <= $2 THEN headers END, partition, created_at, event_id, size
+FROM (SELECT id, topic, key, value, headers::text AS headers, partition, created_at, event_id::text AS event_id FROM ` + s.t.Ident() +
 		` o WHERE published_at IS NULL` + filter + hold + ` ORDER BY id LIMIT $1) AS c,
     LATERAL (SELECT coalesce(octet_length(c.key), 0)::bigint + coalesce(octet_length(c.value), 0) + coalesce(octet_length(c.headers), 0) AS size) AS z
 ORDER BY id`
@@ -661,9 +666,9 @@ func (s *Store) MoveToDeadLetter(ctx context.Context, l Lease, dead []DeadLetter
 ), moved AS (
     DELETE FROM ` + s.t.Ident() + ` o USING bad
     WHERE o.id = bad.id AND o.published_at IS NULL AND EXISTS (SELECT FROM lease)
-    RETURNING o.id, o.topic, o.key, o.value, o.headers, o.partition, o.created_at, bad.error
+    RETURNING o.id, o.topic, o.key, o.value, o.headers, o.partition, o.created_at, bad.error, o.event_id
 ), inserted AS (
-    INSERT INTO ` + s.t.DeadLetterIdent() + ` (id, topic, key, value, headers, partition, created_at, error)
+    INSERT INTO ` + s.t.DeadLetterIdent() + ` (id, topic, key, value, headers, partition, created_at, error, event_id)
     SELECT * FROM moved
     RETURNING 1
 )
@@ -839,6 +844,9 @@ func (s *Store) Held(ctx context.Context, shard, shards int) (rows, keys int64, 
 // the key's order is kept. It returns the ids it moved back, in order, and
 // an *OvertakenError when it refused some (see RequeueReport).
 //
+// A requeued row keeps its event id (a dead letter from before migration 7
+// has none and gets a new one: it was never published).
+//
 // Same id and created_at is safe for recovery, which marks a row from a
 // checkpoint only when both match (I5): a dead-lettered row was never in a
 // committed Kafka transaction. It was dead-lettered under the shard's
@@ -953,10 +961,10 @@ FROM `+s.t.DeadLetterIdent()+` d WHERE d.id = ANY($1::bigint[]) FOR UPDATE`, ids
 	if len(move) > 0 {
 		rows, err := tx.Query(ctx, `WITH moved AS (
     DELETE FROM `+s.t.DeadLetterIdent()+` WHERE id = ANY($1::bigint[])
-    RETURNING id, topic, key, value, headers, partition, created_at
+    RETURNING id, topic, key, value, headers, partition, created_at, event_id
 )
-INSERT INTO `+s.t.Ident()+` (id, topic, key, value, headers, partition, created_at) OVERRIDING SYSTEM VALUE
-SELECT id, topic, key, value, headers, partition, created_at FROM moved ORDER BY id
+INSERT INTO `+s.t.Ident()+` (id, topic, key, value, headers, partition, created_at, event_id) OVERRIDING SYSTEM VALUE
+SELECT id, topic, key, value, headers, partition, created_at, coalesce(event_id, gen_random_uuid()) FROM moved ORDER BY id
 RETURNING id`, move)
 		if err != nil {
 			return res, fmt.Errorf("requeue dead letters of %s: %w", s.t, err)
@@ -990,16 +998,18 @@ func (s *Store) DeadLetterIDs(ctx context.Context, ids []int64) ([]int64, error)
 
 // RequeueAsNew moves dead letters (discarded or not) back into the outbox
 // as new rows: new ids, so they are published after everything already
-// written, out of their key's order. It is for a row given up with `dlq
+// written, out of their key's order. They keep their event id: a new
+// position, the same event, which a consumer that deduplicates by event id
+// (the inbox) applies once even if a copy of it reached Kafka before. It is for a row given up with `dlq
 // discard` that must be published after all, as the event it now is. It
 // returns the new ids, in the order of the given ids that existed.
 func (s *Store) RequeueAsNew(ctx context.Context, ids []int64) ([]int64, error) {
 	rows, err := s.pool.Query(ctx, `WITH moved AS (
     DELETE FROM `+s.t.DeadLetterIdent()+` WHERE id = ANY($1::bigint[])
-    RETURNING id, topic, key, value, headers, partition
+    RETURNING id, topic, key, value, headers, partition, event_id
 )
-INSERT INTO `+s.t.Ident()+` (topic, key, value, headers, partition)
-SELECT topic, key, value, headers, partition FROM moved ORDER BY id
+INSERT INTO `+s.t.Ident()+` (topic, key, value, headers, partition, event_id)
+SELECT topic, key, value, headers, partition, coalesce(event_id, gen_random_uuid()) FROM moved ORDER BY id
 RETURNING id`, ids)
 	if err != nil {
 		return nil, fmt.Errorf("requeue dead letters of %s as new rows: %w", s.t, err)

@@ -968,7 +968,7 @@ func oversizeError(row outbox.Row) error {
 
 // toRecord turns a row into a Kafka record, or says what is wrong with it.
 func toRecord(row outbox.Row) (txn.Record, error) {
-	rec := txn.Record{ID: row.ID, Topic: row.Topic, Key: row.Key, Value: row.Value, Partition: -1}
+	rec := txn.Record{ID: row.ID, Topic: row.Topic, Key: row.Key, Value: row.Value, Partition: -1, EventID: row.EventID}
 	if utf8.RuneCountInString(row.Topic) > outbox.MaxTopicRead {
 		return rec, fmt.Errorf("column topic: topic %.20q... is longer than %d characters: Kafka allows 249", row.Topic, outbox.MaxTopicRead)
 	}
@@ -993,6 +993,9 @@ func toRecord(row outbox.Row) (txn.Record, error) {
 				// last one (Java's lastHeader), or compare names loosely,
 				// take this row for another.
 				return rec, fmt.Errorf("column headers sets %q, which is reserved (%q in any case, with or without spaces): the relay sends the row id in it; rename the header (e.g. to %q)", k, outbox.ReservedHeader, "app-"+strings.TrimSpace(k))
+			}
+			if outbox.IsReservedEventHeader(k) {
+				return rec, fmt.Errorf("column headers sets %q, which is reserved (%q in any case, with or without spaces): the relay sends column event_id in it; set the event_id column instead", k, outbox.ReservedEventHeader)
 			}
 			v, ok := h[k].(string)
 			if !ok {

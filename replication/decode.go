@@ -79,6 +79,9 @@ type relation struct {
 	columns []*pglogrepl.RelationMessageColumn
 	// index of each needed column, -1 when absent (only for optional ones).
 	id_, topic, key, value, headers, partition, createdAt int
+	// eventID is the index of event_id, -1 on a table from before
+	// migration 7 (its rows have no event id).
+	eventID int
 }
 
 var required = []string{"id", "topic", "key", "value", "headers", "partition", "created_at"}
@@ -102,6 +105,10 @@ func newRelation(m *pglogrepl.RelationMessage, t Table) (*relation, error) {
 		idx[i] = j
 	}
 	r.id_, r.topic, r.key, r.value, r.headers, r.partition, r.createdAt = idx[0], idx[1], idx[2], idx[3], idx[4], idx[5], idx[6]
+	r.eventID = -1
+	if j, ok := at["event_id"]; ok {
+		r.eventID = j
+	}
 	return r, nil
 }
 
@@ -233,6 +240,14 @@ func (d *Decoder) row(r *relation, tuple *pglogrepl.TupleData) (outbox.Row, erro
 	}
 	if ok, err := col(r.createdAt, &row.CreatedAt); err != nil || !ok {
 		return row, errOr(err, "created_at is NULL")
+	}
+	if r.eventID >= 0 {
+		var ev string
+		if ok, err := col(r.eventID, &ev); err != nil {
+			return row, err
+		} else if ok {
+			row.EventID = ev
+		}
 	}
 	return row, nil
 }

@@ -188,11 +188,15 @@ func TestStreamHandsOutWholeTransactionsInCommitOrder(t *testing.T) {
 		t.Fatalf("A's last row is %q", ta.Rows[2].Value)
 	}
 	var created time.Time
-	if err := l.conn.QueryRow(ctx, `SELECT created_at FROM outbox WHERE id = $1`, b[0]).Scan(&created); err != nil {
+	var event string
+	if err := l.conn.QueryRow(ctx, `SELECT created_at, event_id::text FROM outbox WHERE id = $1`, b[0]).Scan(&created, &event); err != nil {
 		t.Fatal(err)
 	}
 	if !created.Equal(r.CreatedAt) {
 		t.Fatalf("created_at %s in the stream, %s in the table", r.CreatedAt, created)
+	}
+	if r.EventID != event {
+		t.Fatalf("event_id %q in the stream, %q in the table", r.EventID, event)
 	}
 }
 

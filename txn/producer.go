@@ -69,11 +69,15 @@ type Record struct {
 	Headers   []kgo.RecordHeader
 	Partition int32     // -1: Kafka's murmur2 on the key
 	Created   time.Time // the row's created_at: its fingerprint in the checkpoint
+	// EventID is the row's event_id, sent as header "outbox-event-id"
+	// right after "outbox-id"; "" (a row from before migration 7) sends
+	// no such header.
+	EventID string
 }
 
 // Size is the record's payload in bytes, for metrics.
 func (r Record) Size() int {
-	n := len(r.Key) + len(r.Value)
+	n := len(r.Key) + len(r.Value) + len(r.EventID)
 	for _, h := range r.Headers {
 		n += len(h.Key) + len(h.Value)
 	}
@@ -434,6 +438,11 @@ func (p *Producer) abortAfterFailure(ctx context.Context) error {
 
 // HeaderOutboxID is the record header holding the decimal outbox row id.
 const HeaderOutboxID = "outbox-id"
+
+// HeaderEventID is the record header holding the row's event id (a UUID,
+// column event_id), the identity consumers deduplicate by: unique across
+// tables, databases, restores and fail-overs, where the row id is not.
+const HeaderEventID = "outbox-event-id"
 
 // Check returns the records Kafka would refuse for reasons of their own
 // (see checkRecords), for callers that must know before they send: every
@@ -893,15 +902,20 @@ func (p *Producer) Send(ctx context.Context, recs []Record) (acked []int64, refu
 }
 
 // kafkaRecord is the Kafka record of an outbox row: header "outbox-id" (the
-// decimal row id) first, then the row's headers.
+// decimal row id) first, then "outbox-event-id" when the row has an event
+// id, then the row's headers.
 func (p *Producer) kafkaRecord(r Record) *kgo.Record {
+	hs := make([]kgo.RecordHeader, 0, 2+len(r.Headers))
+	hs = append(hs, kgo.RecordHeader{Key: HeaderOutboxID, Value: strconv.AppendInt(nil, r.ID, 10)})
+	if r.EventID != "" {
+		hs = append(hs, kgo.RecordHeader{Key: HeaderEventID, Value: []byte(r.EventID)})
+	}
 	return &kgo.Record{
 		Topic:     r.Topic,
 		Key:       r.Key,
 		Value:     r.Value,
 		Partition: r.Partition,
-		Headers: append([]kgo.RecordHeader{{Key: HeaderOutboxID, Value: strconv.AppendInt(nil, r.ID, 10)}},
-			r.Headers...),
+		Headers:   append(hs, r.Headers...),
 	}
 }
 

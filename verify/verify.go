@@ -360,7 +360,7 @@ func (v *verifier) readTable(ctx context.Context, adm *kadm.Client) error {
 	}
 	v.rows = make([]row, 0, total)
 	for _, src := range sources {
-		rows, err := tx.Query(ctx, `SELECT id, topic, key, value, headers::text, partition, created_at, `+src.published+`, `+src.mark+
+		rows, err := tx.Query(ctx, `SELECT id, topic, key, value, headers::text, partition, created_at, event_id::text, `+src.published+`, `+src.mark+
 			` FROM `+src.table+` WHERE `+src.where, args...)
 		if err != nil {
 			return err
@@ -372,10 +372,11 @@ func (v *verifier) readTable(ctx context.Context, adm *kadm.Client) error {
 			headers   *string
 			partition *int32
 			created   time.Time
+			eventID   *string
 			published bool
 			mark      int64
 		)
-		_, err = pgx.ForEachRow(rows, []any{&id, &topic, &key, &val, &headers, &partition, &created, &published, &mark}, func() error {
+		_, err = pgx.ForEachRow(rows, []any{&id, &topic, &key, &val, &headers, &partition, &created, &eventID, &published, &mark}, func() error {
 			r := row{id: id, created: created.UnixMicro(), topic: v.topicIdx[topic], partition: -1, firstOff: -1, state: src.state, mark: uint32(mark)}
 			if src.state != stateDead && !published {
 				r.state = stateUnpublished
@@ -383,7 +384,7 @@ func (v *verifier) readTable(ctx context.Context, adm *kadm.Client) error {
 			if outbox.ValidTopic(topic) != nil {
 				v.rep.InvalidTopic++
 			}
-			r.sum = recordSum(key, val, rowHeaders(headers))
+			r.sum = recordSum(key, val, rowHeaders(eventID, headers))
 			if n := v.partitions[r.topic]; n > 0 {
 				p := int32(-1)
 				if partition != nil {
@@ -481,18 +482,25 @@ func cmpInt(a, b int64) int {
 	return 0
 }
 
-// rowHeaders returns the headers the relay sends for a row's headers
-// column, in its order: sorted by name (bytewise, as the relay sorts them;
-// not jsonb's order), one per name (jsonb keeps one). A column the relay
-// refuses (not an object of string to string) gives what it parses to,
-// which matters only for a dead letter, whose content is not compared.
-func rowHeaders(col *string) []kgo.RecordHeader {
+// rowHeaders returns the headers the relay sends after outbox-id for a row
+// with event id eventID (nil for a row from before migration 7, which
+// gets none) and headers column col, in its order: "outbox-event-id"
+// first, then the row's headers sorted by name (bytewise, as the relay
+// sorts them; not jsonb's order), one per name (jsonb keeps one). A column
+// the relay refuses (not an object of string to string) gives what it
+// parses to, which matters only for a dead letter, whose content is not
+// compared. A record of the row whose event id is missing or another is
+// therefore `differ`.
+func rowHeaders(eventID, col *string) []kgo.RecordHeader {
+	var out []kgo.RecordHeader
+	if eventID != nil {
+		out = append(out, kgo.RecordHeader{Key: txn.HeaderEventID, Value: []byte(*eventID)})
+	}
 	if col == nil {
-		return nil
+		return out
 	}
 	var h map[string]any
 	_ = json.Unmarshal([]byte(*col), &h)
-	out := make([]kgo.RecordHeader, 0, len(h))
 	for _, k := range slices.Sorted(maps.Keys(h)) {
 		s, _ := h[k].(string)
 		out = append(out, kgo.RecordHeader{Key: k, Value: []byte(s)})

@@ -263,8 +263,8 @@ func TestStatusSaysPendingMigrationsAndTheRecordedIdentity(t *testing.T) {
 	ctx := context.Background()
 	url := testenv.CreateDatabase(t)
 	env := []string{"OUTBOX_DATABASE_URL=" + url}
-	if code, out, errs := cli(t, env, "status"); code == 0 || !strings.Contains(out, "pending migrations:  6") ||
-		!strings.Contains(errs, "6 migrations pending: run `outbox-relay migrate up` first") {
+	if code, out, errs := cli(t, env, "status"); code == 0 || !strings.Contains(out, "pending migrations:  7") ||
+		!strings.Contains(errs, "7 migrations pending: run `outbox-relay migrate up` first") {
 		t.Fatalf("status before migrate up: code %d, want non-zero with the pending migrations named\n%s%s", code, out, errs)
 	}
 	if code, out, errs := cli(t, env, "migrate", "up"); code != 0 {

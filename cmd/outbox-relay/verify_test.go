@@ -92,9 +92,10 @@ func TestVerifyFindsAndNamesEveryInjectedFault(t *testing.T) {
 		t.Fatal(err)
 	}
 	// 2. a second record with the outbox-id of row ids[4], as the relay
-	// would send it (same key, value, partition).
+	// would send it (same key, value, partition, event id).
 	var key, value []byte
-	if err := db.Pool.QueryRow(ctx, `SELECT key, value FROM outbox WHERE id = $1`, ids[4]).Scan(&key, &value); err != nil {
+	var event string
+	if err := db.Pool.QueryRow(ctx, `SELECT key, value, event_id::text FROM outbox WHERE id = $1`, ids[4]).Scan(&key, &value, &event); err != nil {
 		t.Fatal(err)
 	}
 	cl, err := kgo.NewClient(kgo.SeedBrokers(k.Brokers...), kgo.DefaultProduceTopic(topic))
@@ -107,7 +108,7 @@ func TestVerifyFindsAndNamesEveryInjectedFault(t *testing.T) {
 	}
 	phantom := missing + 1000
 	for _, r := range []*kgo.Record{
-		{Key: key, Value: value, Headers: header(ids[4])},
+		{Key: key, Value: value, Headers: append(header(ids[4]), kgo.RecordHeader{Key: "outbox-event-id", Value: []byte(event)})},
 		// 4. a record of no row.
 		{Key: []byte("z"), Value: []byte("forged"), Headers: header(phantom)},
 	} {
