@@ -177,11 +177,12 @@ type wantRow struct {
 	key       []byte
 	tombstone bool
 	headers   map[string]string
+	eventID   string // the row's event_id, which the relay sends as outbox-event-id
 }
 
 func outboxRows(t *testing.T, db *testenv.DB) map[int64]wantRow {
 	t.Helper()
-	rows, err := db.Pool.Query(context.Background(), `SELECT id, key, value IS NULL, coalesce(headers, '{}')::jsonb FROM outbox`)
+	rows, err := db.Pool.Query(context.Background(), `SELECT id, key, value IS NULL, coalesce(headers, '{}')::jsonb, event_id::text FROM outbox`)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -190,7 +191,7 @@ func outboxRows(t *testing.T, db *testenv.DB) map[int64]wantRow {
 		id int64
 		r  wantRow
 	)
-	_, err = pgx.ForEachRow(rows, []any{&id, &r.key, &r.tombstone, &r.headers}, func() error {
+	_, err = pgx.ForEachRow(rows, []any{&id, &r.key, &r.tombstone, &r.headers, &r.eventID}, func() error {
 		out[id] = r
 		r = wantRow{}
 		return nil
@@ -246,7 +247,8 @@ func parseKcatLine(line string) (clientRecord, int64, error) {
 }
 
 // checkRecords fails the test unless got holds exactly the rows of want, each
-// with its key, tombstone and headers (the row's, plus outbox-id), and, when
+// with its key, tombstone and headers (the row's, plus outbox-id and
+// outbox-event-id), and, when
 // ref is given, on the partition and offset where ref saw it.
 func checkRecords(t *testing.T, who string, want map[int64]wantRow, got, ref map[int64]clientRecord) {
 	t.Helper()
@@ -264,6 +266,7 @@ func checkRecords(t *testing.T, who string, want map[int64]wantRow, got, ref map
 		}
 		wh := maps.Clone(w.headers)
 		wh["outbox-id"] = strconv.FormatInt(id, 10)
+		wh["outbox-event-id"] = w.eventID
 		switch {
 		case (g.key == nil) != (w.key == nil) || string(g.key) != string(w.key):
 			report("id %d: key %q (null %v), the table has %q (null %v)", id, g.key, g.key == nil, w.key, w.key == nil)
