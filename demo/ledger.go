@@ -20,6 +20,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/inbox"
 	"github.com/outbox-relay/outbox-relay/migrations"
 	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/tracing/otlpenv"
 )
 
 // The ledger service: a second application that consumes the payments
@@ -322,6 +323,15 @@ func RunLedger(ctx context.Context, args, environ []string, stderr io.Writer) er
 	if err := SetupLedger(ctx, pool, *schema, *accounts); err != nil {
 		return err
 	}
+	tp, stopTracing, err := otlpenv.Provider(ctx, environ, "outbox-relay-ledger")
+	if err != nil {
+		return fmt.Errorf("configuration: %w", err)
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		_ = stopTracing(sctx) // best effort: the spans not flushed in 5 s are lost
+	}()
 	in, err := inbox.New(inbox.Config{
 		Brokers:    splitBrokers(*kafka),
 		Group:      *group,
@@ -330,7 +340,7 @@ func RunLedger(ctx context.Context, args, environ []string, stderr io.Writer) er
 		Table:      LedgerInbox,
 		InstanceID: *instance,
 		BatchSize:  *batch,
-	}, pool, LedgerHandler(*schema), inbox.WithLogger(log))
+	}, pool, LedgerHandler(*schema), inbox.WithLogger(log), inbox.WithTracerProvider(tp))
 	if err != nil {
 		return err
 	}

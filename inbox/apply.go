@@ -16,6 +16,11 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/twmb/franz-go/pkg/kgo"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/outbox-relay/outbox-relay/tracing"
 )
 
 // applyPartition applies recs, records of one partition in offset order
@@ -470,14 +475,52 @@ func (i *Inbox) markCommit(key partitionKey, epoch int64, rec *kgo.Record) {
 	}
 }
 
-// callHandler runs the handler, turning a panic into an error.
+// callHandler runs the handler, turning a panic into an error, inside the
+// event's span when tracing is on (handlerSpan).
 func (i *Inbox) callHandler(ctx context.Context, tx pgx.Tx, ev *Event) (err error) {
+	if i.tracer != nil {
+		var span trace.Span
+		ctx, span = i.handlerSpan(ctx, ev)
+		defer func() {
+			if err != nil {
+				span.RecordError(err)
+				span.SetStatus(codes.Error, err.Error())
+			}
+			span.End()
+		}()
+	}
 	defer func() {
 		if p := recover(); p != nil {
 			err = fmt.Errorf("handler panicked: %v\n%s", p, debug.Stack())
 		}
 	}()
 	return i.handle(ctx, tx, ev)
+}
+
+// handlerSpan starts the consumer span of one handler call: a child of the
+// span context in the record's traceparent header (the writer's), so that
+// the writer's trace goes on in the consumer, or a new root without one.
+func (i *Inbox) handlerSpan(ctx context.Context, ev *Event) (context.Context, trace.Span) {
+	opts := []trace.SpanStartOption{
+		trace.WithSpanKind(trace.SpanKindConsumer),
+		trace.WithAttributes(
+			attribute.String("messaging.system", "kafka"),
+			attribute.String("messaging.operation.type", "process"),
+			attribute.String("messaging.destination.name", ev.Topic),
+			attribute.String("messaging.consumer.group.name", i.cfg.Group),
+			attribute.Int("messaging.destination.partition.id", int(ev.Partition)),
+			attribute.Int64("messaging.kafka.offset", ev.Offset),
+			attribute.Int64("outbox.id", ev.OutboxID),
+			attribute.String("outbox.event_id", ev.EventID),
+			attribute.Int("outbox.attempt", ev.Attempt),
+		),
+	}
+	if sc := tracing.SpanContext(ev.Headers); sc.IsValid() {
+		ctx = trace.ContextWithRemoteSpanContext(ctx, sc)
+	} else {
+		opts = append(opts, trace.WithNewRoot())
+	}
+	return i.tracer.Start(ctx, "process "+ev.Topic, opts...)
 }
 
 // transient reports whether err is a database error that says nothing

@@ -60,7 +60,9 @@ import (
 	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
+	"go.opentelemetry.io/otel/trace"
 
+	"github.com/outbox-relay/outbox-relay/tracing"
 	"github.com/outbox-relay/outbox-relay/txn"
 )
 
@@ -338,6 +340,15 @@ func WithRegisterer(reg prometheus.Registerer) Option { return func(i *Inbox) { 
 // WithFailpoint installs a failpoint hook (tests and the demo only).
 func WithFailpoint(f Failpoint) Option { return func(i *Inbox) { i.fail = f } }
 
+// WithTracerProvider turns tracing on: the inbox starts one consumer span
+// per handler call on tp's tracer, a child of the span in the record's
+// traceparent header (the writer's, which the relay keeps), or a new root
+// when the record has none, and passes it to the handler in ctx. Without
+// it, or with a nil or no-op provider, tracing is off and costs nothing.
+func WithTracerProvider(tp trace.TracerProvider) Option {
+	return func(i *Inbox) { i.tracer = tracing.Tracer(tp) }
+}
+
 // DB is what the inbox needs of PostgreSQL: transactions, several at once
 // when Config.Concurrency is above 1. *pgxpool.Pool fits.
 type DB interface {
@@ -367,6 +378,8 @@ type Inbox struct {
 	fail   Failpoint
 	owner  string
 	t      tables
+	// tracer starts the handler's spans (WithTracerProvider); nil: off.
+	tracer trace.Tracer
 
 	started atomic.Bool
 	client  atomic.Pointer[kgo.Client]

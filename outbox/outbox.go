@@ -26,6 +26,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Message is one Kafka record to publish.
@@ -38,7 +40,11 @@ type Message struct {
 	// Value is the record value; nil publishes a tombstone (a null value).
 	Value []byte
 	// Headers become Kafka record headers, next to the relay's own
-	// "outbox-id" header, which is reserved (ReservedHeader).
+	// "outbox-id" header, which is reserved (ReservedHeader). When the
+	// context given to Write carries a span (OpenTelemetry), Write adds
+	// its W3C trace context, "traceparent" (and "tracestate" when the
+	// span has one), unless Headers sets "traceparent" already; without a
+	// span nothing is added (TraceHeaders).
 	Headers map[string]string
 	// Partition, when set, is the Kafka partition; nil lets the relay choose
 	// by Kafka's default murmur2 hash of the key.
@@ -211,6 +217,34 @@ func ValidTopic(topic string) error {
 	return nil
 }
 
+// HeaderTraceparent and HeaderTracestate are the W3C trace-context headers
+// (https://www.w3.org/TR/trace-context/) a row carries its writer's span in.
+const (
+	HeaderTraceparent = "traceparent"
+	HeaderTracestate  = "tracestate"
+)
+
+// TraceHeaders returns h with the W3C trace context of the span in ctx
+// ("traceparent", and "tracestate" when not empty) added, through
+// OpenTelemetry's TraceContext propagator. It returns h itself, unchanged,
+// when ctx has no valid span or h sets "traceparent" already (the caller's
+// own trace context wins), and a copy otherwise: the caller's map is never
+// written. Write calls it for every message.
+func TraceHeaders(ctx context.Context, h map[string]string) map[string]string {
+	if !trace.SpanContextFromContext(ctx).IsValid() {
+		return h
+	}
+	if _, ok := h[HeaderTraceparent]; ok {
+		return h
+	}
+	out := make(map[string]string, len(h)+2)
+	for k, v := range h {
+		out[k] = v
+	}
+	propagation.TraceContext{}.Inject(ctx, propagation.MapCarrier(out))
+	return out
+}
+
 func headersJSON(h map[string]string) ([]byte, error) {
 	if h == nil {
 		return nil, nil
@@ -238,13 +272,13 @@ func (t Table) insertSQL(n int) string {
 // cols is how many columns Write sets per row.
 const cols = 6
 
-func args(msgs []Message) ([]any, error) {
+func args(ctx context.Context, msgs []Message) ([]any, error) {
 	out := make([]any, 0, cols*len(msgs))
 	for i, m := range msgs {
 		if err := m.Validate(); err != nil {
 			return nil, fmt.Errorf("message %d: %w", i, err)
 		}
-		h, err := headersJSON(m.Headers)
+		h, err := headersJSON(TraceHeaders(ctx, m.Headers))
 		if err != nil {
 			return nil, fmt.Errorf("message %d: %w", i, err)
 		}
@@ -268,7 +302,7 @@ func (t Table) Write(ctx context.Context, db Execer, msgs ...Message) error {
 	if len(msgs) == 0 {
 		return nil
 	}
-	a, err := args(msgs)
+	a, err := args(ctx, msgs)
 	if err != nil {
 		return err
 	}
@@ -284,7 +318,7 @@ func (t Table) WriteMany(ctx context.Context, db CopyExecer, msgs []Message) err
 	if len(msgs) < CopyThreshold {
 		return t.Write(ctx, db, msgs...)
 	}
-	a, err := args(msgs)
+	a, err := args(ctx, msgs)
 	if err != nil {
 		return err
 	}
@@ -309,7 +343,7 @@ func (t Table) WriteSQL(ctx context.Context, tx *sql.Tx, msgs ...Message) error 
 	if len(msgs) == 0 {
 		return nil
 	}
-	a, err := args(msgs)
+	a, err := args(ctx, msgs)
 	if err != nil {
 		return err
 	}

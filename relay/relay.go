@@ -20,10 +20,12 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/twmb/franz-go/pkg/kgo"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/outbox-relay/outbox-relay/migrations"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/standby"
+	"github.com/outbox-relay/outbox-relay/tracing"
 	"github.com/outbox-relay/outbox-relay/txn"
 )
 
@@ -64,6 +66,15 @@ func WithKafkaOptions(opts ...kgo.Opt) Option {
 	return func(r *Relay) { r.kopts = append(r.kopts, opts...) }
 }
 
+// WithTracerProvider turns tracing on: the relay records one span per
+// Kafka transaction (per batch outside exactly-once) on tp's tracer,
+// linked to the spans of the rows' writers (their traceparent headers).
+// Without it, or with a nil or no-op provider, tracing is off and costs
+// nothing. The relay never sets a global provider.
+func WithTracerProvider(tp trace.TracerProvider) Option {
+	return func(r *Relay) { r.tracer = tracing.Tracer(tp) }
+}
+
 // Relay moves committed outbox rows to Kafka exactly once.
 type Relay struct {
 	cfg   Config
@@ -77,6 +88,8 @@ type Relay struct {
 	serial bool
 	kopts  []kgo.Opt
 	tcfg   txn.Config
+	// tracer records the transactions' spans (WithTracerProvider); nil: off.
+	tracer trace.Tracer
 	// kafka closes after this instance lost or gave up a shard, until a
 	// probe of Kafka succeeds: no shard is taken meanwhile (kafkagate.go).
 	kafka kafkaGate
@@ -151,6 +164,7 @@ func New(cfg Config, pool *pgxpool.Pool, opts ...Option) (*Relay, error) {
 		Extra:           r.kopts,
 		Logger:          r.log,
 		CreateTopics:    cfg.CreateTopics,
+		Tracer:          r.tracer,
 	}
 	r.tcfg.CreateTopicPartitions, r.tcfg.CreateTopicReplicationFactor = cfg.createTopic()
 	if r.fail != nil {

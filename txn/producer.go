@@ -22,6 +22,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/twmb/franz-go/pkg/kmsg"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Config is what every producer of one relay shares.
@@ -53,6 +54,12 @@ type Config struct {
 	// acknowledged and before EndTxn: a failpoint for tests. A non-nil error
 	// leaves the transaction open and is returned from Publish.
 	BeforeCommit func(ctx context.Context, shard int32, ids []int64) error
+	// Tracer, when not nil, records one span per Kafka transaction
+	// (Publish) or, outside exactly-once, per batch sent (Send), linked
+	// to the span of every record's writer (its traceparent header; see
+	// span.go). Nil: tracing is off and costs nothing. Records are sent
+	// as they are either way: their headers are the row's.
+	Tracer trace.Tracer
 }
 
 // TransactionalID is the transactional id of shard s.
@@ -196,6 +203,17 @@ func (p *Producer) Abort(ctx context.Context) error {
 // *RecordErrors (records Kafka refused; transaction aborted), or ErrAborted
 // (nothing committed; retry).
 func (p *Producer) Publish(ctx context.Context, recs []Record, cp Checkpoint, sent func()) error {
+	if p.cfg.Tracer == nil {
+		return p.publish(ctx, recs, cp, sent)
+	}
+	ctx, span := p.startSpan(ctx, "outbox-relay transaction", recs)
+	err := p.publish(ctx, recs, cp, sent)
+	endSpan(span, err)
+	return err
+}
+
+// publish is Publish without its span.
+func (p *Producer) publish(ctx context.Context, recs []Record, cp Checkpoint, sent func()) error {
 	bad, err := p.checkRecords(ctx, recs)
 	if err != nil {
 		return fmt.Errorf("check records: %w", classify(err))
@@ -843,6 +861,17 @@ func (p *Producer) batchMaxBytes(topic string) int32 {
 // records without an answer are then neither acknowledged nor refused: the
 // caller must not mark them in at-least-once mode).
 func (p *Producer) Send(ctx context.Context, recs []Record) (acked []int64, refused []*RecordError, err error) {
+	if p.cfg.Tracer == nil {
+		return p.send(ctx, recs)
+	}
+	ctx, span := p.startSpan(ctx, "outbox-relay send", recs)
+	acked, refused, err = p.send(ctx, recs)
+	endSpan(span, err)
+	return acked, refused, err
+}
+
+// send is Send without its span.
+func (p *Producer) send(ctx context.Context, recs []Record) (acked []int64, refused []*RecordError, err error) {
 	if refused, err = p.checkRecords(ctx, recs); err != nil {
 		return nil, nil, fmt.Errorf("check records: %w", classify(err))
 	}

@@ -126,6 +126,12 @@ func TestRunRefusesBadConfigurationInOneLine(t *testing.T) {
 			t.Fatalf("the password was printed: %s", errs)
 		}
 	}
+	// An OTEL_* setting outbox-relay cannot serve is refused before
+	// anything is opened, naming the variable.
+	code, out, errs := cli(t, []string{"OUTBOX_DATABASE_URL=postgres://u@127.0.0.1:1/db", "OUTBOX_KAFKA_BROKERS=127.0.0.1:1", "OTEL_TRACES_EXPORTER=zipkin"}, "run")
+	if code != 1 || out != "" || strings.Count(strings.TrimSpace(errs), "\n") != 0 || !strings.Contains(errs, "OTEL_TRACES_EXPORTER") {
+		t.Fatalf("run with OTEL_TRACES_EXPORTER=zipkin: code %d, stdout %q, stderr %q", code, out, errs)
+	}
 	if code, _, errs := cli(t, nil, "frobnicate"); code != 2 || !strings.Contains(errs, "unknown command") {
 		t.Fatalf("unknown command: code %d, %s", code, errs)
 	}

@@ -34,6 +34,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/tracing/otlpenv"
 )
 
 const usage = `outbox-relay moves committed PostgreSQL outbox rows to Kafka exactly once.
@@ -203,6 +204,18 @@ func runRelay(ctx context.Context, environ []string, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("configuration: %w", err)
 	}
+	tp, stopTracing, err := otlpenv.Provider(ctx, environ, "outbox-relay")
+	if err != nil {
+		return fmt.Errorf("configuration: %w", err)
+	}
+	defer func() {
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		if err := stopTracing(sctx); err != nil {
+			log.Warn("flush traces", "err", err)
+		}
+	}()
+
 	pool, err := openPool(ctx, cfg.DatabaseURL, cfg.Shards+4, &cfg)
 	if err != nil {
 		return err
@@ -211,7 +224,7 @@ func runRelay(ctx context.Context, environ []string, stderr io.Writer) error {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	r, err := relay.New(cfg, pool, relay.WithLogger(log), relay.WithRegisterer(reg), relay.WithKafkaOptions(kopts...))
+	r, err := relay.New(cfg, pool, relay.WithLogger(log), relay.WithRegisterer(reg), relay.WithKafkaOptions(kopts...), relay.WithTracerProvider(tp))
 	if err != nil {
 		return err
 	}
@@ -229,7 +242,7 @@ func runRelay(ctx context.Context, environ []string, stderr io.Writer) error {
 		defer srv.Close()
 		log.Info("serving /metrics, /healthz, /readyz", "addr", ln.Addr().String())
 	}
-	log.Info("starting", "version", version(), "commit", commit(), "database", relay.RedactURL(cfg.DatabaseURL), "brokers", cfg.KafkaBrokers)
+	log.Info("starting", "version", version(), "commit", commit(), "database", relay.RedactURL(cfg.DatabaseURL), "brokers", cfg.KafkaBrokers, "tracing", tp != nil)
 	if err := r.Run(ctx); err != nil {
 		return err
 	}
