@@ -81,18 +81,21 @@ func checkNames(schema, table string) error {
 // current reports whether the newest inbox migration's objects exist:
 // version 1's tables and version 2's event_id columns. Update it with each
 // new migration.
-func current(ctx context.Context, db migrations.DB, schema, table string) (bool, error) {
+func current(ctx context.Context, m *Migrator) (bool, error) {
 	var ok bool
 	q := func(suffix string) string {
-		return migrations.QuoteIdent(schema) + "." + migrations.QuoteIdent(table+suffix)
+		return migrations.QuoteIdent(m.Schema()) + "." + migrations.QuoteIdent(m.Table()+suffix)
 	}
-	err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
+	err := pgx.BeginFunc(ctx, m.DB(), func(tx pgx.Tx) error {
 		return tx.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL AND to_regclass($3) IS NOT NULL
     AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($2) AND attname = 'event_id' AND NOT attisdropped)
     AND EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($3) AND attname = 'event_id' AND NOT attisdropped)`,
 			q("_offsets"), q("_applied"), q("_dead_letter")).Scan(&ok)
 	})
-	return ok, err
+	if err != nil {
+		return false, fmt.Errorf("inbox: check the schema: %w", err)
+	}
+	return ok, nil
 }
 
 // quoteIdent quotes s as a PostgreSQL identifier.

@@ -37,11 +37,12 @@ type Set struct {
 	// CheckNames refuses schema and table names the set cannot use, with
 	// the setting to fix. Nil accepts any non-empty names that fit.
 	CheckNames func(schema, table string) error
-	// Current reports whether the newest migration's objects exist in
-	// schema.table: a schema applied with another tool (from SQL) has no
-	// version table, and Pending counts it as current when Current says
-	// so. Nil means such a schema is never current.
-	Current func(ctx context.Context, db DB, schema, table string) (bool, error)
+	// Current reports whether the newest migration's objects exist for
+	// m's schema and table (m.DB, m.Schema, m.Table): a schema applied
+	// with another tool (from SQL) has no version table, and Pending
+	// counts it as current when Current says so. Nil means such a schema
+	// is never current.
+	Current func(ctx context.Context, m *Migrator) (bool, error)
 }
 
 // Migration is one versioned SQL file.
@@ -88,6 +89,15 @@ func Open(db DB, set Set, schema, table string) (*Migrator, error) {
 		names: regexp.MustCompile(`"public"|'public\.` + t + `'|"` + t + `([a-z_]*)"`),
 	}, nil
 }
+
+// DB is the database handle the migrator was opened on.
+func (m *Migrator) DB() DB { return m.db }
+
+// Schema is the schema the migrator was opened for.
+func (m *Migrator) Schema() string { return m.schema }
+
+// Table is the table name the migrator was opened for.
+func (m *Migrator) Table() string { return m.table }
 
 // checkAny is the default Set.CheckNames.
 func checkAny(schema, table string) error {
@@ -331,9 +341,9 @@ func (m *Migrator) Pending(ctx context.Context) (int, error) {
 		}
 	}
 	if n == len(st) && n > 0 && m.set.Current != nil {
-		current, err := m.set.Current(ctx, m.db, m.schema, m.table)
+		current, err := m.set.Current(ctx, m)
 		if err != nil {
-			return 0, fmt.Errorf("check schema: %w", err)
+			return 0, err
 		}
 		if current {
 			return 0, nil

@@ -51,7 +51,9 @@ func Outbox() Set {
 		LockKey:      migrateLockKey,
 		DefaultTable: "outbox",
 		CheckNames:   CheckNames,
-		Current:      appliedElsewhere,
+		Current: func(ctx context.Context, m *Migrator) (bool, error) {
+			return m.appliedElsewhere(ctx)
+		},
 	}
 }
 
@@ -90,20 +92,20 @@ func CheckNames(schema, table string) error {
 // is in its predicate) and version 7's event_id column of
 // <table>_dead_letter.
 // Update it with each new migration.
-func appliedElsewhere(ctx context.Context, db DB, schema, table string) (bool, error) {
-	tx, err := db.Begin(ctx)
+func (m *Migrator) appliedElsewhere(ctx context.Context) (bool, error) {
+	tx, err := m.db.Begin(ctx)
 	if err != nil {
-		return false, err
+		return false, fmt.Errorf("check schema: %w", err)
 	}
 	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // read-only
-	dead := QuoteIdent(schema) + "." + QuoteIdent(table+"_dead_letter")
-	held := QuoteIdent(schema) + "." + QuoteIdent(table+"_dead_letter_held_digest")
+	dead := QuoteIdent(m.schema) + "." + QuoteIdent(m.table+"_dead_letter")
+	held := QuoteIdent(m.schema) + "." + QuoteIdent(m.table+"_dead_letter_held_digest")
 	var ok bool
 	err = tx.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL AND EXISTS (
     SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($2) AND attname = 'discarded_at' AND NOT attisdropped) AND EXISTS (
     SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($2) AND attname = 'event_id' AND NOT attisdropped)`, held, dead).Scan(&ok)
 	if err != nil {
-		return false, err
+		return false, fmt.Errorf("check schema: %w", err)
 	}
 	return ok, nil
 }
