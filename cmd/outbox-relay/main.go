@@ -199,11 +199,8 @@ func runRelay(ctx context.Context, environ []string, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("configuration: %w", err)
 	}
-	log := newLogger(stderr, cfg.LogLevel)
-	kopts, err := relay.KafkaOptions(cfg)
-	if err != nil {
-		return fmt.Errorf("configuration: %w", err)
-	}
+	// Tracing (OTEL_*, off by default); the spans left are flushed on the
+	// way out, for at most 5 s.
 	tp, stopTracing, err := otlpenv.Provider(ctx, environ, "outbox-relay")
 	if err != nil {
 		return fmt.Errorf("configuration: %w", err)
@@ -212,10 +209,14 @@ func runRelay(ctx context.Context, environ []string, stderr io.Writer) error {
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 		defer cancel()
 		if err := stopTracing(sctx); err != nil {
-			log.Warn("flush traces", "err", err)
+			newLogger(stderr, cfg.LogLevel).Warn("flush traces", "err", err)
 		}
 	}()
-
+	log := newLogger(stderr, cfg.LogLevel)
+	kopts, err := relay.KafkaOptions(cfg)
+	if err != nil {
+		return fmt.Errorf("configuration: %w", err)
+	}
 	pool, err := openPool(ctx, cfg.DatabaseURL, cfg.Shards+4, &cfg)
 	if err != nil {
 		return err
