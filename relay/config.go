@@ -220,6 +220,9 @@ const DefaultMetricsAddr = ":9090"
 // os.Environ returns) and validates it. Its errors name the variable and what
 // is expected, and never contain a password.
 func LoadConfig(environ []string) (Config, error) {
+	if err := KnownVariables().Check(environ); err != nil {
+		return Config{}, err
+	}
 	vars := map[string]string{}
 	for _, kv := range environ {
 		if k, v, ok := strings.Cut(kv, "="); ok {
@@ -236,11 +239,7 @@ func LoadConfig(environ []string) (Config, error) {
 	}
 	// Kafka's *.ms settings, in Kafka's unit.
 	var problems []string
-	for _, ms := range []struct {
-		name string
-		dst  *time.Duration
-	}{{"OUTBOX_KAFKA_DELIVERY_TIMEOUT_MS", &cfg.DeliveryTimeout}, {"OUTBOX_KAFKA_REQUEST_TIMEOUT_MS", &cfg.RequestTimeout},
-		{"OUTBOX_KAFKA_TRANSACTION_TIMEOUT_MS", &cfg.TransactionTimeout}, {"OUTBOX_KAFKA_LINGER_MS", &cfg.Linger}} {
+	for _, ms := range cfg.kafkaMillis() {
 		v, ok := vars[ms.name]
 		if !ok || v == "" {
 			continue
@@ -259,6 +258,19 @@ func LoadConfig(environ []string) (Config, error) {
 		return Config{}, err
 	}
 	return cfg, nil
+}
+
+// kafkaMillis are Kafka's *.ms settings, which LoadConfig reads by hand in
+// Kafka's unit (their fields are env:"-").
+func (c *Config) kafkaMillis() []struct {
+	name string
+	dst  *time.Duration
+} {
+	return []struct {
+		name string
+		dst  *time.Duration
+	}{{"OUTBOX_KAFKA_DELIVERY_TIMEOUT_MS", &c.DeliveryTimeout}, {"OUTBOX_KAFKA_REQUEST_TIMEOUT_MS", &c.RequestTimeout},
+		{"OUTBOX_KAFKA_TRANSACTION_TIMEOUT_MS", &c.TransactionTimeout}, {"OUTBOX_KAFKA_LINGER_MS", &c.Linger}}
 }
 
 // explain rewrites caarlos0/env errors so that each names its variable.
