@@ -249,6 +249,10 @@ func LoadConfig(environ []string) (Config, error) {
 			problems = append(problems, fmt.Sprintf("%s is %q: expected milliseconds, a non-negative integer", ms.name, v))
 			continue
 		}
+		if n > MaxWireMillis.Milliseconds() {
+			problems = append(problems, fmt.Sprintf("%s is %d: expected at most %d milliseconds (Kafka's *.ms settings are int32s)", ms.name, n, MaxWireMillis.Milliseconds()))
+			continue
+		}
 		*ms.dst = time.Duration(n) * time.Millisecond
 	}
 	if len(problems) > 0 {
@@ -340,7 +344,7 @@ func (c Config) Validate() error {
 	var problems []string
 	add := func(f string, a ...any) { problems = append(problems, fmt.Sprintf(f, a...)) }
 	if cc, err := pgx.ParseConfig(c.DatabaseURL); err != nil {
-		add("OUTBOX_DATABASE_URL is malformed: expected a PostgreSQL URL or key=value string (%s)", redactErr(err, c.DatabaseURL))
+		add("OUTBOX_DATABASE_URL is malformed: expected a PostgreSQL URL or key=value string (%s)", parseProblem(err, c.DatabaseURL))
 	} else if hosts := dbHosts(cc); len(hosts) > 1 && cc.ValidateConnect == nil {
 		add("OUTBOX_DATABASE_URL names several hosts (%s) without target_session_attrs=read-write: the relay could connect to a read-only standby; add target_session_attrs=read-write (or primary)",
 			strings.Join(hosts, ", "))
@@ -433,6 +437,13 @@ func (c Config) Validate() error {
 	if c.KafkaSASLMech != "" && c.KafkaSASLUser == "" {
 		add("OUTBOX_KAFKA_SASL_USERNAME is empty but OUTBOX_KAFKA_SASL_MECHANISM is set: set the user name")
 	}
+	if c.KafkaSASLMech != "" && c.KafkaSASLPassword == "" {
+		add("OUTBOX_KAFKA_SASL_PASSWORD is empty but OUTBOX_KAFKA_SASL_MECHANISM is set: set the password")
+	}
+	if c.KafkaSASLMech == "" && (c.KafkaSASLUser != "" || c.KafkaSASLPassword != "") {
+		add("OUTBOX_KAFKA_SASL_USERNAME or OUTBOX_KAFKA_SASL_PASSWORD is set but OUTBOX_KAFKA_SASL_MECHANISM is not: the relay would connect without authenticating; set OUTBOX_KAFKA_SASL_MECHANISM to the mechanism of the brokers' listener (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512), or unset the credentials")
+	}
+	problems = append(problems, c.limitProblems()...)
 	if (c.KafkaTLSCertFile == "") != (c.KafkaTLSKeyFile == "") {
 		add("OUTBOX_KAFKA_TLS_CERT_FILE and OUTBOX_KAFKA_TLS_KEY_FILE must be set together")
 	}
@@ -485,8 +496,8 @@ func redactErr(err error, dsn string) string {
 
 // RedactURL returns the database URL without its password, for logs.
 func RedactURL(dsn string) string {
-	if u, err := url.Parse(dsn); err == nil && u.Scheme != "" {
-		return u.Redacted()
+	if safe, _, _, ok := splitURLPassword(dsn); ok {
+		return safe
 	}
 	return "(key=value connection string)"
 }
