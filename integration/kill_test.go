@@ -403,7 +403,7 @@ func relayProcessEnv(db *testenv.DB, k *testenv.Kafka, relayName, checkpointTopi
 		// An empty OUTBOX_METRICS_ADDR still serves on :9090 (the default
 		// wins over an empty value), so take any free loopback port.
 		"OUTBOX_METRICS_ADDR=127.0.0.1:0",
-		"OUTBOX_TRANSACTION_TIMEOUT=10s",
+		"OUTBOX_KAFKA_TRANSACTION_TIMEOUT_MS=10000",
 		"OUTBOX_SHUTDOWN_TIMEOUT=20s",
 		"OUTBOX_LOG_LEVEL=info",
 	)

@@ -220,6 +220,9 @@ const DefaultMetricsAddr = ":9090"
 // os.Environ returns) and validates it. Its errors name the variable and what
 // is expected, and never contain a password.
 func LoadConfig(environ []string) (Config, error) {
+	if err := KnownVariables().Check(environ); err != nil {
+		return Config{}, err
+	}
 	vars := map[string]string{}
 	for _, kv := range environ {
 		if k, v, ok := strings.Cut(kv, "="); ok {
@@ -236,11 +239,7 @@ func LoadConfig(environ []string) (Config, error) {
 	}
 	// Kafka's *.ms settings, in Kafka's unit.
 	var problems []string
-	for _, ms := range []struct {
-		name string
-		dst  *time.Duration
-	}{{"OUTBOX_KAFKA_DELIVERY_TIMEOUT_MS", &cfg.DeliveryTimeout}, {"OUTBOX_KAFKA_REQUEST_TIMEOUT_MS", &cfg.RequestTimeout},
-		{"OUTBOX_KAFKA_TRANSACTION_TIMEOUT_MS", &cfg.TransactionTimeout}, {"OUTBOX_KAFKA_LINGER_MS", &cfg.Linger}} {
+	for _, ms := range cfg.kafkaMillis() {
 		v, ok := vars[ms.name]
 		if !ok || v == "" {
 			continue
@@ -248,6 +247,10 @@ func LoadConfig(environ []string) (Config, error) {
 		n, err := strconv.ParseInt(v, 10, 64)
 		if err != nil || n < 0 {
 			problems = append(problems, fmt.Sprintf("%s is %q: expected milliseconds, a non-negative integer", ms.name, v))
+			continue
+		}
+		if n > MaxWireMillis.Milliseconds() {
+			problems = append(problems, fmt.Sprintf("%s is %d: expected at most %d milliseconds (Kafka's *.ms settings are int32s)", ms.name, n, MaxWireMillis.Milliseconds()))
 			continue
 		}
 		*ms.dst = time.Duration(n) * time.Millisecond
@@ -259,6 +262,19 @@ func LoadConfig(environ []string) (Config, error) {
 		return Config{}, err
 	}
 	return cfg, nil
+}
+
+// kafkaMillis are Kafka's *.ms settings, which LoadConfig reads by hand in
+// Kafka's unit (their fields are env:"-").
+func (c *Config) kafkaMillis() []struct {
+	name string
+	dst  *time.Duration
+} {
+	return []struct {
+		name string
+		dst  *time.Duration
+	}{{"OUTBOX_KAFKA_DELIVERY_TIMEOUT_MS", &c.DeliveryTimeout}, {"OUTBOX_KAFKA_REQUEST_TIMEOUT_MS", &c.RequestTimeout},
+		{"OUTBOX_KAFKA_TRANSACTION_TIMEOUT_MS", &c.TransactionTimeout}, {"OUTBOX_KAFKA_LINGER_MS", &c.Linger}}
 }
 
 // explain rewrites caarlos0/env errors so that each names its variable.
@@ -328,7 +344,7 @@ func (c Config) Validate() error {
 	var problems []string
 	add := func(f string, a ...any) { problems = append(problems, fmt.Sprintf(f, a...)) }
 	if cc, err := pgx.ParseConfig(c.DatabaseURL); err != nil {
-		add("OUTBOX_DATABASE_URL is malformed: expected a PostgreSQL URL or key=value string (%s)", redactErr(err, c.DatabaseURL))
+		add("OUTBOX_DATABASE_URL is malformed: expected a PostgreSQL URL or key=value string (%s)", parseProblem(err, c.DatabaseURL))
 	} else if hosts := dbHosts(cc); len(hosts) > 1 && cc.ValidateConnect == nil {
 		add("OUTBOX_DATABASE_URL names several hosts (%s) without target_session_attrs=read-write: the relay could connect to a read-only standby; add target_session_attrs=read-write (or primary)",
 			strings.Join(hosts, ", "))
@@ -421,6 +437,13 @@ func (c Config) Validate() error {
 	if c.KafkaSASLMech != "" && c.KafkaSASLUser == "" {
 		add("OUTBOX_KAFKA_SASL_USERNAME is empty but OUTBOX_KAFKA_SASL_MECHANISM is set: set the user name")
 	}
+	if c.KafkaSASLMech != "" && c.KafkaSASLPassword == "" {
+		add("OUTBOX_KAFKA_SASL_PASSWORD is empty but OUTBOX_KAFKA_SASL_MECHANISM is set: set the password")
+	}
+	if c.KafkaSASLMech == "" && (c.KafkaSASLUser != "" || c.KafkaSASLPassword != "") {
+		add("OUTBOX_KAFKA_SASL_USERNAME or OUTBOX_KAFKA_SASL_PASSWORD is set but OUTBOX_KAFKA_SASL_MECHANISM is not: the relay would connect without authenticating; set OUTBOX_KAFKA_SASL_MECHANISM to the mechanism of the brokers' listener (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512), or unset the credentials")
+	}
+	problems = append(problems, c.limitProblems()...)
 	if (c.KafkaTLSCertFile == "") != (c.KafkaTLSKeyFile == "") {
 		add("OUTBOX_KAFKA_TLS_CERT_FILE and OUTBOX_KAFKA_TLS_KEY_FILE must be set together")
 	}
@@ -473,8 +496,8 @@ func redactErr(err error, dsn string) string {
 
 // RedactURL returns the database URL without its password, for logs.
 func RedactURL(dsn string) string {
-	if u, err := url.Parse(dsn); err == nil && u.Scheme != "" {
-		return u.Redacted()
+	if safe, _, _, ok := splitURLPassword(dsn); ok {
+		return safe
 	}
 	return "(key=value connection string)"
 }

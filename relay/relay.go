@@ -6,6 +6,7 @@ package relay
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -314,7 +315,18 @@ func (r *Relay) start(ctx context.Context) error {
 		r.log.Warn(w)
 	}
 	if r.mode.Transactional() {
-		if err := txn.EnsureCheckpointTopic(ctx, r.tcfg, r.cfg.Shards); err != nil {
+		tcfg := r.tcfg
+		watch := &saslWatch{}
+		tcfg.Extra = append(slices.Clip(tcfg.Extra), kgo.WithHooks(watch))
+		if err := txn.EnsureCheckpointTopic(ctx, tcfg, r.cfg.Shards); err != nil {
+			if errors.Is(err, txn.ErrClusterMismatch) {
+				return err
+			}
+			if r.cfg.KafkaSASLMech != "" {
+				if serr := watch.explain(err, r.cfg); serr != err {
+					return serr
+				}
+			}
 			return fmt.Errorf("%w (check OUTBOX_KAFKA_BROKERS=%s and, if the cluster requires them, OUTBOX_KAFKA_TLS and the OUTBOX_KAFKA_SASL_* credentials; SASL mechanism now %q)",
 				err, strings.Join(r.cfg.KafkaBrokers, ","), r.cfg.KafkaSASLMech)
 		}

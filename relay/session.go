@@ -111,7 +111,7 @@ func OpenPool(ctx context.Context, url string, conns int, cfg *Config) (*pgxpool
 	defer cancel()
 	if err := pool.Ping(pctx); err != nil {
 		pool.Close()
-		return nil, fmt.Errorf("connect to PostgreSQL at %s (check OUTBOX_DATABASE_URL): %w", RedactURL(url), err)
+		return nil, fmt.Errorf("connect to PostgreSQL at %s (check OUTBOX_DATABASE_URL): %s", RedactURL(url), ConnectProblem(err))
 	}
 	return pool, nil
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kadm"
@@ -84,17 +85,27 @@ func checkpointTopic(ctx context.Context, cfg Config, shards int, grow bool) err
 	}
 	defer cl.Close()
 	adm := kadm.NewClient(cl)
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if err := checkTransactionTimeout(ctx, adm, cfg.Settings, log); err != nil {
+		return err
+	}
 	topics, err := adm.ListTopics(ctx, cfg.CheckpointTopic)
 	if err != nil {
 		return fmt.Errorf("checkpoint topic %q: list: %w", cfg.CheckpointTopic, err)
 	}
 	if t, ok := topics[cfg.CheckpointTopic]; ok && t.Err == nil {
 		n := len(t.Partitions)
+		if err := checkCheckpointPolicy(ctx, adm, cfg.CheckpointTopic, log); err != nil {
+			return err
+		}
 		switch {
 		case n >= shards:
 			return nil
 		case !grow:
-			return fmt.Errorf("checkpoint topic %q has %d partitions but OUTBOX_SHARDS is %d: run `outbox-relay reshard` with the new OUTBOX_SHARDS (it adds them)", cfg.CheckpointTopic, n, shards)
+			return mismatchf("checkpoint topic %q has %d partitions but OUTBOX_SHARDS is %d: run `outbox-relay reshard` with the new OUTBOX_SHARDS (it adds them)", cfg.CheckpointTopic, n, shards)
 		}
 		resp, err := adm.UpdatePartitions(ctx, shards, cfg.CheckpointTopic)
 		if err == nil {

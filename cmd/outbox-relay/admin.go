@@ -19,6 +19,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/migrations"
 	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/replication"
 	"github.com/outbox-relay/outbox-relay/standby"
 )
@@ -43,6 +44,9 @@ type dbSettings struct {
 
 func readDBSettings(environ []string, needURL bool) (dbSettings, error) {
 	s := dbSettings{schema: "public", table: "outbox"}
+	if err := relay.KnownVariables().Check(environ); err != nil {
+		return s, err
+	}
 	for _, kv := range environ {
 		k, v, _ := strings.Cut(kv, "=")
 		switch k {
