@@ -90,7 +90,7 @@ func CheckNames(schema, table string) error {
 // version 6's <table>_dead_letter_held_digest index (with it, every
 // earlier object: version 5's discarded_at column of <table>_dead_letter
 // is in its predicate) and version 7's event_id column of
-// <table>_dead_letter.
+// <table>_dead_letter, and version 8's stopped_at column of <table>_owner.
 // Update it with each new migration.
 func (m *Migrator) appliedElsewhere(ctx context.Context) (bool, error) {
 	tx, err := m.db.Begin(ctx)
@@ -100,10 +100,12 @@ func (m *Migrator) appliedElsewhere(ctx context.Context) (bool, error) {
 	defer tx.Rollback(context.WithoutCancel(ctx)) //nolint:errcheck // read-only
 	dead := QuoteIdent(m.schema) + "." + QuoteIdent(m.table+"_dead_letter")
 	held := QuoteIdent(m.schema) + "." + QuoteIdent(m.table+"_dead_letter_held_digest")
+	owner := QuoteIdent(m.schema) + "." + QuoteIdent(m.table+"_owner")
 	var ok bool
 	err = tx.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL AND EXISTS (
     SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($2) AND attname = 'discarded_at' AND NOT attisdropped) AND EXISTS (
-    SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($2) AND attname = 'event_id' AND NOT attisdropped)`, held, dead).Scan(&ok)
+    SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($2) AND attname = 'event_id' AND NOT attisdropped) AND EXISTS (
+    SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($3) AND attname = 'stopped_at' AND NOT attisdropped)`, held, dead, owner).Scan(&ok)
 	if err != nil {
 		return false, fmt.Errorf("check schema: %w", err)
 	}

@@ -196,3 +196,35 @@ func TestPlainSQLFileAppliesWithPsql(t *testing.T) {
 		t.Fatal("rendering for the default names changed the SQL file")
 	}
 }
+
+// TestAppliedElsewhereWithoutTheNewestVersionIsPending: a schema applied by
+// another tool up to the version before the newest (no version table) is
+// not current: the relay must refuse to start until the newest is applied
+// (appliedElsewhere looks for the newest migration's objects).
+func TestAppliedElsewhereWithoutTheNewestVersionIsPending(t *testing.T) {
+	ctx := context.Background()
+	p := pool(t)
+	m, _ := migrations.New(p, "public", "outbox")
+	all, err := m.All()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mig := range all[:len(all)-1] {
+		if _, err := p.Exec(ctx, mig.SQL); err != nil {
+			t.Fatalf("apply version %d by hand: %v", mig.Version, err)
+		}
+	}
+	pending, err := m.Pending(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pending == 0 {
+		t.Fatalf("every version but %d (%s) applied by another tool: Pending says 0, want the schema reported behind", all[len(all)-1].Version, all[len(all)-1].Name)
+	}
+	if _, err := p.Exec(ctx, all[len(all)-1].SQL); err != nil {
+		t.Fatal(err)
+	}
+	if pending, err := m.Pending(ctx); err != nil || pending != 0 {
+		t.Fatalf("every version applied by another tool: Pending = %d, %v; want 0", pending, err)
+	}
+}

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
@@ -484,12 +485,42 @@ type Querier interface {
 func (s *Store) TakeLease(ctx context.Context, q Querier, shard int32, owner string) (Lease, error) {
 	l := Lease{Shard: shard}
 	err := q.QueryRow(ctx, `INSERT INTO `+s.t.OwnerIdent()+` AS o (shard, token, owner) VALUES ($1, 1, $2)
-ON CONFLICT (shard) DO UPDATE SET token = o.token + 1, owner = excluded.owner, taken_at = now(), renewed_at = now()
+ON CONFLICT (shard) DO UPDATE SET token = o.token + 1, owner = excluded.owner, taken_at = now(), renewed_at = now(),
+    stopped_at = NULL, stopped_reason = NULL
 RETURNING token`, shard, owner).Scan(&l.Token)
 	if err != nil {
 		return Lease{}, fmt.Errorf("take lease of shard %d of %s: %w", shard, s.t, err)
 	}
 	return l, nil
+}
+
+// maxStoppedReason bounds the reason RecordStopped keeps, in bytes.
+const maxStoppedReason = 4000
+
+// RecordStopped records, in the shard's row of <table>_owner, that the owner
+// holding lease l stopped the shard until an operator acts, and why, so
+// that `outbox-relay status` shows it from any host. The next TakeLease of
+// the shard clears it. It changes nothing, and returns ErrLeaseLost, when l
+// is no longer current.
+func (s *Store) RecordStopped(ctx context.Context, q Querier, l Lease, reason string) error {
+	if len(reason) > maxStoppedReason {
+		cut := maxStoppedReason
+		for cut > 0 && !utf8.RuneStart(reason[cut]) {
+			cut--
+		}
+		reason = reason[:cut] + "..."
+	}
+	var n int
+	err := q.QueryRow(ctx, `WITH stopped AS (
+    UPDATE `+s.t.OwnerIdent()+` SET stopped_at = now(), stopped_reason = $3 WHERE shard = $1 AND token = $2 RETURNING 1
+) SELECT count(*) FROM stopped`, l.Shard, l.Token, reason).Scan(&n)
+	if err != nil {
+		return fmt.Errorf("record shard %d of %s stopped: %w", l.Shard, s.t, err)
+	}
+	if n == 0 {
+		return fmt.Errorf("record shard %d of %s stopped: %w", l.Shard, s.t, ErrLeaseLost)
+	}
+	return nil
 }
 
 // RenewLeases sets renewed_at to now (the database clock) for every lease

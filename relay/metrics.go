@@ -41,6 +41,13 @@ type Metrics struct {
 	// Phantoms counts rows a checkpoint recorded as published that the
 	// database, at recovery, no longer has (or has as other rows).
 	Phantoms *prometheus.CounterVec
+
+	// ProducerIDRequests counts the InitProducerID requests of a shard's
+	// transactional producer: one per exactly-once recovery.
+	ProducerIDRequests *prometheus.CounterVec
+	// ShardStopped is 1 for a shard this instance holds stopped until an
+	// operator acts (haltsShard), 0 for the others it owns.
+	ShardStopped *prometheus.GaugeVec
 }
 
 // NewMetrics creates the metrics and registers them on reg.
@@ -107,6 +114,11 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		m.Aborts, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.PossiblyLost, m.Rewinds, m.ConsecutiveFailures,
 		m.Takeovers, m.ShardsLost, m.OwnedShards, m.Shards, m.Deleted,
 		m.StandbyWait, m.StandbyHeld, m.StandbyLag, m.StandbyConnected, m.Phantoms)
+	m.ProducerIDRequests = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "producer_id_requests_total",
+		Help: "InitProducerID requests of the shard's transactional producer (exactly-once: one per recovery, each bumps the producer epoch). A batch that keeps failing is retried from 100 ms up to every 10 s, so a rate above a few a minute is a shard failing in a loop."}, shard)
+	m.ShardStopped = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "shard_stopped",
+		Help: "1 while an owned shard is stopped until an operator acts (its checkpoint partition holds a record that is not a checkpoint): this instance keeps it, publishes none of its rows, and /readyz and `outbox-relay status` say why; 0 for the other owned shards."}, shard)
+	reg.MustRegister(m.ProducerIDRequests, m.ShardStopped)
 	return m
 }
 
@@ -123,6 +135,8 @@ func (m *Metrics) shardTaken(label string) {
 		m.Aborts.WithLabelValues(label, reason)
 	}
 	m.ConsecutiveFailures.WithLabelValues(label).Set(0)
+	m.ProducerIDRequests.WithLabelValues(label)
+	m.ShardStopped.WithLabelValues(label).Set(0)
 }
 
 // shardReleased drops the gauges of a shard this instance no longer owns,
@@ -133,4 +147,5 @@ func (m *Metrics) shardReleased(label string) {
 	m.HeldRows.DeleteLabelValues(label)
 	m.HeldKeys.DeleteLabelValues(label)
 	m.ConsecutiveFailures.DeleteLabelValues(label)
+	m.ShardStopped.DeleteLabelValues(label)
 }

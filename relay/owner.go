@@ -462,13 +462,30 @@ func (o *owner) reap() error {
 }
 
 // hold keeps shard s, whose worker stopped for good, taken: its lock and
-// lease stay, and /readyz says why it does not run.
+// lease stay, and /readyz says why it does not run. It is seen beyond this
+// instance too: outbox_relay_shard_stopped{shard} is 1 (the alert
+// OutboxRelayShardStopped), and the shard's row of <table>_owner records
+// when and why, for `outbox-relay status`.
+//
+// The shard is kept, not handed to a standby: the standby would stop on the
+// same record in the checkpoint partition (after one more InitProducerID),
+// and the way out (a new checkpoint topic, recorded by `reshard`) needs
+// every relay of the table stopped anyway.
 func (o *owner) hold(s int32, w *worker) {
 	r := o.r
 	delete(o.workers, s)
 	o.held[s] = w.lease.Lease
 	r.wake.remove(s)
 	r.halt(s, w.err)
+	r.m.ShardStopped.WithLabelValues(strconv.Itoa(int(s))).Set(1)
+	if o.conn == nil {
+		return // the session ended: the shard is released with it
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), r.dbBudget())
+	defer cancel()
+	if err := r.store.RecordStopped(ctx, o.conn, w.lease.Lease, w.err.Error()); err != nil {
+		r.log.Warn("the stopped shard is not recorded in the database: `outbox-relay status` does not show it (the metric and /readyz do)", "shard", s, "err", err)
+	}
 }
 
 // release lets go of every held shard (or only s, when given).
@@ -479,6 +496,8 @@ func (o *owner) release(only ...int32) {
 		}
 		delete(o.held, s)
 		o.r.halt(s, nil)
+		o.r.m.shardReleased(strconv.Itoa(int(s)))
+		o.r.m.OwnedShards.Set(float64(len(o.workers) + len(o.held)))
 		o.unlock(context.Background(), s)
 	}
 }

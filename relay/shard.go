@@ -52,12 +52,21 @@ func haltsShard(err error) bool { return errors.Is(err, txn.ErrCheckpointForeign
 // is retried here with backoff, for as long as it takes: each failure in a
 // row is counted in outbox_relay_shard_consecutive_failures, which the first
 // success resets, so that a shard stuck this way is visible.
+//
+// The backoff (100 ms, doubling to a 10 s cap) runs on across recoveries: a
+// recovery that succeeds is no success of the shard, so it does not reset
+// the backoff; only a batch that commits (or a read that finds the shard
+// empty) does. Else a batch that fails after every successful recovery is
+// retried about 8 times a second, each with a new InitProducerID (counted
+// in outbox_relay_producer_id_requests_total).
 func (r *Relay) runShard(ctx context.Context, l *lease) error {
 	s := l.Shard
 	log := r.log.With("shard", s, "token", l.Token)
 	label := strconv.Itoa(int(s))
-	backoff := 100 * time.Millisecond
+	const firstBackoff, maxBackoff = 100 * time.Millisecond, 10 * time.Second
+	backoff := firstBackoff
 	healthy := func() {
+		backoff = firstBackoff
 		if n := l.failures.Swap(0); n > 0 {
 			log.Info("shard healthy again", "failures", n)
 			r.m.ConsecutiveFailures.WithLabelValues(label).Set(0)
@@ -67,7 +76,6 @@ func (r *Relay) runShard(ctx context.Context, l *lease) error {
 		l.step(r.recoveryBudget())
 		p, err := r.recoverShard(ctx, s, l, log)
 		if err == nil {
-			backoff = 100 * time.Millisecond
 			err = r.source().run(ctx, s, l, p, log, healthy)
 			p.Close()
 		}
@@ -118,7 +126,7 @@ func (r *Relay) runShard(ctx context.Context, l *lease) error {
 			return nil
 		case <-time.After(wait):
 		}
-		backoff = min(2*backoff, 10*time.Second)
+		backoff = min(2*backoff, maxBackoff)
 	}
 	return nil
 }
@@ -177,6 +185,10 @@ func jittered(d time.Duration) time.Duration {
 func (r *Relay) recoverShard(ctx context.Context, s int32, l *lease, log *slog.Logger) (*txn.Producer, error) {
 	label := strconv.Itoa(int(s))
 	r.m.Recoveries.WithLabelValues(label).Inc()
+	if r.mode.Transactional() {
+		// NewProducer runs InitProducerID, which bumps the epoch.
+		r.m.ProducerIDRequests.WithLabelValues(label).Inc()
+	}
 	p, err := txn.NewProducer(ctx, r.tcfg, s)
 	if err != nil {
 		return nil, fmt.Errorf("recover shard %d: %w", s, err)

@@ -278,6 +278,10 @@ func runStatus(ctx context.Context, environ []string, stdout io.Writer) error {
 			return err
 		}
 	}
+	if st.stopped > 0 {
+		return fmt.Errorf("%s of %s stopped until an operator acts: see \"stopped shards\" above and the README's \"A stopped shard\"",
+			plural(int64(st.stopped), "shard", "shards"), s.outboxTable())
+	}
 	return nil
 }
 
@@ -288,6 +292,9 @@ type statusRun struct {
 	pool  *pgxpool.Pool
 	store *outbox.Store
 	out   io.Writer
+	// stopped counts the shards statusStopped found stopped: status then
+	// exits non-zero.
+	stopped int
 }
 
 // line prints one "label: value" line of status, aligned with the others.
@@ -301,6 +308,7 @@ func statusSections() []func(context.Context, *statusRun) error {
 	return []func(context.Context, *statusRun) error{
 		statusIdentity,
 		statusOwners,
+		statusStopped,
 		statusBacklog,
 		statusOnPublish,
 		statusDeadLetters,
@@ -400,6 +408,45 @@ func statusOwners(ctx context.Context, st *statusRun) error {
 		}
 		age := time.Duration(o.age * float64(time.Second)).Round(time.Millisecond)
 		fmt.Fprintf(st.out, "%-21sshard %d: %s (lease renewed %s ago)\n", label, o.shard, o.name, age)
+	}
+	return nil
+}
+
+// statusStopped prints the shards an instance stopped until an operator
+// acts (recorded in <table>_owner by the instance that stopped them), with
+// the reason.
+func statusStopped(ctx context.Context, st *statusRun) error {
+	rows, err := st.pool.Query(ctx, `SELECT shard, owner, extract(epoch FROM now() - stopped_at)::float8, coalesce(stopped_reason, '') FROM `+
+		st.s.outboxTable().OwnerIdent()+` WHERE stopped_at IS NOT NULL ORDER BY shard`)
+	if err != nil {
+		return fmt.Errorf("read the stopped shards of %s: %w", st.s.outboxTable(), err)
+	}
+	type stopped struct {
+		shard  int32
+		owner  string
+		age    float64
+		reason string
+	}
+	all, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (stopped, error) {
+		var s stopped
+		err := r.Scan(&s.shard, &s.owner, &s.age, &s.reason)
+		return s, err
+	})
+	if err != nil {
+		return fmt.Errorf("read the stopped shards of %s: %w", st.s.outboxTable(), err)
+	}
+	st.stopped = len(all)
+	if len(all) == 0 {
+		st.line("stopped shards", "none")
+		return nil
+	}
+	for i, s := range all {
+		label := ""
+		if i == 0 {
+			label = "stopped shards:"
+		}
+		age := time.Duration(s.age * float64(time.Second)).Round(time.Second)
+		fmt.Fprintf(st.out, "%-21sshard %d: STOPPED %s ago by %s: %s\n", label, s.shard, age, s.owner, s.reason)
 	}
 	return nil
 }

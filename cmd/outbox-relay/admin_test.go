@@ -269,8 +269,8 @@ func TestStatusSaysPendingMigrationsAndTheRecordedIdentity(t *testing.T) {
 	ctx := context.Background()
 	url := testenv.CreateDatabase(t)
 	env := []string{"OUTBOX_DATABASE_URL=" + url}
-	if code, out, errs := cli(t, env, "status"); code == 0 || !strings.Contains(out, "pending migrations:  7") ||
-		!strings.Contains(errs, "7 migrations pending: run `outbox-relay migrate up` first") {
+	if code, out, errs := cli(t, env, "status"); code == 0 || !strings.Contains(out, "pending migrations:  8") ||
+		!strings.Contains(errs, "8 migrations pending: run `outbox-relay migrate up` first") {
 		t.Fatalf("status before migrate up: code %d, want non-zero with the pending migrations named\n%s%s", code, out, errs)
 	}
 	if code, out, errs := cli(t, env, "migrate", "up"); code != 0 {
@@ -426,5 +426,44 @@ func TestMigrateUpCreatesThePublicationOfTheReplicationSource(t *testing.T) {
 	}
 	if code, out, errs := cli(t, env, "migrate", "up"); code != 0 {
 		t.Fatalf("migrate up again: code %d\n%s%s", code, out, errs)
+	}
+}
+
+// TestStatusShowsStoppedShards: a shard an instance stopped until an
+// operator acts (recorded in <table>_owner, as the relay records it) is shown
+// by `status` from any host, with who stopped it and why, and status exits
+// non-zero; with none stopped it says so and exits 0.
+func TestStatusShowsStoppedShards(t *testing.T) {
+	ctx := context.Background()
+	url := testenv.CreateDatabase(t)
+	env := []string{"OUTBOX_DATABASE_URL=" + url}
+	if code, out, errs := cli(t, env, "migrate", "up"); code != 0 {
+		t.Fatalf("migrate up: code %d\n%s%s", code, out, errs)
+	}
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, `INSERT INTO outbox_owner (shard, token, owner) VALUES (0, 3, 'host-a pid 11'), (1, 1, 'host-b pid 12')`); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errs := cli(t, env, "status")
+	if code != 0 || !strings.Contains(out, "stopped shards:      none\n") {
+		t.Fatalf("status with no shard stopped: code %d, want 0 and \"stopped shards: none\"\n%s%s", code, out, errs)
+	}
+	reason := "recover shard 1: checkpoint partition holds a record that is not a checkpoint: the newest committed record of cp partition 1, at offset 7, is a tombstone"
+	if _, err := conn.Exec(ctx, `UPDATE outbox_owner SET stopped_at = now() - interval '90 seconds', stopped_reason = $1 WHERE shard = 1`, reason); err != nil {
+		t.Fatal(err)
+	}
+	code, out, errs = cli(t, env, "status")
+	// The age is the database clock's, read a moment later on a loaded
+	// machine: 1m30s and up.
+	want := regexp.MustCompile(`stopped shards: {6}shard 1: STOPPED 1m3\ds ago by host-b pid 12: ` + regexp.QuoteMeta(reason) + "\n")
+	if code == 0 || !want.MatchString(out) || !strings.Contains(errs, "1 shard of public.outbox stopped until an operator acts") {
+		t.Fatalf("status with shard 1 stopped: code %d, want non-zero and %q\n%s%s", code, want, out, errs)
+	}
+	if !strings.Contains(out, "unpublished rows:") {
+		t.Errorf("status stopped printing at the stopped shards: want every section\n%s", out)
 	}
 }
