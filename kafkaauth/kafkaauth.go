@@ -171,6 +171,10 @@ func WithAWSLoadOptions(fns ...func(*awsconfig.LoadOptions) error) Option {
 	return func(o *options) { o.awsLoad = append(o.awsLoad, fns...) }
 }
 
+// WithExpiryWindow sets how long before their expiry AWS credentials are
+// fetched again (default DefaultExpiryWindow).
+func WithExpiryWindow(d time.Duration) Option { return func(o *options) { o.expiryWindow = d } }
+
 // DefaultExpiryWindow is how long before their expiry AWS credentials are
 // fetched again.
 const DefaultExpiryWindow = 5 * time.Minute

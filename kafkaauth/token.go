@@ -136,6 +136,9 @@ func (s *clientCredentials) fetch(ctx context.Context) (string, time.Duration, e
 			if tr.ErrorDescription != "" {
 				what += " (" + printable(tr.ErrorDescription) + ")"
 			}
+			// A provider that repeats what it was sent must not make
+			// the secret appear in a log.
+			what = strings.ReplaceAll(what, sec, "xxxxx")
 		}
 		return "", 0, fmt.Errorf("OAUTHBEARER token endpoint %s answered %s%s: check OUTBOX_KAFKA_SASL_OAUTHBEARER_CLIENT_ID, the client secret and OUTBOX_KAFKA_SASL_OAUTHBEARER_SCOPE",
 			endpoint, resp.Status, what)
