@@ -236,7 +236,6 @@ func publishThroughExpiringCredentials(t *testing.T, srv faultproxy.SASLServer, 
 	return st
 }
 
-
 // TestOAuthBearerTokenExpiresDuringARunNothingIsLost: OUTBOX_KAFKA_SASL_MECHANISM=OAUTHBEARER
 // with the client-credentials flow (client secret from a file) against a
 // broker that gives each session the token's lifetime (4 s): over 14 s the
