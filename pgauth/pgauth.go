@@ -30,7 +30,6 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	awsconfig "github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/feature/rds/auth"
-	"github.com/caarlos0/env/v11"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -70,15 +69,24 @@ func (c Config) Validate() []string {
 // FromEnviron reads the Config from environ (KEY=VALUE strings, as
 // os.Environ returns) and validates it.
 func FromEnviron(environ []string) (Config, error) {
-	vars := map[string]string{}
+	var c Config
 	for _, kv := range environ {
-		if k, v, ok := strings.Cut(kv, "="); ok {
-			vars[k] = v
+		k, v, _ := strings.Cut(kv, "=")
+		switch k {
+		case "OUTBOX_DATABASE_PASSWORD_FILE":
+			c.PasswordFile = v
+		case "OUTBOX_DATABASE_IAM_REGION":
+			c.IAMRegion = v
+		case "OUTBOX_DATABASE_IAM_AUTH":
+			if v == "" {
+				continue
+			}
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return Config{}, fmt.Errorf("OUTBOX_DATABASE_IAM_AUTH is %q: expected true or false", v)
+			}
+			c.IAM = b
 		}
-	}
-	c, err := env.ParseAsWithOptions[Config](env.Options{Environment: vars})
-	if err != nil {
-		return Config{}, fmt.Errorf("database credentials: %w", err)
 	}
 	if p := c.Validate(); len(p) > 0 {
 		return Config{}, errors.New(strings.Join(p, "; "))
