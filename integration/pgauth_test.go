@@ -27,8 +27,16 @@ import (
 // private one that requires SCRAM passwords over TCP (the shared server
 // trusts 127.0.0.1, where a password would prove nothing).
 func TestDatabasePasswordRotationWhileTheRelayRuns(t *testing.T) {
+	for _, source := range []string{"poll", "replication"} {
+		t.Run(source, func(t *testing.T) { testPasswordRotation(t, source) })
+	}
+}
+
+// testPasswordRotation runs the rotation with OUTBOX_SOURCE=source: with
+// replication, the relay's replication connection reconnects too.
+func testPasswordRotation(t *testing.T, source string) {
 	ctx := context.Background()
-	pg := testenv.StartPrivatePostgres(t, "password_encryption=scram-sha-256")
+	pg := testenv.StartPrivatePostgres(t, "password_encryption=scram-sha-256", "wal_level=logical")
 	super, err := pgx.Connect(ctx, pg.URL("postgres", "postgres"))
 	if err != nil {
 		t.Fatal(err)
@@ -36,7 +44,7 @@ func TestDatabasePasswordRotationWhileTheRelayRuns(t *testing.T) {
 	t.Cleanup(func() { super.Close(context.Background()) })
 	const role = "outbox_rotating"
 	for _, q := range []string{
-		`CREATE ROLE ` + role + ` LOGIN PASSWORD 'first-password-1'`,
+		`CREATE ROLE ` + role + ` LOGIN REPLICATION PASSWORD 'first-password-1'`,
 		`CREATE DATABASE rotating OWNER ` + role,
 	} {
 		if _, err := super.Exec(ctx, q); err != nil {
@@ -46,6 +54,7 @@ func TestDatabasePasswordRotationWhileTheRelayRuns(t *testing.T) {
 	t.Cleanup(func() {
 		c := context.Background()
 		_, _ = super.Exec(c, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1`, role)
+		_, _ = super.Exec(c, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = 'rotating' AND NOT active`)
 		for _, q := range []string{`DROP DATABASE IF EXISTS rotating WITH (FORCE)`, `DROP ROLE IF EXISTS ` + role} {
 			if _, err := super.Exec(c, q); err != nil {
 				t.Logf("%s: %v", q, err)
@@ -104,6 +113,9 @@ func TestDatabasePasswordRotationWhileTheRelayRuns(t *testing.T) {
 	k := testenv.NewKafka(t, 1, topic)
 	cfg := testenv.RelayConfig(db, k)
 	cfg.DatabaseAuth = auth
+	if source == "replication" {
+		cfg.Source, cfg.DeadLetterOrder = "replication", "skip"
+	}
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
@@ -116,8 +128,15 @@ func TestDatabasePasswordRotationWhileTheRelayRuns(t *testing.T) {
 	run := testenv.StartRelay(t, &testenv.DB{URL: url, Pool: relayPool, Table: outbox.DefaultTable}, cfg, relay.WithLogger(testenv.Logger(t, &logs)))
 	cons := k.NewConsumer(t, topic)
 
+	var ids []int64
 	waitPublished := func(what string) {
 		t.Helper()
+		if source == "replication" { // no marks: the records tell
+			if seen := cons.WaitFor(t, len(ids), 60*time.Second); len(seen) < len(ids) {
+				t.Fatalf("%s: %d records of %d rows after 60 s", what, len(seen), len(ids))
+			}
+			return
+		}
 		deadline := time.Now().Add(60 * time.Second)
 		for db.Unpublished(t) > 0 {
 			if time.Now().After(deadline) {
@@ -126,7 +145,7 @@ func TestDatabasePasswordRotationWhileTheRelayRuns(t *testing.T) {
 			time.Sleep(200 * time.Millisecond)
 		}
 	}
-	ids := db.Insert(t, topic, 30, []string{"a", "b"})
+	ids = db.Insert(t, topic, 30, []string{"a", "b"})
 	waitPublished("before the rotation")
 
 	// Rotate: the role's password, then the file.
@@ -156,6 +175,15 @@ func TestDatabasePasswordRotationWhileTheRelayRuns(t *testing.T) {
 	t.Logf("ended %d sessions of %s at the rotation; %d sessions opened since, with the new password", ended, role, fresh)
 	if ended < 3 || fresh < 2 {
 		t.Fatalf("ended %d sessions and %d new ones opened: the test did not force the relay's connections to be made again", ended, fresh)
+	}
+	if source == "replication" {
+		var walsenders int
+		if err := super.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE usename = $1 AND backend_type = 'walsender' AND backend_start > $2`, role, rotatedAt).Scan(&walsenders); err != nil {
+			t.Fatal(err)
+		}
+		if walsenders == 0 {
+			t.Fatal("no replication connection was opened again after the rotation")
+		}
 	}
 	seen := cons.WaitFor(t, len(ids), 30*time.Second)
 	testenv.CheckExactlyOnce(t, ids, seen)
