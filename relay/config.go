@@ -12,8 +12,10 @@ import (
 	"github.com/caarlos0/env/v11"
 	"github.com/jackc/pgx/v5"
 
+	"github.com/outbox-relay/outbox-relay/kafkaauth"
 	"github.com/outbox-relay/outbox-relay/migrations"
 	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/pgauth"
 	"github.com/outbox-relay/outbox-relay/txn"
 )
 
@@ -168,6 +170,18 @@ type Config struct {
 	KafkaSASLMech     string `env:"OUTBOX_KAFKA_SASL_MECHANISM"`
 	KafkaSASLUser     string `env:"OUTBOX_KAFKA_SASL_USERNAME"`
 	KafkaSASLPassword string `env:"OUTBOX_KAFKA_SASL_PASSWORD"`
+	// KafkaOAuth configures OUTBOX_KAFKA_SASL_MECHANISM=OAUTHBEARER
+	// (OUTBOX_KAFKA_SASL_OAUTHBEARER_*, package kafkaauth).
+	KafkaOAuth kafkaauth.OAuth
+	// DatabaseAuth are the database's short-lived credentials: a password
+	// file, or RDS / Aurora IAM tokens (OUTBOX_DATABASE_PASSWORD_FILE,
+	// OUTBOX_DATABASE_IAM_*, package pgauth).
+	DatabaseAuth pgauth.Config
+}
+
+// KafkaAuth is the SASL part of the configuration, for kafkaauth.New.
+func (c Config) KafkaAuth() kafkaauth.Config {
+	return kafkaauth.Config{Mechanism: c.KafkaSASLMech, Username: c.KafkaSASLUser, Password: c.KafkaSASLPassword, OAuth: c.KafkaOAuth}
 }
 
 // DefaultOwnerLease is OUTBOX_OWNER_LEASE when Config.OwnerLease is 0.
@@ -429,20 +443,8 @@ func (c Config) Validate() error {
 	default:
 		add("OUTBOX_LOG_LEVEL is %q: expected debug, info, warn or error", c.LogLevel)
 	}
-	switch strings.ToUpper(c.KafkaSASLMech) {
-	case "", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512":
-	default:
-		add("OUTBOX_KAFKA_SASL_MECHANISM is %q: expected PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512", c.KafkaSASLMech)
-	}
-	if c.KafkaSASLMech != "" && c.KafkaSASLUser == "" {
-		add("OUTBOX_KAFKA_SASL_USERNAME is empty but OUTBOX_KAFKA_SASL_MECHANISM is set: set the user name")
-	}
-	if c.KafkaSASLMech != "" && c.KafkaSASLPassword == "" {
-		add("OUTBOX_KAFKA_SASL_PASSWORD is empty but OUTBOX_KAFKA_SASL_MECHANISM is set: set the password")
-	}
-	if c.KafkaSASLMech == "" && (c.KafkaSASLUser != "" || c.KafkaSASLPassword != "") {
-		add("OUTBOX_KAFKA_SASL_USERNAME or OUTBOX_KAFKA_SASL_PASSWORD is set but OUTBOX_KAFKA_SASL_MECHANISM is not: the relay would connect without authenticating; set OUTBOX_KAFKA_SASL_MECHANISM to the mechanism of the brokers' listener (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512), or unset the credentials")
-	}
+	problems = append(problems, c.KafkaAuth().Validate()...)
+	problems = append(problems, c.DatabaseAuth.Validate()...)
 	problems = append(problems, c.limitProblems()...)
 	if (c.KafkaTLSCertFile == "") != (c.KafkaTLSKeyFile == "") {
 		add("OUTBOX_KAFKA_TLS_CERT_FILE and OUTBOX_KAFKA_TLS_KEY_FILE must be set together")

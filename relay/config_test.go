@@ -131,3 +131,29 @@ func TestSeveralHostsWithReadWriteAreAccepted(t *testing.T) {
 		}
 	}
 }
+
+func TestCloudCredentialSettingsAreReadFromTheEnvironment(t *testing.T) {
+	base := []string{"OUTBOX_DATABASE_URL=postgres://relay@db:5432/app", "OUTBOX_KAFKA_BROKERS=k:9092"}
+	cfg, err := LoadConfig(append(base, "OUTBOX_KAFKA_SASL_MECHANISM=OAUTHBEARER",
+		"OUTBOX_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL=https://login.example.com/token",
+		"OUTBOX_KAFKA_SASL_OAUTHBEARER_CLIENT_ID=relay", "OUTBOX_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE=/var/run/secrets/oauth",
+		"OUTBOX_KAFKA_SASL_OAUTHBEARER_SCOPE=kafka", "OUTBOX_DATABASE_PASSWORD_FILE=/var/run/secrets/db/password"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o := cfg.KafkaAuth().OAuth; o.TokenEndpointURL != "https://login.example.com/token" || o.ClientID != "relay" ||
+		o.ClientSecretFile != "/var/run/secrets/oauth" || o.Scope != "kafka" || cfg.DatabaseAuth.PasswordFile != "/var/run/secrets/db/password" {
+		t.Fatalf("%+v %+v", o, cfg.DatabaseAuth)
+	}
+	_, err = LoadConfig(append(base, "OUTBOX_KAFKA_SASL_MECHANISM=OAUTHBEARER", "OUTBOX_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET=hunter2-secret",
+		"OUTBOX_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL=https://login.example.com/token", "OUTBOX_DATABASE_IAM_AUTH=true", "OUTBOX_DATABASE_PASSWORD_FILE=/p"))
+	if err == nil || !strings.Contains(err.Error(), "OUTBOX_KAFKA_SASL_OAUTHBEARER_CLIENT_ID is empty") || !strings.Contains(err.Error(), "choose one") {
+		t.Fatalf("bad settings: %v", err)
+	}
+	if strings.Contains(err.Error(), "hunter2-secret") {
+		t.Fatalf("the error shows the secret: %v", err)
+	}
+	if _, err := LoadConfig(append(base, "OUTBOX_KAFKA_SASL_MECHANISM=AWS_MSK_IAM")); err != nil {
+		t.Fatalf("AWS_MSK_IAM needs no user name: %v", err)
+	}
+}

@@ -1,19 +1,32 @@
 package relay
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"log/slog"
 	"os"
-	"strings"
 
 	"github.com/twmb/franz-go/pkg/kgo"
-	"github.com/twmb/franz-go/pkg/sasl/plain"
-	"github.com/twmb/franz-go/pkg/sasl/scram"
+
+	"github.com/outbox-relay/outbox-relay/kafkaauth"
 )
 
 // KafkaOptions turns the TLS and SASL settings of cfg into franz-go options.
-func KafkaOptions(cfg Config) ([]kgo.Opt, error) {
+// The SASL mechanism is package kafkaauth's: short-lived credentials (AWS
+// IAM, OAuth tokens) are fetched again before they expire, on every
+// authentication and re-authentication. A logger, if given, gets the
+// refreshes and their failures (never a secret).
+func KafkaOptions(cfg Config, log ...*slog.Logger) ([]kgo.Opt, error) {
+	l := slog.New(slog.DiscardHandler)
+	if len(log) > 0 && log[0] != nil {
+		l = log[0]
+	}
+	return kafkaOptions(cfg, l)
+}
+
+func kafkaOptions(cfg Config, log *slog.Logger) ([]kgo.Opt, error) {
 	var opts []kgo.Opt
 	if cfg.KafkaTLS || cfg.KafkaTLSCAFile != "" || cfg.KafkaTLSCertFile != "" {
 		tc := &tls.Config{MinVersion: tls.VersionTLS12}
@@ -36,16 +49,12 @@ func KafkaOptions(cfg Config) ([]kgo.Opt, error) {
 		}
 		opts = append(opts, kgo.DialTLSConfig(tc))
 	}
-	switch strings.ToUpper(cfg.KafkaSASLMech) {
-	case "":
-	case "PLAIN":
-		opts = append(opts, kgo.SASL(plain.Auth{User: cfg.KafkaSASLUser, Pass: cfg.KafkaSASLPassword}.AsMechanism()))
-	case "SCRAM-SHA-256":
-		opts = append(opts, kgo.SASL(scram.Auth{User: cfg.KafkaSASLUser, Pass: cfg.KafkaSASLPassword}.AsSha256Mechanism()))
-	case "SCRAM-SHA-512":
-		opts = append(opts, kgo.SASL(scram.Auth{User: cfg.KafkaSASLUser, Pass: cfg.KafkaSASLPassword}.AsSha512Mechanism()))
-	default:
-		return nil, fmt.Errorf("OUTBOX_KAFKA_SASL_MECHANISM is %q: expected PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512", cfg.KafkaSASLMech)
+	mech, err := kafkaauth.New(context.Background(), cfg.KafkaAuth(), kafkaauth.WithLogger(log))
+	if err != nil {
+		return nil, err
+	}
+	if mech != nil {
+		opts = append(opts, kgo.SASL(mech))
 	}
 	return opts, nil
 }

@@ -185,7 +185,7 @@ const memberLocksSQL = `FROM pg_locks WHERE locktype = 'advisory' AND granted
 // identity check, and a lock_timeout for everything after.
 func (o *owner) connect(ctx context.Context) error {
 	r := o.r
-	c, err := pgx.ConnectConfig(ctx, r.connCfg)
+	c, err := connectDedicated(ctx, r.connCfg, r.beforeConnect)
 	if err != nil {
 		return fmt.Errorf("connect: %w", err)
 	}

@@ -98,6 +98,9 @@ type Relay struct {
 	// connCfg is the configuration of the relay's dedicated connections
 	// (ownership, wake-up): the pool's, prepared by prepareConnConfig.
 	connCfg *pgx.ConnConfig
+	// beforeConnect is the pool's BeforeConnect (fresh credentials,
+	// package pgauth), applied to the dedicated connections too.
+	beforeConnect func(context.Context, *pgx.ConnConfig) error
 	// instance names this process in <table>_owner, for operators.
 	instance string
 
@@ -178,8 +181,9 @@ func New(cfg Config, pool *pgxpool.Pool, opts ...Option) (*Relay, error) {
 			return nil, fmt.Errorf("configuration: %w", err)
 		}
 	}
-	r.connCfg = r.pool.Config().ConnConfig
-	r.wake = newWaker(r.connCfg, t, r.log)
+	pc := r.pool.Config()
+	r.connCfg, r.beforeConnect = pc.ConnConfig, pc.BeforeConnect
+	r.wake = newWaker(r.connCfg, r.beforeConnect, t, r.log)
 	host, _ := os.Hostname()
 	r.instance = fmt.Sprintf("%s pid %d started %s", host, os.Getpid(), time.Now().UTC().Format(time.RFC3339))
 	return r, nil

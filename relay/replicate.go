@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/outbox-relay/outbox-relay/outbox"
@@ -112,6 +113,16 @@ func (r *Relay) replicationConfig() replication.Config {
 	t := r.store.Table()
 	cfg := replication.Config{ConnString: r.cfg.DatabaseURL, Slot: r.cfg.ReplicationSlot, Publication: r.cfg.ReplicationPublication,
 		Table: replication.Table{Schema: t.Schema, Name: t.Name}, StatusInterval: max(time.Second, r.cfg.ownerLease()/4)}
+	if before := r.beforeConnect; before != nil {
+		cfg.BeforeConnect = func(ctx context.Context, pc *pgconn.Config) error {
+			cc := &pgx.ConnConfig{Config: *pc}
+			if err := before(ctx, cc); err != nil {
+				return err
+			}
+			*pc = cc.Config
+			return nil
+		}
+	}
 	if cfg.Slot == "" {
 		cfg.Slot = replication.DefaultSlot(r.connCfg.Database, t.Schema, t.Name)
 	}
@@ -174,6 +185,11 @@ func replicationConn(ctx context.Context, cfg replication.Config) (*pgconn.PgCon
 		return nil, fmt.Errorf("replication connection string: %w", err)
 	}
 	pc.RuntimeParams["replication"] = "database"
+	if cfg.BeforeConnect != nil {
+		if err := cfg.BeforeConnect(ctx, pc); err != nil {
+			return nil, fmt.Errorf("replication connection credentials: %w", err)
+		}
+	}
 	conn, err := pgconn.ConnectConfig(ctx, pc)
 	if err != nil {
 		return nil, fmt.Errorf("replication connection: %w", err)

@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/jackc/pgx/v5"
-
 	"github.com/outbox-relay/outbox-relay/migrations"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/txn"
@@ -86,7 +84,7 @@ func (r *Relay) as(id outbox.Identity) *Relay {
 		tcfg.Settings = settings
 	}
 	return &Relay{cfg: cfg, pool: r.pool, store: r.store, log: r.log.With("recorded_relay", id.RelayName), reg: r.reg, m: r.m,
-		fail: r.fail, kopts: r.kopts, tcfg: tcfg, wake: r.wake, connCfg: r.connCfg, instance: r.instance,
+		fail: r.fail, kopts: r.kopts, tcfg: tcfg, wake: r.wake, connCfg: r.connCfg, beforeConnect: r.beforeConnect, instance: r.instance,
 		mode: txn.ExactlyOnce, incarnation: r.incarnation}
 }
 
@@ -106,7 +104,7 @@ func (r *Relay) as(id outbox.Identity) *Relay {
 // returns the identity recorded before.
 func (r *Relay) Reshard(ctx context.Context) (outbox.Identity, error) {
 	key := r.store.Table().String()
-	conn, err := pgx.ConnectConfig(ctx, r.connCfg)
+	conn, err := connectDedicated(ctx, r.connCfg, r.beforeConnect)
 	if err != nil {
 		return outbox.Identity{}, fmt.Errorf("reshard: connect: %w", err)
 	}

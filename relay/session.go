@@ -12,6 +12,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outbox-relay/outbox-relay/pgauth"
 )
 
 // durableSession sets up every connection the relay opens (its pool and its
@@ -94,7 +96,19 @@ func ownPool(pool *pgxpool.Pool, cfg Config, log *slog.Logger) (*pgxpool.Pool, e
 // password. With a relay configuration, every connection is prepared for the
 // relay (ConfigurePool: keepalives and a user timeout from
 // OUTBOX_OWNER_LEASE); the relay's own connections get that regardless.
+// The credentials of new connections follow cfg.DatabaseAuth (package
+// pgauth: a password file, RDS IAM tokens).
 func OpenPool(ctx context.Context, url string, conns int, cfg *Config) (*pgxpool.Pool, error) {
+	var auth pgauth.Config
+	if cfg != nil {
+		auth = cfg.DatabaseAuth
+	}
+	return OpenPoolAuth(ctx, url, conns, cfg, auth)
+}
+
+// OpenPoolAuth is OpenPool with the credentials of new connections from
+// auth (for commands that take no relay configuration).
+func OpenPoolAuth(ctx context.Context, url string, conns int, cfg *Config, auth pgauth.Config) (*pgxpool.Pool, error) {
 	pcfg, err := pgxpool.ParseConfig(url)
 	if err != nil {
 		return nil, errors.New("OUTBOX_DATABASE_URL is malformed: expected a PostgreSQL URL or key=value string")
@@ -102,6 +116,13 @@ func OpenPool(ctx context.Context, url string, conns int, cfg *Config) (*pgxpool
 	pcfg.MaxConns = max(pcfg.MaxConns, int32(conns))
 	if cfg != nil {
 		ConfigurePool(pcfg, *cfg)
+	}
+	if auth.Enabled() {
+		p, err := pgauth.New(ctx, auth)
+		if err != nil {
+			return nil, fmt.Errorf("database credentials: %w", err)
+		}
+		p.Configure(pcfg)
 	}
 	pool, err := pgxpool.NewWithConfig(ctx, pcfg)
 	if err != nil {
@@ -111,7 +132,31 @@ func OpenPool(ctx context.Context, url string, conns int, cfg *Config) (*pgxpool
 	defer cancel()
 	if err := pool.Ping(pctx); err != nil {
 		pool.Close()
-		return nil, fmt.Errorf("connect to PostgreSQL at %s (check OUTBOX_DATABASE_URL): %s", RedactURL(url), ConnectProblem(err))
+		return nil, fmt.Errorf("connect to PostgreSQL at %s (check OUTBOX_DATABASE_URL%s): %s", RedactURL(url), authHint(auth), ConnectProblem(err))
 	}
 	return pool, nil
+}
+
+// authHint names the credential settings in a connection error.
+func authHint(auth pgauth.Config) string {
+	switch {
+	case auth.PasswordFile != "":
+		return " and the password in OUTBOX_DATABASE_PASSWORD_FILE"
+	case auth.IAM:
+		return ", OUTBOX_DATABASE_IAM_AUTH: the role needs rds_iam and the AWS identity rds-db:connect"
+	}
+	return ""
+}
+
+// connectDedicated opens one of the relay's own connections (ownership,
+// wake-up, reshard) from cc, giving it fresh credentials first with the
+// pool's BeforeConnect (a password file, an IAM token) on a copy of cc.
+func connectDedicated(ctx context.Context, cc *pgx.ConnConfig, before func(context.Context, *pgx.ConnConfig) error) (*pgx.Conn, error) {
+	if before != nil {
+		cc = cc.Copy()
+		if err := before(ctx, cc); err != nil {
+			return nil, fmt.Errorf("credentials: %w", err)
+		}
+	}
+	return pgx.ConnectConfig(ctx, cc)
 }

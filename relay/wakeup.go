@@ -32,8 +32,10 @@ import (
 // covers it by polling on at growing intervals up to the poll interval.
 type waker struct {
 	connCfg *pgx.ConnConfig
-	table   outbox.Table
-	log     *slog.Logger
+	// beforeConnect gives each connection fresh credentials (pgauth).
+	beforeConnect func(context.Context, *pgx.ConnConfig) error
+	table         outbox.Table
+	log           *slog.Logger
 
 	mu    sync.Mutex
 	idle  map[int32]bool // owned shards: true when idle
@@ -44,14 +46,14 @@ type waker struct {
 
 // newWaker listens on connections of connCfg (prepared by prepareConnConfig:
 // keepalives and a user timeout).
-func newWaker(connCfg *pgx.ConnConfig, t outbox.Table, log *slog.Logger) *waker {
+func newWaker(connCfg *pgx.ConnConfig, before func(context.Context, *pgx.ConnConfig) error, t outbox.Table, log *slog.Logger) *waker {
 	cfg := connCfg.Copy()
 	// A cancelled wait must not cost a cancel-request connection: just
 	// interrupt the read.
 	cfg.BuildContextWatcherHandler = func(pc *pgconn.PgConn) ctxwatch.Handler {
 		return &pgconn.DeadlineContextWatcherHandler{Conn: pc.Conn()}
 	}
-	return &waker{connCfg: cfg, table: t, log: log, idle: map[int32]bool{},
+	return &waker{connCfg: cfg, beforeConnect: before, table: t, log: log, idle: map[int32]bool{},
 		gen: make(chan struct{}), kick: make(chan struct{}, 1)}
 }
 
@@ -144,7 +146,7 @@ func (w *waker) run(ctx context.Context) {
 }
 
 func (w *waker) listen(ctx context.Context) error {
-	conn, err := pgx.ConnectConfig(ctx, w.connCfg)
+	conn, err := connectDedicated(ctx, w.connCfg, w.beforeConnect)
 	if err != nil {
 		return fmt.Errorf("connect: %w", err)
 	}

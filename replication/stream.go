@@ -50,6 +50,10 @@ type Config struct {
 	// ConnString is the database's connection string (URL or key=value);
 	// the stream adds replication=database.
 	ConnString string
+	// BeforeConnect, if set, is called with the parsed configuration
+	// before each connection: short-lived credentials (package pgauth)
+	// set the password there.
+	BeforeConnect func(context.Context, *pgconn.Config) error
 	// Slot is the logical replication slot's name.
 	Slot string
 	// Publication is the pgoutput publication's name.
@@ -103,6 +107,11 @@ func Open(ctx context.Context, cfg Config, from Position) (*Stream, error) {
 	// Text-format values are decoded as ISO dates in UTC.
 	pc.RuntimeParams["DateStyle"] = "ISO"
 	pc.RuntimeParams["TimeZone"] = "UTC"
+	if cfg.BeforeConnect != nil {
+		if err := cfg.BeforeConnect(ctx, pc); err != nil {
+			return nil, fmt.Errorf("replication connection credentials: %w", err)
+		}
+	}
 	conn, err := pgconn.ConnectConfig(ctx, pc)
 	if err != nil {
 		return nil, fmt.Errorf("replication connection: %w", err)

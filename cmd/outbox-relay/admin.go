@@ -19,6 +19,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/migrations"
 	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/pgauth"
 	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/replication"
 	"github.com/outbox-relay/outbox-relay/standby"
@@ -40,6 +41,9 @@ type dbSettings struct {
 	// source and publication are OUTBOX_SOURCE and
 	// OUTBOX_REPLICATION_PUBLICATION.
 	source, publication string
+	// auth are the credentials of new connections
+	// (OUTBOX_DATABASE_PASSWORD_FILE, OUTBOX_DATABASE_IAM_*).
+	auth pgauth.Config
 }
 
 func readDBSettings(environ []string, needURL bool) (dbSettings, error) {
@@ -78,6 +82,11 @@ func readDBSettings(environ []string, needURL bool) (dbSettings, error) {
 			}
 		}
 	}
+	auth, err := pgauth.FromEnviron(environ)
+	if err != nil {
+		return s, err
+	}
+	s.auth = auth
 	onPublish, err := outbox.ParseOnPublish(string(s.onPublish))
 	if err != nil {
 		return s, fmt.Errorf("OUTBOX_ON_PUBLISH: %w", err)
@@ -100,7 +109,7 @@ func readDBSettings(environ []string, needURL bool) (dbSettings, error) {
 func (s dbSettings) outboxTable() outbox.Table { return outbox.Table{Schema: s.schema, Name: s.table} }
 
 func (s dbSettings) open(ctx context.Context) (*pgxpool.Pool, error) {
-	return openPool(ctx, s.url, 1, nil)
+	return openPool(ctx, s.url, 1, nil, s.auth)
 }
 
 // openMigrator opens a pool and the migrator of the configured table; the

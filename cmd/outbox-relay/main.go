@@ -33,6 +33,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
+	"github.com/outbox-relay/outbox-relay/pgauth"
 	"github.com/outbox-relay/outbox-relay/relay"
 	"github.com/outbox-relay/outbox-relay/tracing/otlpenv"
 )
@@ -213,11 +214,11 @@ func runRelay(ctx context.Context, environ []string, stderr io.Writer) error {
 		}
 	}()
 	log := newLogger(stderr, cfg.LogLevel)
-	kopts, err := relay.KafkaOptions(cfg)
+	kopts, err := relay.KafkaOptions(cfg, log)
 	if err != nil {
 		return fmt.Errorf("configuration: %w", err)
 	}
-	pool, err := openPool(ctx, cfg.DatabaseURL, cfg.Shards+4, &cfg)
+	pool, err := openPool(ctx, cfg.DatabaseURL, cfg.Shards+4, &cfg, cfg.DatabaseAuth)
 	if err != nil {
 		return err
 	}
@@ -261,7 +262,7 @@ func runReshard(ctx context.Context, environ []string, stdout, stderr io.Writer)
 	if err != nil {
 		return fmt.Errorf("configuration: %w", err)
 	}
-	pool, err := openPool(ctx, cfg.DatabaseURL, 4, &cfg)
+	pool, err := openPool(ctx, cfg.DatabaseURL, 4, &cfg, cfg.DatabaseAuth)
 	if err != nil {
 		return err
 	}
@@ -303,6 +304,8 @@ func runReshard(ctx context.Context, environ []string, stdout, stderr io.Writer)
 }
 
 // openPool is relay.OpenPool: one opener for every command.
-func openPool(ctx context.Context, url string, conns int, cfg *relay.Config) (*pgxpool.Pool, error) {
-	return relay.OpenPool(ctx, url, conns, cfg)
+// auth gives new connections their credentials (OUTBOX_DATABASE_PASSWORD_FILE,
+// OUTBOX_DATABASE_IAM_*); with cfg, it is cfg.DatabaseAuth.
+func openPool(ctx context.Context, url string, conns int, cfg *relay.Config, auth pgauth.Config) (*pgxpool.Pool, error) {
+	return relay.OpenPoolAuth(ctx, url, conns, cfg, auth)
 }

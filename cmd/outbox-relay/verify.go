@@ -71,7 +71,7 @@ func runVerify(ctx context.Context, args, environ []string, stdout, stderr io.Wr
 	if err != nil {
 		return fail(fmt.Errorf("configuration: %w", err))
 	}
-	pool, err := openPool(ctx, cfg.DatabaseURL, 2, nil)
+	pool, err := openPool(ctx, cfg.DatabaseURL, 2, nil, cfg.DatabaseAuth)
 	if err != nil {
 		return fail(err)
 	}

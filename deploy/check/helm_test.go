@@ -233,21 +233,27 @@ func TestHelmValuesCoverEveryRelayVariable(t *testing.T) {
 		t.Errorf("values.yaml config keys %v differ from values.schema.json's %v", slices.Sorted(maps.Keys(config)), slices.Sorted(maps.Keys(props)))
 	}
 	// What the chart sets by itself, whatever config says: the relay
-	// container's variables in the default render that config does not name.
-	r, err := RenderChart(ch, "payments", "payments", map[string]any{
-		"config": map[string]any{"OUTBOX_KAFKA_SASL_MECHANISM": "PLAIN", "OUTBOX_KAFKA_CLIENT_ID": ""}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	objs, err := r.Objects()
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, c := relayContainer(t, objs)
+	// container's variables that config does not name, in a render with
+	// PLAIN (the SASL user and password from the Secret) and one with
+	// OAUTHBEARER's token endpoint (its client secret from the Secret).
 	managed := map[string]bool{}
-	for _, e := range c.Env {
-		if _, inConfig := props[e.Name]; !inConfig {
-			managed[e.Name] = true
+	for _, cfg := range []map[string]any{
+		{"OUTBOX_KAFKA_SASL_MECHANISM": "PLAIN", "OUTBOX_KAFKA_CLIENT_ID": ""},
+		{"OUTBOX_KAFKA_SASL_MECHANISM": "OAUTHBEARER", "OUTBOX_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL": "https://login.example.com/token"},
+	} {
+		r, err := RenderChart(ch, "payments", "payments", map[string]any{"config": cfg})
+		if err != nil {
+			t.Fatal(err)
+		}
+		objs, err := r.Objects()
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, c := relayContainer(t, objs)
+		for _, e := range c.Env {
+			if _, inConfig := props[e.Name]; !inConfig {
+				managed[e.Name] = true
+			}
 		}
 	}
 	for _, name := range vars.Names() {

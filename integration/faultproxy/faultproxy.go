@@ -21,9 +21,15 @@
 // unrewritten, since the client would then bypass the proxy: the connection is
 // closed and the error logged instead.
 //
-// Limitations: plaintext only (no TLS), and no SASL (the raw SaslAuthenticate
-// v0 framing of SaslHandshake v0 is not understood). The proxy only listens on
-// 127.0.0.1.
+// With [Proxy.RequireSASL] the proxy is itself a SASL listener for one
+// single-message mechanism (OAUTHBEARER, AWS_MSK_IAM: mechanisms kfake does
+// not offer): it answers SaslHandshake v1 and SaslAuthenticate, honours
+// re-authentication (KIP-368) and closes sessions that outlive their
+// lifetime, as brokers do.
+//
+// Limitations: plaintext only (no TLS), and SASL passes through only when
+// the proxy does not terminate it (the raw SaslAuthenticate v0 framing of
+// SaslHandshake v0 is not understood). The proxy only listens on 127.0.0.1.
 package faultproxy
 
 import (
@@ -86,6 +92,8 @@ type Proxy struct {
 	seen      map[int16]int
 	fired     map[int16]int
 	frozen    chan struct{} // non-nil while frozen; closed by Thaw
+	sasl      SASLServer    // non-nil: the proxy is a SASL listener (RequireSASL)
+	saslStats SASLStats
 }
 
 // Freeze stops every byte through the proxy, in both directions, on open

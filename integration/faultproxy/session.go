@@ -31,6 +31,9 @@ type session struct {
 	mu      sync.Mutex
 	pending []inflight // in request order; Kafka answers in order per connection
 
+	wmu  sync.Mutex // serializes writes to client
+	sasl saslState  // read and written by forwardRequests only
+
 	closeOnce sync.Once
 }
 
@@ -93,6 +96,16 @@ func (s *session) forwardRequests() error {
 			return fmt.Errorf("parsing request header: %w", err)
 		}
 		s.p.noteSeen(h.key)
+		if srv := s.p.saslServer(); srv != nil {
+			handled, err := s.gate(srv, frame, h)
+			if err != nil {
+				s.log.Info("faultproxy: SASL gate closes the connection", "err", err)
+				return err
+			}
+			if handled {
+				continue
+			}
+		}
 
 		expectResponse := true
 		if h.key == keyProduce && h.known {
@@ -161,7 +174,10 @@ func (s *session) forwardResponses() error {
 				return fmt.Errorf("rewriting %s v%d response: %w", kmsg.NameForKey(in.key), in.version, err)
 			}
 		}
-		if _, err := s.client.Write(frame); err != nil {
+		s.wmu.Lock()
+		_, err = s.client.Write(frame)
+		s.wmu.Unlock()
+		if err != nil {
 			return fmt.Errorf("writing %s response to client: %w", kmsg.NameForKey(in.key), err)
 		}
 	}

@@ -299,3 +299,14 @@ func (s *Standby) Resume() {
 		s.stalled = 0
 	}
 }
+
+// SetHBA replaces the server's pg_hba.conf with lines and reloads it, for
+// tests of authentication (initdb's default trusts every local client).
+func (pg *PrivatePostgres) SetHBA(lines ...string) {
+	pg.tb.Helper()
+	path := filepath.Join(pg.data, "pg_hba.conf")
+	if err := os.WriteFile(path, []byte(strings.Join(lines, "\n")+"\n"), 0o644); err != nil {
+		pg.tb.Fatal(err)
+	}
+	pg.run("pg_ctl", "-D", pg.data, "reload")
+}

@@ -174,3 +174,21 @@ value not above it: the render fails.
 {{- include "outbox-relay.envString" $grace }}
 {{- end }}
 {{- end }}
+
+{{/*
+"true" when the SASL mechanism takes a user and password from the Secret
+(PLAIN, SCRAM); AWS_MSK_IAM and OAUTHBEARER take none.
+*/}}
+{{- define "outbox-relay.saslPassword" -}}
+{{- $m := upper (.Values.config.OUTBOX_KAFKA_SASL_MECHANISM | default "") -}}
+{{- if has $m (list "PLAIN" "SCRAM-SHA-256" "SCRAM-SHA-512") }}true{{ end -}}
+{{- end }}
+
+{{/*
+"true" when OAUTHBEARER's client secret comes from the Secret: the token
+endpoint is set and no client secret file is.
+*/}}
+{{- define "outbox-relay.oauthClientSecret" -}}
+{{- $c := .Values.config -}}
+{{- if and (eq (upper ($c.OUTBOX_KAFKA_SASL_MECHANISM | default "")) "OAUTHBEARER") $c.OUTBOX_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL (not $c.OUTBOX_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET_FILE) }}true{{ end -}}
+{{- end }}
