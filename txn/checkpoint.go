@@ -195,4 +195,3 @@ func readLatest(ctx context.Context, cl *kgo.Client, adm *kadm.Client, topic str
 		}
 	}
 }
-

@@ -116,7 +116,9 @@ func statusReplication(ctx context.Context, st *statusRun) error {
 // for the table, or OUTBOX_CHECKPOINT_TOPIC while none is recorded. It is
 // nil, after saying why, when OUTBOX_KAFKA_BROKERS is not set.
 func statusCheckpoint(ctx context.Context, st *statusRun) (*txn.Checkpoint, error) {
-	if !slices.ContainsFunc(st.s.environ, func(kv string) bool { return strings.HasPrefix(kv, "OUTBOX_KAFKA_BROKERS=") && len(kv) > len("OUTBOX_KAFKA_BROKERS=") }) {
+	if !slices.ContainsFunc(st.s.environ, func(kv string) bool {
+		return strings.HasPrefix(kv, "OUTBOX_KAFKA_BROKERS=") && len(kv) > len("OUTBOX_KAFKA_BROKERS=")
+	}) {
 		st.line("checkpoint lsn", "not read: set OUTBOX_KAFKA_BROKERS (and the relay's OUTBOX_KAFKA_* settings) to show it")
 		return nil, nil
 	}
