@@ -222,9 +222,24 @@ func (r *Relay) recoverShard(ctx context.Context, s int32, l *lease, log *slog.L
 				"was the table dropped and created again, or does another relay share the topic? Use a new OUTBOX_CHECKPOINT_TOPIC",
 				s, errCheckpointMismatch, r.cfg.CheckpointTopic, s, cp.Relay, cp.Table, cp.Incarnation, r.cfg.RelayName, r.store.Table(), r.incarnation)
 		}
-		if err := r.checkSourceSwitch(cp); err != nil {
-			p.Close()
-			return nil, fmt.Errorf("recover shard %d: %w", s, err)
+		if cp.Source == sourceReplication && r.cfg.Source != sourceReplication {
+			// The table was read from the WAL: its published rows are
+			// not marked. The switch back marks them (switchback.go);
+			// the poll read starts with an empty window.
+			if err := r.switchBack(ctx, s, l, p, cp, log); err != nil {
+				p.Close()
+				return nil, fmt.Errorf("recover shard %d: %w", s, err)
+			}
+			p.StartWindow(w)
+			log.Info("shard recovered", "epoch", p.Epoch(), "source", sourcePoll, "switched_from", sourceReplication)
+			return p, nil
+		}
+		if cp.SwitchedFrom == sourceReplication && r.cfg.Source != sourceReplication {
+			// A crash after the switch back's checkpoint may have left
+			// the slot, which keeps WAL.
+			if err := r.dropSwitchedSlot(ctx, log); err != nil {
+				log.Warn("the replication slot of the switch back was not dropped: it keeps WAL; drop it by hand", "err", err)
+			}
 		}
 		if cp.Source == sourceReplication {
 			// Nothing to mark: the replication loop starts at the

@@ -54,14 +54,19 @@ type Checkpoint struct {
 	// RowIndex rows, and CommitLSN is the start of its commit record.
 	// Handover is the WAL position up to which rows may have been
 	// published by the poll read before the switch (their marks say so).
-	Source    string    `json:"source,omitempty"`
-	LSN       string    `json:"lsn,omitempty"`
-	CommitLSN string    `json:"commit_lsn,omitempty"`
-	RowIndex  int       `json:"row_index,omitempty"`
-	Handover  string    `json:"handover_lsn,omitempty"`
-	IDs       []int64   `json:"ids,omitempty"`    // version 1: the last batch's ids
-	Window    []byte    `json:"window,omitempty"` // version 2: the recovery window, see Window
-	Written   time.Time `json:"written"`
+	Source    string `json:"source,omitempty"`
+	LSN       string `json:"lsn,omitempty"`
+	CommitLSN string `json:"commit_lsn,omitempty"`
+	RowIndex  int    `json:"row_index,omitempty"`
+	Handover  string `json:"handover_lsn,omitempty"`
+	// SwitchedFrom is "replication" in the checkpoint-only transaction of
+	// the poll read that took the shard over from the replication source;
+	// Handover is then the WAL position up to which that source published
+	// (every row committed up to it is marked; none after it was published).
+	SwitchedFrom string    `json:"switched_from,omitempty"`
+	IDs          []int64   `json:"ids,omitempty"`    // version 1: the last batch's ids
+	Window       []byte    `json:"window,omitempty"` // version 2: the recovery window, see Window
+	Written      time.Time `json:"written"`
 }
 
 // EnsureCheckpointTopic creates the checkpoint topic (compacted, one
