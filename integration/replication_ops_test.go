@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -88,5 +89,51 @@ func TestReplicationLagMetricFollowsTheSlot(t *testing.T) {
 	}
 	if v, ok := gauge(t, reg, name, slot); ok {
 		t.Fatalf("%s{slot=%q} = %.0f after the relay stopped reading the slot: another owner reports it", name, slot, v)
+	}
+}
+
+// TestReplicationStopsLoudlyOnAnotherHistory: a slot dropped, or dropped
+// and created again, after the checkpoint was written stops the relay
+// with an error that names the cause and the way out; it never starts
+// from another position.
+func TestReplicationStopsLoudlyOnAnotherHistory(t *testing.T) {
+	for _, tc := range []struct {
+		name, want string
+		change     string
+	}{
+		{"dropped", "does not exist, but the checkpoint is at", `SELECT pg_drop_replication_slot('postgres_public_outbox_relay')`},
+		{"recreated", "past the checkpoint's", `SELECT pg_drop_replication_slot('postgres_public_outbox_relay');
+CREATE TABLE wal_filler AS SELECT repeat('x', 100) FROM generate_series(1, 1000);
+SELECT pg_create_logical_replication_slot('postgres_public_outbox_relay', 'pgoutput')`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			db := logicalDB(t)
+			ctx := context.Background()
+			topic := testenv.RandomName("payments-")
+			k := testenv.NewKafka(t, 1, topic)
+			cfg := testenv.RelayConfig(db, k)
+			cfg.Source, cfg.DeadLetterOrder = "replication", "skip"
+			c := k.NewConsumer(t, topic)
+			want := db.Insert(t, topic, 5, []string{"a"})
+			r := testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)))
+			time.Sleep(time.Second)
+			want = append(want, db.Insert(t, topic, 5, []string{"a"})...)
+			c.WaitFor(t, len(want), 60*time.Second)
+			if err := r.Stop(); err != nil {
+				t.Fatal(err)
+			}
+			for _, q := range strings.Split(tc.change, ";\n") {
+				if _, err := db.Pool.Exec(ctx, q); err != nil {
+					t.Fatal(err)
+				}
+			}
+			db.Insert(t, topic, 3, []string{"a"})
+			again := testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)))
+			err := again.Wait(t, 60*time.Second)
+			if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "README") {
+				t.Fatalf("the relay did not stop naming the cause (%q) and the way out: %v", tc.want, err)
+			}
+			t.Logf("stopped with: %v", err)
+		})
 	}
 }

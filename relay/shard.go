@@ -20,6 +20,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/replication"
 	"github.com/outbox-relay/outbox-relay/txn"
 )
 
@@ -33,7 +34,11 @@ var errCheckpointMismatch = errors.New("checkpoint belongs to another outbox tab
 func stopsRelay(err error) bool {
 	var crash errCrash
 	return errors.As(err, &crash) || errors.Is(err, txn.ErrFatal) ||
-		errors.Is(err, errCheckpointMismatch) || errors.Is(err, txn.ErrCheckpointFormat)
+		errors.Is(err, errCheckpointMismatch) || errors.Is(err, txn.ErrCheckpointFormat) ||
+		// Another history than the checkpoint's (system identifier,
+		// timeline, slot dropped, moved or lost): retrying cannot help,
+		// and going on from another position would lose or repeat events.
+		errors.Is(err, replication.ErrHistory)
 }
 
 // haltsShard reports whether err stops one shard for good while the relay
