@@ -115,6 +115,12 @@ func TestStatusShowsTheSlotAndTheCheckpointPosition(t *testing.T) {
 	if code != 0 || !strings.Contains(field(out, "replication slot"), "not active (no relay reads it") {
 		t.Fatalf("status after the relay stopped: code %d\n%s%s", code, out, errs)
 	}
+	// verify in this mode: clean, and it says what it proves.
+	code, out, errs = cli(t, env, "verify", "-since", "1h")
+	if code != 0 || !strings.Contains(out, "OUTBOX_SOURCE=replication: rows are not marked in this mode, so verify proves that no row is in Kafka twice") {
+		t.Fatalf("verify with OUTBOX_SOURCE=replication: code %d\n%s%s", code, out, errs)
+	}
+	t.Logf("verify:\n%s", out)
 	code, out, _ = cli(t, []string{"OUTBOX_DATABASE_URL=" + url, "OUTBOX_SOURCE=replication"}, "status")
 	if code != 0 || !strings.Contains(out, "checkpoint lsn:      not read: set OUTBOX_KAFKA_BROKERS") {
 		t.Fatalf("status without OUTBOX_KAFKA_BROKERS: code %d\n%s", code, out)
