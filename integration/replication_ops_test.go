@@ -137,3 +137,50 @@ SELECT pg_create_logical_replication_slot('postgres_public_outbox_relay', 'pgout
 		})
 	}
 }
+
+// TestReplicationStopsLoudlyWhenTheSlotLostItsWAL: WAL the slot needs
+// removed (past max_slot_wal_keep_size while the relay was down) stops the
+// relay with an error naming it; it never starts from a later position.
+func TestReplicationStopsLoudlyWhenTheSlotLostItsWAL(t *testing.T) {
+	pg := testenv.StartPrivatePostgres(t, "wal_level=logical", "max_replication_slots=8", "max_wal_senders=8", "max_slot_wal_keep_size=1MB", "min_wal_size=32MB", "max_wal_size=32MB")
+	db := migratedDB(t, pg.URL("postgres", "postgres"))
+	ctx := context.Background()
+	topic := testenv.RandomName("payments-")
+	k := testenv.NewKafka(t, 1, topic)
+	cfg := testenv.RelayConfig(db, k)
+	cfg.Source, cfg.DeadLetterOrder = "replication", "skip"
+	c := k.NewConsumer(t, topic)
+	want := db.Insert(t, topic, 5, []string{"a"})
+	r := testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)))
+	c.WaitFor(t, len(want), 60*time.Second)
+	if err := r.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	db.Insert(t, topic, 3, []string{"a"}) // after the checkpoint: lost with the WAL
+	if _, err := db.Pool.Exec(ctx, `CREATE TABLE filler (v text)`); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; ; i++ {
+		var status *string
+		if err := db.Pool.QueryRow(ctx, `SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'postgres_public_outbox_relay'`).Scan(&status); err != nil {
+			t.Fatal(err)
+		}
+		if status != nil && *status == "lost" {
+			break
+		}
+		if i == 40 {
+			t.Fatalf("the slot's WAL was never removed (wal_status %v)", status)
+		}
+		for _, q := range []string{`INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 8000)`, `SELECT pg_switch_wal()`, `CHECKPOINT`} {
+			if _, err := db.Pool.Exec(ctx, q); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	again := testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)))
+	err := again.Wait(t, 60*time.Second)
+	if err == nil || !strings.Contains(err.Error(), "wal_status lost") || !strings.Contains(err.Error(), "README") {
+		t.Fatalf("the relay did not stop naming the lost WAL and the way out: %v", err)
+	}
+	t.Logf("stopped with: %v", err)
+}
