@@ -20,7 +20,12 @@ import (
 func logicalDB(t *testing.T) *testenv.DB {
 	t.Helper()
 	pg := testenv.StartPrivatePostgres(t, "wal_level=logical", "max_replication_slots=8", "max_wal_senders=8")
-	url := pg.URL("postgres", "postgres")
+	return migratedDB(t, pg.URL("postgres", "postgres"))
+}
+
+// migratedDB is the database at url with a migrated outbox table.
+func migratedDB(t *testing.T, url string) *testenv.DB {
+	t.Helper()
 	pool, err := pgxpool.New(context.Background(), url)
 	if err != nil {
 		t.Fatal(err)

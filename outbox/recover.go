@@ -137,3 +137,30 @@ WHERE o.created_at <> c.created ORDER BY o.id`, ids, created)
 
 // Detected reports whether the comparison found the table gone back in time.
 func (rw Rewind) Detected() bool { return rw.AheadOfSequence || len(rw.Replaced) > 0 }
+
+// Unmarked returns the id and creation time of every row of the table that
+// tx's snapshot sees unpublished, in id order. The switch from the
+// replication source back to the poll read uses it with a snapshot taken at
+// a WAL position up to which Kafka holds every row, and marks them
+// (MarkCommitted) after the snapshot's transaction (relay/switchback.go).
+func (s *Store) Unmarked(ctx context.Context, tx pgx.Tx) ([]int64, []time.Time, error) {
+	rows, err := tx.Query(ctx, `SELECT id, created_at FROM `+s.t.Ident()+` WHERE published_at IS NULL ORDER BY id`)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read the unmarked rows of %s: %w", s.t, err)
+	}
+	defer rows.Close()
+	var ids []int64
+	var created []time.Time
+	for rows.Next() {
+		var id int64
+		var c time.Time
+		if err := rows.Scan(&id, &c); err != nil {
+			return nil, nil, fmt.Errorf("read the unmarked rows of %s: %w", s.t, err)
+		}
+		ids, created = append(ids, id), append(created, c)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, nil, fmt.Errorf("read the unmarked rows of %s: %w", s.t, err)
+	}
+	return ids, created, nil
+}

@@ -38,6 +38,10 @@ type Metrics struct {
 	StandbyHeld      prometheus.Gauge
 	StandbyLag       *prometheus.GaugeVec
 	StandbyConnected *prometheus.GaugeVec
+	// ReplicationLag is OUTBOX_SOURCE=replication's slot lag: WAL bytes
+	// between the server's current position and the slot's confirmed
+	// flush position.
+	ReplicationLag *prometheus.GaugeVec
 	// Phantoms counts rows a checkpoint recorded as published that the
 	// database, at recovery, no longer has (or has as other rows).
 	Phantoms *prometheus.CounterVec
@@ -107,13 +111,15 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "OUTBOX_STANDBY_NAMES: WAL bytes the standby has not flushed of what the relay waits for (-1 when it is not connected)."}, []string{"standby"}),
 		StandbyConnected: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "standby_connected",
 			Help: "OUTBOX_STANDBY_NAMES: 1 when the primary's pg_stat_replication lists the standby, 0 when it does not (publishing is held)."}, []string{"standby"}),
+		ReplicationLag: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "replication_lag_bytes",
+			Help: "OUTBOX_SOURCE=replication: WAL bytes between the server's current position and the slot's confirmed flush position (the WAL the slot keeps because Kafka does not hold it yet), read every 5 s by the slot's reader."}, []string{"slot"}),
 		Phantoms: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "phantom_rows_total",
 			Help: "Rows a checkpoint recorded as published to Kafka that the database no longer has, or has as other rows (a fail-over to a standby that lacked them, a restore): Kafka holds events of transactions this database never had."}, shard),
 	}
 	reg.MustRegister(m.Backlog, m.OldestAge, m.HeldRows, m.HeldKeys, m.Published, m.PublishedBytes, m.BatchSize, m.TxnDuration, m.EndToEnd,
 		m.Aborts, m.Fenced, m.DeadLetters, m.Recoveries, m.RecoveredMarked, m.PossiblyLost, m.Rewinds, m.ConsecutiveFailures,
 		m.Takeovers, m.ShardsLost, m.OwnedShards, m.Shards, m.Deleted,
-		m.StandbyWait, m.StandbyHeld, m.StandbyLag, m.StandbyConnected, m.Phantoms)
+		m.StandbyWait, m.StandbyHeld, m.StandbyLag, m.StandbyConnected, m.Phantoms, m.ReplicationLag)
 	m.ProducerIDRequests = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Name: "producer_id_requests_total",
 		Help: "InitProducerID requests of the shard's transactional producer (exactly-once: one per recovery, each bumps the producer epoch). A batch that keeps failing is retried from 100 ms up to every 10 s, so a rate above a few a minute is a shard failing in a loop."}, shard)
 	m.ShardStopped = prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: ns, Name: "shard_stopped",

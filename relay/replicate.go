@@ -48,18 +48,47 @@ func (ws walSource) run(ctx context.Context, s int32, l *lease, p *txn.Producer,
 			return err
 		}
 	}
+	_, err = ws.stream(ctx, s, l, p, cfg, from, handover, 0, log, healthy)
+	return err
+}
+
+// stream publishes the slot's transactions from the position from until
+// ctx ends, or, with until not 0, until every transaction ending at or
+// before until is published (and none after it); it returns the position
+// the last committed checkpoint recorded.
+func (ws walSource) stream(ctx context.Context, s int32, l *lease, p *txn.Producer, cfg replication.Config, from replication.Position,
+	handover replication.LSN, until replication.LSN, log *slog.Logger, healthy func()) (replication.LSN, error) {
+	r := ws.r
 	l.step(r.dbBudget())
 	stream, err := ws.open(ctx, cfg, from)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	defer stream.Close(context.WithoutCancel(ctx)) //nolint:errcheck // the position is in the checkpoint
+	lagDone := make(chan struct{})
+	lctx, stopLag := context.WithCancel(ctx)
+	go func() {
+		defer close(lagDone)
+		ws.watchLag(lctx, cfg.Slot, log)
+	}()
+	defer func() { stopLag(); <-lagDone }()
 	sys, tli := stream.System()
 	log.Info("replication stream started", "slot", cfg.Slot, "publication", cfg.Publication, "lsn", stream.Start().String(),
-		"row_index", from.RowIndex, "handover_lsn", handover.String(), "system_id", sys, "timeline", tli)
-	reader := replication.NewReader(stream, replication.Limits{Rows: r.cfg.BatchSize, Bytes: int(r.cfg.readMaxBytes()), Linger: 5 * time.Millisecond})
+		"row_index", from.RowIndex, "handover_lsn", handover.String(), "until_lsn", until.String(), "system_id", sys, "timeline", tli)
+	reader := replication.NewReader(stream, replication.Limits{Rows: r.cfg.BatchSize, Bytes: int(r.cfg.readMaxBytes()), Linger: 5 * time.Millisecond, Until: until})
 	lastCheckpoint := time.Now()
 	committed := from.EndLSN
+	if until != 0 && committed >= until && from.RowIndex == 0 {
+		return committed, nil
+	}
+	// stopped is what an end of ctx returns: nil for the endless stream,
+	// an error for a drain to until, which did not get there.
+	stopped := func() error {
+		if until != 0 {
+			return fmt.Errorf("replication: drain to %s: %w", until, context.Cause(ctx))
+		}
+		return nil
+	}
 	for ctx.Err() == nil {
 		l.step(r.cfg.ownerLease() / 2)
 		rctx, cancel := context.WithTimeout(ctx, r.cfg.ownerLease()/4)
@@ -67,25 +96,31 @@ func (ws walSource) run(ctx context.Context, s int32, l *lease, p *txn.Producer,
 		cancel()
 		if err != nil {
 			if ctx.Err() != nil {
-				return nil
+				return committed, stopped()
 			}
 			if isTimeout(err) {
 				// Nothing arrived within the step: the loop lives on.
 				healthy()
 				continue
 			}
-			return fmt.Errorf("replication: %w", err)
+			return committed, fmt.Errorf("replication: %w", err)
 		}
 		if len(b.Rows) == 0 {
 			healthy()
-			if b.End.EndLSN <= committed || time.Since(lastCheckpoint) < idleCheckpointEvery {
+			if b.End.EndLSN <= committed {
+				if b.Reached {
+					return committed, nil
+				}
+				continue
+			}
+			if !b.Reached && time.Since(lastCheckpoint) < idleCheckpointEvery {
 				continue
 			}
 		}
 		rows := b.Rows
 		if handover != 0 {
 			if rows, err = ws.notPolled(ctx, rows); err != nil {
-				return err
+				return committed, err
 			}
 			if b.End.EndLSN > handover {
 				handover = 0
@@ -95,12 +130,52 @@ func (ws walSource) run(ctx context.Context, s int32, l *lease, p *txn.Producer,
 		err = ws.publish(bctx, s, l, p, rows, b, handover, log)
 		cancelB()
 		if err != nil {
-			return err
+			return committed, err
 		}
 		stream.Confirm(b.Confirm)
 		committed, lastCheckpoint = b.End.EndLSN, time.Now()
 		healthy()
+		if b.Reached {
+			return committed, nil
+		}
 	}
+	return committed, stopped()
+}
+
+// lagEvery is how often the slot's lag is read for
+// outbox_relay_replication_lag_bytes.
+const lagEvery = 5 * time.Second
+
+// watchLag sets outbox_relay_replication_lag_bytes from pg_replication_slots
+// until ctx ends, then drops the series (another owner reports it).
+func (ws walSource) watchLag(ctx context.Context, slot string, log *slog.Logger) {
+	g := ws.r.m.ReplicationLag
+	defer g.DeleteLabelValues(slot)
+	t := time.NewTicker(lagEvery)
+	defer t.Stop()
+	for {
+		if err := ws.readLag(ctx, slot); err != nil && ctx.Err() == nil {
+			log.Warn("read the replication slot's lag", "slot", slot, "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (ws walSource) readLag(ctx context.Context, slot string) error {
+	conn, err := ws.r.pool.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Release()
+	st, err := replication.ReadSlot(ctx, conn.Conn().PgConn(), slot)
+	if err != nil {
+		return err
+	}
+	ws.r.m.ReplicationLag.WithLabelValues(slot).Set(float64(st.LagBytes))
 	return nil
 }
 

@@ -20,6 +20,7 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 
 	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/replication"
 	"github.com/outbox-relay/outbox-relay/txn"
 )
 
@@ -33,7 +34,11 @@ var errCheckpointMismatch = errors.New("checkpoint belongs to another outbox tab
 func stopsRelay(err error) bool {
 	var crash errCrash
 	return errors.As(err, &crash) || errors.Is(err, txn.ErrFatal) ||
-		errors.Is(err, errCheckpointMismatch) || errors.Is(err, txn.ErrCheckpointFormat)
+		errors.Is(err, errCheckpointMismatch) || errors.Is(err, txn.ErrCheckpointFormat) ||
+		// Another history than the checkpoint's (system identifier,
+		// timeline, slot dropped, moved or lost): retrying cannot help,
+		// and going on from another position would lose or repeat events.
+		errors.Is(err, replication.ErrHistory)
 }
 
 // haltsShard reports whether err stops one shard for good while the relay
@@ -234,9 +239,24 @@ func (r *Relay) recoverShard(ctx context.Context, s int32, l *lease, log *slog.L
 				"was the table dropped and created again, or does another relay share the topic? Use a new OUTBOX_CHECKPOINT_TOPIC",
 				s, errCheckpointMismatch, r.cfg.CheckpointTopic, s, cp.Relay, cp.Table, cp.Incarnation, r.cfg.RelayName, r.store.Table(), r.incarnation)
 		}
-		if err := r.checkSourceSwitch(cp); err != nil {
-			p.Close()
-			return nil, fmt.Errorf("recover shard %d: %w", s, err)
+		if cp.Source == sourceReplication && r.cfg.Source != sourceReplication {
+			// The table was read from the WAL: its published rows are
+			// not marked. The switch back marks them (switchback.go);
+			// the poll read starts with an empty window.
+			if err := r.switchBack(ctx, s, l, p, cp, log); err != nil {
+				p.Close()
+				return nil, fmt.Errorf("recover shard %d: %w", s, err)
+			}
+			p.StartWindow(w)
+			log.Info("shard recovered", "epoch", p.Epoch(), "source", sourcePoll, "switched_from", sourceReplication)
+			return p, nil
+		}
+		if cp.SwitchedFrom == sourceReplication && r.cfg.Source != sourceReplication {
+			// A crash after the switch back's checkpoint may have left
+			// the slot, which keeps WAL.
+			if err := r.dropSwitchedSlot(ctx, log); err != nil {
+				log.Warn("the replication slot of the switch back was not dropped: it keeps WAL; drop it by hand", "err", err)
+			}
 		}
 		if cp.Source == sourceReplication {
 			// Nothing to mark: the replication loop starts at the

@@ -2,7 +2,6 @@ package relay
 
 import (
 	"context"
-	"errors"
 	"log/slog"
 
 	"github.com/outbox-relay/outbox-relay/txn"
@@ -36,15 +35,4 @@ func (r *Relay) source() source {
 		return walSource{r}
 	}
 	return pollSource{r}
-}
-
-// errSwitchBack: a poll relay found a checkpoint of the replication source.
-var errSwitchBack = errors.New("the shard's last checkpoint was written by OUTBOX_SOURCE=replication, which does not mark rows: the poll read would publish them again. Switching back to poll is not supported yet: keep OUTBOX_SOURCE=replication, or start poll with a new OUTBOX_CHECKPOINT_TOPIC after marking the published rows yourself")
-
-// checkSourceSwitch refuses a checkpoint this source cannot continue from.
-func (r *Relay) checkSourceSwitch(cp *txn.Checkpoint) error {
-	if cp.Source == sourceReplication && r.cfg.Source != sourceReplication {
-		return errSwitchBack
-	}
-	return nil
 }

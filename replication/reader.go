@@ -20,6 +20,11 @@ type Limits struct {
 	// Linger is how long a batch that holds rows waits for more committed
 	// transactions before it is handed out (0: hand out what has arrived).
 	Linger time.Duration
+	// Until, when not 0, is the last position to hand out: a transaction
+	// ending after it is kept back, and the batch that reaches it says so
+	// (Batch.Reached). A switch back to the poll read drains the slot to
+	// the consistent point of a snapshot with it.
+	Until LSN
 }
 
 // Batch is the content of one Kafka transaction: the rows of whole
@@ -35,6 +40,9 @@ type Batch struct {
 	// transaction commits (C3): End's LSN, or for a part of a transaction
 	// the start of its commit record, so the server sends it again.
 	Confirm LSN
+	// Reached says that everything up to Limits.Until has been handed
+	// out (in this batch or before), and nothing after it.
+	Reached bool
 }
 
 // Reader cuts a stream into batches. Cuts are deterministic: a transaction
@@ -90,6 +98,9 @@ func (r *Reader) Next(ctx context.Context) (Batch, error) {
 		r.split, r.from = t, from+n
 		return false
 	}
+	if t := r.split; t != nil && r.lim.Until != 0 && t.EndLSN > r.lim.Until {
+		return Batch{Reached: true}, nil
+	}
 	if t := r.split; t != nil {
 		r.split = nil
 		if !take(t, r.from) {
@@ -119,9 +130,16 @@ func (r *Reader) Next(ctx context.Context) (Batch, error) {
 			// Idle: everything handed out is in b or already committed.
 			b.End = r.at(ev.Idle, 0, 0)
 			b.Confirm = ev.Idle
+			b.Reached = r.lim.Until != 0 && ev.Idle >= r.lim.Until
 			return b, nil
 		}
 		t := ev.Txn
+		if r.lim.Until != 0 && t.EndLSN > r.lim.Until {
+			// Past the last position to hand out: kept back.
+			r.split, r.from = t, t.Skip
+			b.Reached = true
+			return b, nil
+		}
 		rows, by := room()
 		need := 0
 		for _, row := range t.Rows[t.Skip:] {

@@ -141,3 +141,22 @@ func TakeOver(ctx context.Context, conn *pgconn.PgConn, name string, wait time.D
 		}
 	}
 }
+
+// SnapshotPoint creates a temporary logical slot on conn (a replication
+// connection) and returns its consistent point and the name of a snapshot
+// exported with it: a transaction that imports the snapshot (SET
+// TRANSACTION SNAPSHOT) sees exactly the transactions whose commit ends at
+// or before the point, and none that ends after it. The snapshot can be
+// imported until the next command on conn; the slot goes away with conn.
+func SnapshotPoint(ctx context.Context, conn *pgconn.PgConn, name string) (LSN, string, error) {
+	res, err := pglogrepl.CreateReplicationSlot(ctx, conn, name, "pgoutput",
+		pglogrepl.CreateReplicationSlotOptions{Temporary: true, SnapshotAction: "EXPORT_SNAPSHOT", Mode: pglogrepl.LogicalReplication})
+	if err != nil {
+		return 0, "", fmt.Errorf("create temporary slot %q with a snapshot: %w", name, err)
+	}
+	lsn, err := pglogrepl.ParseLSN(res.ConsistentPoint)
+	if err != nil {
+		return 0, "", fmt.Errorf("temporary slot %q: consistent point %q: %w", name, res.ConsistentPoint, err)
+	}
+	return lsn, res.SnapshotName, nil
+}

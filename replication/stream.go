@@ -134,6 +134,10 @@ func (s *Stream) open(ctx context.Context, from Position) error {
 		return err
 	}
 	slot, err := ReadSlot(ctx, s.conn, s.cfg.Slot)
+	if errors.Is(err, ErrNoSlot) && from.EndLSN != 0 {
+		return fmt.Errorf("%w: slot %q does not exist, but the checkpoint is at %s: it was dropped (or this server is not the one it was on, a fail-over before PostgreSQL 17): the events since the checkpoint cannot be read from any slot; see the README's replication recovery",
+			ErrHistory, s.cfg.Slot, from.resume())
+	}
 	if err != nil {
 		return err
 	}

@@ -54,14 +54,19 @@ type Checkpoint struct {
 	// RowIndex rows, and CommitLSN is the start of its commit record.
 	// Handover is the WAL position up to which rows may have been
 	// published by the poll read before the switch (their marks say so).
-	Source    string    `json:"source,omitempty"`
-	LSN       string    `json:"lsn,omitempty"`
-	CommitLSN string    `json:"commit_lsn,omitempty"`
-	RowIndex  int       `json:"row_index,omitempty"`
-	Handover  string    `json:"handover_lsn,omitempty"`
-	IDs       []int64   `json:"ids,omitempty"`    // version 1: the last batch's ids
-	Window    []byte    `json:"window,omitempty"` // version 2: the recovery window, see Window
-	Written   time.Time `json:"written"`
+	Source    string `json:"source,omitempty"`
+	LSN       string `json:"lsn,omitempty"`
+	CommitLSN string `json:"commit_lsn,omitempty"`
+	RowIndex  int    `json:"row_index,omitempty"`
+	Handover  string `json:"handover_lsn,omitempty"`
+	// SwitchedFrom is "replication" in the checkpoint-only transaction of
+	// the poll read that took the shard over from the replication source;
+	// Handover is then the WAL position up to which that source published
+	// (every row committed up to it is marked; none after it was published).
+	SwitchedFrom string    `json:"switched_from,omitempty"`
+	IDs          []int64   `json:"ids,omitempty"`    // version 1: the last batch's ids
+	Window       []byte    `json:"window,omitempty"` // version 2: the recovery window, see Window
+	Written      time.Time `json:"written"`
 }
 
 // EnsureCheckpointTopic creates the checkpoint topic (compacted, one
@@ -143,19 +148,32 @@ func checkpointTopic(ctx context.Context, cfg Config, shards int, grow bool) err
 // shard, so nothing the shard wrote is still in doubt and the last stable
 // offset is the end of the partition.
 func (p *Producer) ReadCheckpoint(ctx context.Context) (*Checkpoint, error) {
-	topic := p.cfg.CheckpointTopic
-	starts, err := p.adm.ListStartOffsets(ctx, topic)
+	return readLatest(ctx, p.cl, p.adm, p.cfg.CheckpointTopic, p.shard, p.log)
+}
+
+// LatestCheckpoint reads, without fencing anyone, the latest committed
+// checkpoint of shard in topic with a plain client (no transactional id),
+// or nil when the shard has never committed: what `outbox-relay status`
+// shows. A transaction still open is not seen (read_committed, up to the
+// last stable offset), so the answer may be one transaction behind the
+// shard's owner; recovery uses ReadCheckpoint after fencing instead.
+func LatestCheckpoint(ctx context.Context, cl *kgo.Client, topic string, shard int32, log *slog.Logger) (*Checkpoint, error) {
+	return readLatest(ctx, cl, kadm.NewClient(cl), topic, shard, log)
+}
+
+func readLatest(ctx context.Context, cl *kgo.Client, adm *kadm.Client, topic string, shard int32, log *slog.Logger) (*Checkpoint, error) {
+	starts, err := adm.ListStartOffsets(ctx, topic)
 	if err != nil {
 		return nil, fmt.Errorf("checkpoint start offset: %w", err)
 	}
-	ends, err := p.adm.ListCommittedOffsets(ctx, topic)
+	ends, err := adm.ListCommittedOffsets(ctx, topic)
 	if err != nil {
 		return nil, fmt.Errorf("checkpoint last stable offset: %w", err)
 	}
-	so, ok1 := starts.Lookup(topic, p.shard)
-	eo, ok2 := ends.Lookup(topic, p.shard)
+	so, ok1 := starts.Lookup(topic, shard)
+	eo, ok2 := ends.Lookup(topic, shard)
 	if !ok1 || !ok2 || so.Err != nil || eo.Err != nil {
-		return nil, fmt.Errorf("checkpoint topic %q has no partition %d (errors: %v, %v)", topic, p.shard, so.Err, eo.Err)
+		return nil, fmt.Errorf("checkpoint topic %q has no partition %d (errors: %v, %v)", topic, shard, so.Err, eo.Err)
 	}
 	start, end := so.Offset, eo.Offset
 	// The newest checkpoint is usually two offsets below the end (the
@@ -163,7 +181,8 @@ func (p *Producer) ReadCheckpoint(ctx context.Context) (*Checkpoint, error) {
 	// back. Search backwards in growing windows.
 	for window := int64(16); ; window *= 4 {
 		from := max(start, end-window)
-		rec, err := p.lastCommitted(ctx, from, end)
+		var rec *kgo.Record
+		err := ReadCommitted(ctx, cl, topic, shard, from, end, log, func(r *kgo.Record) { rec = r })
 		if err != nil {
 			return nil, err
 		}
@@ -171,7 +190,7 @@ func (p *Producer) ReadCheckpoint(ctx context.Context) (*Checkpoint, error) {
 			var cp Checkpoint
 			decodeErr := json.Unmarshal(rec.Value, &cp)
 			if rec.Value != nil && decodeErr == nil && cp.Version > CheckpointVersion {
-				return nil, fmt.Errorf("%w: checkpoint at %s/%d@%d has format version %d, this relay reads %d: upgrade the relay", ErrCheckpointFormat, topic, p.shard, rec.Offset, cp.Version, CheckpointVersion)
+				return nil, fmt.Errorf("%w: checkpoint at %s/%d@%d has format version %d, this relay reads %d: upgrade the relay", ErrCheckpointFormat, topic, shard, rec.Offset, cp.Version, CheckpointVersion)
 			}
 			if rec.Value == nil || decodeErr != nil || cp.Version < 1 || cp.Relay == "" {
 				what := "a record that does not decode as a checkpoint"
@@ -182,7 +201,7 @@ func (p *Producer) ReadCheckpoint(ctx context.Context) (*Checkpoint, error) {
 					"Only the relay's own transactions may write there: recovery cannot tell which rows this shard committed, so the shard stays stopped. "+
 					"Way out: stop every relay of this table, set a new OUTBOX_CHECKPOINT_TOPIC (recorded with `outbox-relay reshard`); "+
 					"the relay then starts with no checkpoint, so rows committed to Kafka but not yet marked in the table are published again once",
-					ErrCheckpointForeign, topic, p.shard, rec.Offset, what, rec.Key)
+					ErrCheckpointForeign, topic, shard, rec.Offset, what, rec.Key)
 			}
 			return &cp, nil
 		}
@@ -190,12 +209,4 @@ func (p *Producer) ReadCheckpoint(ctx context.Context) (*Checkpoint, error) {
 			return nil, nil
 		}
 	}
-}
-
-// lastCommitted fetches [from, end) of the shard's checkpoint partition with
-// read_committed and returns its last committed data record, or nil.
-func (p *Producer) lastCommitted(ctx context.Context, from, end int64) (*kgo.Record, error) {
-	var last *kgo.Record
-	err := ReadCommitted(ctx, p.cl, p.cfg.CheckpointTopic, p.shard, from, end, p.log, func(r *kgo.Record) { last = r })
-	return last, err
 }

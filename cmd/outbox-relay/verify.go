@@ -22,6 +22,10 @@ const (
 	verifyCannotCheck   = 2
 )
 
+// replicationVerifyNote says what verify proves with OUTBOX_SOURCE=replication,
+// where rows are not marked after the hand-over.
+const replicationVerifyNote = "OUTBOX_SOURCE=replication: rows are not marked in this mode, so verify proves that no row is in Kafka twice, that every record matches its row and keeps its key's order, and reports rows still not in Kafka after -stale; it cannot prove \"marked, so in Kafka\" (nothing is marked): a row not yet in Kafka is unpublished until -stale, whatever the checkpoint's LSN"
+
 // runVerify is `outbox-relay verify`: the relay's configuration, a window of
 // rows, a report; the exit code says clean (0), discrepancies (1) or could
 // not check (2).
@@ -85,6 +89,9 @@ func runVerify(ctx context.Context, args, environ []string, stdout, stderr io.Wr
 	})
 	if errors.Is(err, verify.ErrKafka) {
 		err = fmt.Errorf("%w (brokers from OUTBOX_KAFKA_BROKERS=%s; TLS and SASL from OUTBOX_KAFKA_*): check that they are reachable from here", err, strings.Join(cfg.KafkaBrokers, ","))
+	}
+	if rep != nil && cfg.Source == "replication" && !*asJSON {
+		fmt.Fprintln(stdout, replicationVerifyNote)
 	}
 	if rep != nil {
 		if *asJSON {
