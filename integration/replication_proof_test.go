@@ -1,0 +1,312 @@
+package integration
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outbox-relay/outbox-relay/integration/testenv"
+	"github.com/outbox-relay/outbox-relay/migrations"
+	"github.com/outbox-relay/outbox-relay/outbox"
+)
+
+// logicalCluster is a private PostgreSQL at wal_level=logical (with the
+// extra settings) and a migrated outbox table on it.
+func logicalCluster(t *testing.T, settings ...string) (*testenv.PrivatePostgres, *testenv.DB) {
+	t.Helper()
+	pg := testenv.StartPrivatePostgres(t, append([]string{"wal_level=logical", "max_replication_slots=8", "max_wal_senders=8"}, settings...)...)
+	url := pg.URL("postgres", "postgres")
+	pool, err := pgxpool.New(context.Background(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	m, err := migrations.New(pool, "public", "outbox")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Up(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return pg, &testenv.DB{URL: url, Pool: pool, Table: outbox.DefaultTable}
+}
+
+// replKillRounds is OUTBOX_REPL_KILL_ROUNDS, default 5 (CI); the issue's
+// soak is 20.
+func replKillRounds(t *testing.T) int {
+	t.Helper()
+	v := os.Getenv("OUTBOX_REPL_KILL_ROUNDS")
+	if v == "" {
+		return 5
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1 {
+		t.Fatalf("OUTBOX_REPL_KILL_ROUNDS is %q: expected a positive integer", v)
+	}
+	return n
+}
+
+// replProcessEnv is relayProcessEnv in OUTBOX_SOURCE=replication.
+func replProcessEnv(db *testenv.DB, k *testenv.Kafka) []string {
+	return append(relayProcessEnv(db, k, testenv.RandomName("relay-"), testenv.RandomName("checkpoints-")),
+		"OUTBOX_SOURCE=replication", "OUTBOX_DEAD_LETTER_ORDER=skip")
+}
+
+// mixedWriters are four writers, each the only one of its keys (so that id
+// order is commit order per key): single-row transactions, small
+// multi-row Write transactions, COPY transactions of 64 to 180 rows (many
+// larger than the relay's batch of 50, so they are cut in parts), and
+// plain multi-row INSERT ... VALUES statements.
+type mixedWriters struct {
+	stopc chan struct{}
+	wg    sync.WaitGroup
+	rows  atomic.Int64
+	txns  [4]atomic.Int64
+	mu    sync.Mutex
+	err   error
+}
+
+var mixedKinds = [4]string{"single-row", "multi-row Write", "COPY", "INSERT VALUES"}
+
+func startMixedWriters(t *testing.T, db *testenv.DB, topic string) *mixedWriters {
+	t.Helper()
+	w := &mixedWriters{stopc: make(chan struct{})}
+	for kind := range 4 {
+		w.wg.Add(1)
+		go func() {
+			defer w.wg.Done()
+			keys := make([]string, 5)
+			for i := range keys {
+				keys[i] = fmt.Sprintf("w%d-acct-%d", kind, i)
+			}
+			pause := []time.Duration{2 * time.Millisecond, 5 * time.Millisecond, 150 * time.Millisecond, 20 * time.Millisecond}[kind]
+			next := 0
+			for tx := 0; ; tx++ {
+				select {
+				case <-w.stopc:
+					return
+				case <-time.After(pause):
+				}
+				n := []int{1, 2 + rand.IntN(6), 64 + rand.IntN(117), 3 + rand.IntN(20)}[kind]
+				msgs := make([]outbox.Message, n)
+				for i := range msgs {
+					msgs[i] = outbox.Message{Topic: topic, Key: []byte(keys[next%len(keys)]), Value: fmt.Appendf(nil, `{"w":%d,"tx":%d,"n":%d}`, kind, tx, next)}
+					next++
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				err := pgx.BeginFunc(ctx, db.Pool, func(tx pgx.Tx) error {
+					switch kind {
+					case 2:
+						return db.Table.WriteMany(ctx, tx, msgs)
+					case 3:
+						var sb strings.Builder
+						args := []any{topic}
+						sb.WriteString(`INSERT INTO outbox (topic, key, value) VALUES `)
+						for i, m := range msgs {
+							if i > 0 {
+								sb.WriteString(", ")
+							}
+							fmt.Fprintf(&sb, "($1, $%d, $%d)", len(args)+1, len(args)+2)
+							args = append(args, m.Key, m.Value)
+						}
+						_, err := tx.Exec(ctx, sb.String(), args...)
+						return err
+					default:
+						return db.Table.Write(ctx, tx, msgs...)
+					}
+				})
+				cancel()
+				if err != nil {
+					w.mu.Lock()
+					w.err = fmt.Errorf("%s writer: %w", mixedKinds[kind], err)
+					w.mu.Unlock()
+					return
+				}
+				w.rows.Add(int64(n))
+				w.txns[kind].Add(1)
+			}
+		}()
+	}
+	return w
+}
+
+func (w *mixedWriters) halt() {
+	select {
+	case <-w.stopc:
+	default:
+		close(w.stopc)
+	}
+	w.wg.Wait()
+}
+
+func (w *mixedWriters) stop(t *testing.T) int64 {
+	t.Helper()
+	w.halt()
+	if w.err != nil {
+		t.Fatal(w.err)
+	}
+	return w.rows.Load()
+}
+
+// kcatRead reads topic with kcat at read_committed and returns, per id, how
+// often it was seen, and fails the test when the records of a key are not
+// in increasing id order within their partition.
+func kcatRead(t *testing.T, k *testenv.Kafka, topic string) map[int64]int {
+	t.Helper()
+	kcat, err := exec.LookPath("kcat")
+	if err != nil {
+		t.Fatalf("kcat is not on PATH (apt-get install kcat): %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, kcat, "-C", "-q", "-e", "-o", "beginning",
+		"-b", strings.Join(k.Brokers, ","), "-t", topic,
+		"-X", "isolation.level=read_committed",
+		"-f", "%p\t%o\t%S\t%K\t%h\t%k\n")
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("%s: %v\n%s", cmd, err, stderr.String())
+	}
+	type rec struct {
+		clientRecord
+		id int64
+	}
+	var recs []rec
+	sc := bufio.NewScanner(strings.NewReader(string(out)))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		r, id, err := parseKcatLine(sc.Text())
+		if err != nil {
+			t.Fatalf("kcat printed %q: %v", sc.Text(), err)
+		}
+		recs = append(recs, rec{r, id})
+	}
+	sort.Slice(recs, func(i, j int) bool {
+		if recs[i].partition != recs[j].partition {
+			return recs[i].partition < recs[j].partition
+		}
+		return recs[i].offset < recs[j].offset
+	})
+	count := map[int64]int{}
+	last := map[string]int64{}
+	part := map[string]int32{}
+	for _, r := range recs {
+		count[r.id]++
+		key := string(r.key)
+		if p, ok := part[key]; ok && p != r.partition {
+			t.Fatalf("kcat: key %q on partitions %d and %d", key, p, r.partition)
+		}
+		if l, ok := last[key]; ok && r.id <= l {
+			t.Fatalf("kcat: key %q: id %d at offset %d after id %d: not in commit order", key, r.id, r.offset, l)
+		}
+		last[key], part[key] = r.id, r.partition
+	}
+	return count
+}
+
+// checkCounts fails the test unless count holds every id of want once and
+// nothing else.
+func checkCounts(t *testing.T, who string, want []int64, count map[int64]int) {
+	t.Helper()
+	var lost, dup []int64
+	for _, id := range want {
+		switch count[id] {
+		case 0:
+			lost = append(lost, id)
+		case 1:
+		default:
+			dup = append(dup, id)
+		}
+	}
+	if len(lost)+len(dup) > 0 || len(count) != len(want) {
+		t.Fatalf("%s: %d distinct ids for %d rows: lost %d %v, duplicated %d %v", who, len(count), len(want), len(lost), lost[:min(20, len(lost))], len(dup), dup[:min(20, len(dup))])
+	}
+}
+
+// TestReplicationKillNineUnderLoad kills the built binary in
+// OUTBOX_SOURCE=replication with SIGKILL (OUTBOX_REPL_KILL_ROUNDS times,
+// default 5) while four writers commit single-row, multi-row, COPY and
+// INSERT ... VALUES transactions (COPY ones larger than a batch, so kills
+// also land between the parts of one transaction), at random moments
+// counted from the stream's start or from the process start. A last run is
+// stopped with SIGTERM (exit 0). The Go consumer and kcat, both
+// read_committed, must each see every row once, each key's rows in commit
+// order.
+func TestReplicationKillNineUnderLoad(t *testing.T) {
+	rounds := replKillRounds(t)
+	bin := buildRelayBinary(t)
+	_, db := logicalCluster(t)
+	topic := testenv.RandomName("payments-")
+	k := testenv.NewKafka(t, 3, topic)
+	env := replProcessEnv(db, k)
+	logs := newRelayLogs(t, "repl-kill")
+	c := k.NewConsumer(t, topic)
+
+	// Rows before the first start: the hand-over publishes them.
+	db.Insert(t, topic, 120, []string{"pre-1", "pre-2", "pre-3"})
+	w := startMixedWriters(t, db, topic)
+	defer w.halt()
+	var streamed, progressed int
+	lastSeen := 0
+	for i := range rounds {
+		p := startRelayProcess(t, bin, env, logs)
+		if i%2 == 0 {
+			waitUntil(t, 90*time.Second, p, "\"replication stream started\"", func() bool { return len(p.log.find("replication stream started")) > 0 })
+		}
+		time.Sleep(time.Duration(100+rand.IntN(1400)) * time.Millisecond)
+		if p.exited() {
+			t.Fatalf("round %d: the relay exited on its own before the kill: %v\n%s", i, p.state(), p.log.text())
+		}
+		p.kill(t)
+		if st := p.state(); !killedBySIGKILL(st) {
+			t.Fatalf("round %d: the relay ended with %v, not SIGKILL\n%s", i, st, p.log.text())
+		}
+		if len(p.log.find("replication stream started")) > 0 {
+			streamed++
+		}
+		if n := len(c.WaitFor(t, 0, 0)); n > lastSeen {
+			progressed++
+			lastSeen = n
+		}
+	}
+	written := w.stop(t)
+	ids := outboxIDs(t, db, "")
+	if int64(len(ids)) != written+120 {
+		t.Fatalf("the writers committed %d rows (+120 before), the outbox holds %d", written, len(ids))
+	}
+	last := startRelayProcess(t, bin, env, logs)
+	seen := c.WaitFor(t, len(ids), 120*time.Second)
+	last.signal(t, syscall.SIGTERM)
+	if st := last.wait(t, 40*time.Second); st.ExitCode() != 0 {
+		t.Fatalf("after SIGTERM the relay exited with %v\n%s", st, last.log.text())
+	}
+	if n := deadLetters(t, db); n > 0 {
+		t.Fatalf("%d rows were dead-lettered", n)
+	}
+	seen = c.WaitFor(t, len(ids), time.Second)
+	testenv.CheckExactlyOnce(t, ids, seen)
+	checkCounts(t, "kcat", ids, kcatRead(t, k, topic))
+	aborted, republished := abortedWork(t, k, topic, len(seen))
+	t.Logf("%d kills (%d after the stream started, %d rounds made progress); transactions: %d single-row, %d multi-row, %d COPY, %d INSERT VALUES; "+
+		"%d aborted records, %d ids aborted then republished; %d rows each once (Go consumer and kcat, read_committed), keys in commit order",
+		rounds, streamed, progressed, w.txns[0].Load(), w.txns[1].Load(), w.txns[2].Load(), w.txns[3].Load(), aborted, republished, len(ids))
+	if progressed == 0 {
+		t.Errorf("no round published anything before its kill")
+	}
+}
