@@ -22,6 +22,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/integration/testenv"
 	"github.com/outbox-relay/outbox-relay/migrations"
 	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/relay"
 )
 
 // logicalCluster is a private PostgreSQL at wal_level=logical (with the
@@ -309,4 +310,93 @@ func TestReplicationKillNineUnderLoad(t *testing.T) {
 	if progressed == 0 {
 		t.Errorf("no round published anything before its kill")
 	}
+}
+
+// slotRetained is how many bytes of WAL the slot holds behind the
+// server's current position: from its confirmed_flush_lsn and from its
+// restart_lsn.
+func slotRetained(t *testing.T, db *testenv.DB) (confirmed, restart int64) {
+	t.Helper()
+	if err := db.Pool.QueryRow(context.Background(), `SELECT coalesce(pg_current_wal_lsn() - confirmed_flush_lsn, -1)::bigint, coalesce(pg_current_wal_lsn() - restart_lsn, -1)::bigint
+FROM pg_replication_slots WHERE slot_type = 'logical'`).Scan(&confirmed, &restart); err != nil {
+		t.Fatalf("read the slot: %v", err)
+	}
+	return confirmed, restart
+}
+
+// TestReplicationIdleOutboxDoesNotPinWAL: the relay in
+// OUTBOX_SOURCE=replication, an outbox that goes idle after a few rows, and
+// another table written at about 1 MB/s for 25 s. The WAL the slot retains
+// (behind confirmed_flush_lsn, and behind restart_lsn) must not grow with
+// what the other table writes, and must return to near zero within seconds
+// once the writes stop; the rows are published once.
+func TestReplicationIdleOutboxDoesNotPinWAL(t *testing.T) {
+	_, db := logicalCluster(t, "wal_sender_timeout=60s")
+	topic := testenv.RandomName("payments-")
+	k := testenv.NewKafka(t, 1, topic)
+	cfg := testenv.RelayConfig(db, k)
+	cfg.Source, cfg.DeadLetterOrder = "replication", "skip"
+	want := db.Insert(t, topic, 10, []string{"a", "b"})
+	c := k.NewConsumer(t, topic)
+	testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)))
+	c.WaitFor(t, len(want), 60*time.Second)
+	want = append(want, db.Insert(t, topic, 10, []string{"a", "b"})...)
+	c.WaitFor(t, len(want), 60*time.Second)
+
+	ctx := context.Background()
+	if _, err := db.Pool.Exec(ctx, `CREATE TABLE busy (id bigserial PRIMARY KEY, pad text)`); err != nil {
+		t.Fatal(err)
+	}
+	var start string
+	if err := db.Pool.QueryRow(ctx, `SELECT pg_current_wal_lsn()::text`).Scan(&start); err != nil {
+		t.Fatal(err)
+	}
+	var maxConfirmed, maxRestart int64
+	minLate := int64(-1) // the least retained WAL sampled after 15 s of writes
+	var samples []string
+	begin := time.Now()
+	sample := func() (int64, int64) {
+		cf, rs := slotRetained(t, db)
+		maxConfirmed, maxRestart = max(maxConfirmed, cf), max(maxRestart, rs)
+		if time.Since(begin) > 15*time.Second && (minLate < 0 || cf < minLate) {
+			minLate = cf
+		}
+		samples = append(samples, fmt.Sprintf("%d/%d", cf>>10, rs>>10))
+		return cf, rs
+	}
+	next := time.Now()
+	for time.Since(begin) < 25*time.Second {
+		if _, err := db.Pool.Exec(ctx, `INSERT INTO busy (pad) SELECT repeat(md5(g::text), 30) FROM generate_series(1, 100) g`); err != nil {
+			t.Fatal(err)
+		}
+		if time.Now().After(next) {
+			sample()
+			next = time.Now().Add(time.Second)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	var written int64
+	if err := db.Pool.QueryRow(ctx, `SELECT (pg_current_wal_lsn() - $1::pg_lsn)::bigint`, start).Scan(&written); err != nil {
+		t.Fatal(err)
+	}
+	stopped := time.Now()
+	var cf, rs int64
+	for {
+		cf, rs = sample()
+		if (cf < 64<<10 && rs < 1<<20) || time.Since(stopped) > 40*time.Second {
+			break
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	settled := time.Since(stopped)
+	t.Logf("the other table wrote %d KiB of WAL in 25 s; retained KiB (confirmed/restart) each second: %s", written>>10, strings.Join(samples, " "))
+	t.Logf("max retained while writing: %d KiB behind confirmed_flush_lsn, %d KiB behind restart_lsn; %v after the writes stopped: %d B and %d B",
+		maxConfirmed>>10, maxRestart>>10, settled.Round(100*time.Millisecond), cf, rs)
+	if cf >= 64<<10 || rs >= 1<<20 {
+		t.Fatalf("40 s after the other table's writes stopped the slot still retains %d B behind confirmed_flush_lsn and %d B behind restart_lsn: an idle outbox pins WAL", cf, rs)
+	}
+	if minLate < 0 || minLate > written/4 {
+		t.Fatalf("while the other table wrote %d B the slot retained at least %d B in the last 10 s of writes: the idle outbox pins WAL", written, minLate)
+	}
+	testenv.CheckExactlyOnce(t, want, c.WaitFor(t, len(want), time.Second))
 }
