@@ -400,3 +400,114 @@ func TestReplicationIdleOutboxDoesNotPinWAL(t *testing.T) {
 	}
 	testenv.CheckExactlyOnce(t, want, c.WaitFor(t, len(want), time.Second))
 }
+
+// TestReplicationSplitTransactionCrashBetweenParts: one PostgreSQL
+// transaction of 175 rows with OUTBOX_BATCH_SIZE=50 is cut into parts of
+// 50, 50, 50 and 25 rows, each its own Kafka transaction. The relay crashes
+// after the Kafka commit of each of the first three parts in turn (before
+// the slot is confirmed), and each restart goes on with the next part:
+// the cuts are the same in every run, and no row is repeated or lost.
+func TestReplicationSplitTransactionCrashBetweenParts(t *testing.T) {
+	_, db := logicalCluster(t)
+	topic := testenv.RandomName("payments-")
+	k := testenv.NewKafka(t, 3, topic)
+	cfg := testenv.RelayConfig(db, k)
+	cfg.Source, cfg.DeadLetterOrder, cfg.BatchSize = "replication", "skip", 50
+	keys := []string{"acct-1", "acct-2", "acct-3"}
+	c := k.NewConsumer(t, topic)
+	want := db.Insert(t, topic, 5, keys)
+
+	var mu sync.Mutex
+	var batches [][]int64 // the ids of each committed Kafka transaction, every run
+	var bigIDs map[int64]int
+	bigParts := 0
+	crashAt := 0 // crash after the commit of the big transaction's part crashAt (1-based); 0: none
+	fail := func(_ context.Context, name string, _ int32, ids []int64) error {
+		if name != relay.FailAfterCommit {
+			return nil
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		batches = append(batches, append([]int64(nil), ids...))
+		for _, id := range ids {
+			if _, ok := bigIDs[id]; ok {
+				bigParts++
+				if bigParts == crashAt {
+					return fmt.Errorf("crash after the Kafka commit of part %d of the large transaction", bigParts)
+				}
+				break
+			}
+		}
+		return nil
+	}
+	setCrash := func(n int) { mu.Lock(); crashAt = n; mu.Unlock() }
+	setCrash(1)
+	run := testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)), relay.WithFailpoint(fail))
+	c.WaitFor(t, len(want), 60*time.Second)
+
+	// A small transaction, the large one, a small one, committed one after
+	// the other.
+	want = append(want, db.Insert(t, topic, 3, keys)...)
+	ctx := context.Background()
+	rows, err := db.Pool.Query(ctx, `INSERT INTO outbox (topic, key, value) SELECT $1, convert_to('big-' || (g % 4), 'UTF8'), convert_to('v' || g, 'UTF8') FROM generate_series(1, 175) g ORDER BY g RETURNING id`, topic)
+	if err != nil {
+		t.Fatal(err)
+	}
+	big, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	if err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	bigIDs = map[int64]int{}
+	for i, id := range big {
+		bigIDs[id] = i
+	}
+	mu.Unlock()
+	want = append(want, big...)
+	want = append(want, db.Insert(t, topic, 4, keys)...)
+	for n := 1; n <= 3; n++ {
+		if err := run.Wait(t, 60*time.Second); err == nil {
+			t.Fatalf("the relay did not stop after part %d", n)
+		}
+		if n < 3 {
+			setCrash(n + 1)
+		} else {
+			setCrash(0)
+		}
+		mu.Lock()
+		bigParts = n // a restart goes on with part n+1
+		mu.Unlock()
+		run = testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)), relay.WithFailpoint(fail))
+	}
+	seen := c.WaitFor(t, len(want), 60*time.Second)
+	testenv.CheckExactlyOnce(t, want, seen)
+
+	// The large transaction's rows in each Kafka transaction: the parts
+	// [0,50) [50,100) [100,150) [150,175), in that order, each once.
+	mu.Lock()
+	defer mu.Unlock()
+	var parts [][2]int
+	for _, b := range batches {
+		lo, hi, n := -1, -1, 0
+		for _, id := range b {
+			if i, ok := bigIDs[id]; ok {
+				if lo < 0 || i < lo {
+					lo = i
+				}
+				hi = max(hi, i)
+				n++
+			}
+		}
+		if n > 0 {
+			if hi-lo+1 != n {
+				t.Fatalf("a Kafka transaction holds %d rows of the large transaction, not consecutive ones (%d..%d)", n, lo, hi)
+			}
+			parts = append(parts, [2]int{lo, hi + 1})
+		}
+	}
+	wantParts := [][2]int{{0, 50}, {50, 100}, {100, 150}, {150, 175}}
+	if fmt.Sprint(parts) != fmt.Sprint(wantParts) {
+		t.Fatalf("the large transaction was committed in the parts %v across 3 crashes, want %v", parts, wantParts)
+	}
+	t.Logf("%d Kafka transactions; the large transaction's parts %v, a crash after each of the first three; %d rows once", len(batches), parts, len(want))
+}
