@@ -511,3 +511,74 @@ func TestReplicationSplitTransactionCrashBetweenParts(t *testing.T) {
 	}
 	t.Logf("%d Kafka transactions; the large transaction's parts %v, a crash after each of the first three; %d rows once", len(batches), parts, len(want))
 }
+
+// TestReplicationTwoRelaysRaceForTheSlot runs two relay processes on the
+// same table and slot while the mixed writers commit, in rounds: both
+// started at once, then the one streaming is killed with SIGKILL, or
+// frozen with SIGSTOP (its walsender and TCP connections stay up) until the
+// other has taken the shard and the slot over, then let go again with
+// SIGCONT, a zombie that must neither commit nor confirm. Every row once,
+// keys in commit order, for the Go consumer and kcat.
+func TestReplicationTwoRelaysRaceForTheSlot(t *testing.T) {
+	bin := buildRelayBinary(t)
+	_, db := logicalCluster(t)
+	topic := testenv.RandomName("payments-")
+	k := testenv.NewKafka(t, 3, topic)
+	env := append(replProcessEnv(db, k), "OUTBOX_OWNER_LEASE=3s")
+	logs := newRelayLogs(t, "repl-race")
+	c := k.NewConsumer(t, topic)
+	w := startMixedWriters(t, db, topic)
+	defer w.halt()
+	streaming := func(p *relayProcess) int { return len(p.log.find("replication stream started")) }
+	procs := []*relayProcess{startRelayProcess(t, bin, env, logs), startRelayProcess(t, bin, env, logs)}
+	var kills, stops int
+	for round := range max(4, replKillRounds(t)) {
+		// The owner: the one whose stream started last.
+		var owner *relayProcess
+		eventually(t, 60*time.Second, "a relay streaming", func() bool {
+			for _, p := range procs {
+				if p.exited() {
+					t.Fatalf("round %d: a relay exited on its own: %v\n%s", round, p.state(), p.log.text())
+				}
+				if streaming(p) > 0 && (owner == nil || streaming(p) > streaming(owner)) {
+					owner = p
+				}
+			}
+			return owner != nil
+		})
+		time.Sleep(time.Duration(300+rand.IntN(1200)) * time.Millisecond)
+		other := procs[0]
+		if other == owner {
+			other = procs[1]
+		}
+		if round%2 == 1 {
+			before := streaming(other)
+			owner.signal(t, syscall.SIGSTOP)
+			stops++
+			eventually(t, 60*time.Second, "the other relay streaming while the owner is frozen", func() bool { return streaming(other) > before })
+			time.Sleep(500 * time.Millisecond)
+			owner.signal(t, syscall.SIGCONT)
+			time.Sleep(time.Duration(500+rand.IntN(1000)) * time.Millisecond)
+			continue
+		}
+		owner.kill(t)
+		kills++
+		procs = []*relayProcess{other, startRelayProcess(t, bin, env, logs)}
+	}
+	written := w.stop(t)
+	ids := outboxIDs(t, db, "")
+	if int64(len(ids)) != written {
+		t.Fatalf("the writers committed %d rows, the outbox holds %d", written, len(ids))
+	}
+	seen := c.WaitFor(t, len(ids), 120*time.Second)
+	for _, p := range procs {
+		if !p.exited() {
+			p.signal(t, syscall.SIGTERM)
+			p.wait(t, 40*time.Second)
+		}
+	}
+	seen = c.WaitFor(t, len(ids), time.Second)
+	testenv.CheckExactlyOnce(t, ids, seen)
+	checkCounts(t, "kcat", ids, kcatRead(t, k, topic))
+	t.Logf("two relays: %d owners killed, %d frozen and taken over (then let go), %d rows each once (Go consumer and kcat)", kills, stops, len(ids))
+}
