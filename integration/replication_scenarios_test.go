@@ -10,6 +10,8 @@ import (
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
 
 	"github.com/outbox-relay/outbox-relay/integration/faultproxy"
 	"github.com/outbox-relay/outbox-relay/integration/testenv"
@@ -323,6 +325,62 @@ func TestReplicationKafkaDownLongerThanWalSenderTimeout(t *testing.T) {
 	eventually(t, 60*time.Second, "confirm once Kafka is back", func() bool { return slotConfirmed(t, db) >= at })
 	t.Logf("Kafka down 15 s (wal_sender_timeout 2 s): the slot held at %s; %d rows once; relay lines mentioning the walsender's timeout or a lost stream: %d",
 		held, len(want), strings.Count(logs.String(), "replication"))
+	if err := run.Stop(); err != nil {
+		t.Fatalf("the relay stopped with %v", err)
+	}
+}
+
+// TestReplicationLostProduceAndCommitAnswers: the broker's answers are lost
+// on the way to the relay in OUTBOX_SOURCE=replication: Produce answers
+// (kgo retries them, the idempotent producer dedupes) and then every EndTxn
+// answer for a while, after the broker applied the commit (the outcome is
+// unknown to the relay, which recovers from the checkpoint). Every row
+// once, and the slot is confirmed again afterwards.
+func TestReplicationLostProduceAndCommitAnswers(t *testing.T) {
+	_, db := logicalCluster(t)
+	topic := testenv.RandomName("payments-")
+	k := testenv.NewKafka(t, 3, topic)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	proxy, err := faultproxy.New(ctx, testenv.Logger(t, nil), k.Brokers...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(proxy.Close)
+	keys := []string{"acct-1", "acct-2", "acct-3"}
+	c := k.NewConsumer(t, topic)
+	cfg := replConfig(db, k)
+	cfg.KafkaBrokers = proxy.Addrs()
+	run := testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)),
+		relay.WithKafkaOptions(kgo.RequestRetries(2), kgo.RetryTimeout(5*time.Second)))
+	want := db.Insert(t, topic, 10, keys)
+	c.WaitFor(t, len(want), 60*time.Second)
+
+	proxy.DropResponses(kmsg.Produce.Int16(), 3, nil)
+	for range 5 {
+		want = append(want, db.Insert(t, topic, 6, keys)...)
+	}
+	c.WaitFor(t, len(want), 60*time.Second)
+	produceDrops := proxy.Fired(kmsg.Produce.Int16())
+
+	proxy.DropResponses(kmsg.EndTxn.Int16(), 1000, nil)
+	want = append(want, db.Insert(t, topic, 9, keys)...)
+	eventually(t, 60*time.Second, "lost EndTxn answers", func() bool { return proxy.Fired(kmsg.EndTxn.Int16()) >= 3 })
+	for range 3 {
+		want = append(want, db.Insert(t, topic, 5, keys)...)
+	}
+	time.Sleep(2 * time.Second)
+	proxy.ClearFaults()
+	endTxnDrops := proxy.Fired(kmsg.EndTxn.Int16())
+	want = append(want, db.Insert(t, topic, 5, keys)...)
+	seen := c.WaitFor(t, len(want), 120*time.Second)
+	testenv.CheckExactlyOnce(t, want, seen)
+	at := walLSN(t, db)
+	eventually(t, 60*time.Second, "confirm after the lost answers", func() bool { return slotConfirmed(t, db) >= at })
+	t.Logf("Produce answers dropped: %d, EndTxn answers dropped: %d; %d rows once", produceDrops, endTxnDrops, len(want))
+	if produceDrops == 0 || endTxnDrops == 0 {
+		t.Fatalf("the faults did not fire: %d Produce, %d EndTxn answers dropped", produceDrops, endTxnDrops)
+	}
 	if err := run.Stop(); err != nil {
 		t.Fatalf("the relay stopped with %v", err)
 	}
