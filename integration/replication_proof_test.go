@@ -582,3 +582,56 @@ func TestReplicationTwoRelaysRaceForTheSlot(t *testing.T) {
 	checkCounts(t, "kcat", ids, kcatRead(t, k, topic))
 	t.Logf("two relays: %d owners killed, %d frozen and taken over (then let go), %d rows each once (Go consumer and kcat)", kills, stops, len(ids))
 }
+
+// TestReplicationKillNineDuringTheHandOver: 20,000 rows are waiting when
+// the relay first starts in OUTBOX_SOURCE=replication, so its hand-over
+// from the poll read (slot created, the waiting rows published and marked
+// by the poll path, then the stream) takes a while; the binary is killed
+// with SIGKILL inside it, again and again, while the mixed writers commit.
+// Every row once, for the Go consumer and kcat; the rows of the hand-over
+// are marked, and the stream's are not.
+func TestReplicationKillNineDuringTheHandOver(t *testing.T) {
+	bin := buildRelayBinary(t)
+	_, db := logicalCluster(t)
+	topic := testenv.RandomName("payments-")
+	k := testenv.NewKafka(t, 3, topic)
+	env := replProcessEnv(db, k)
+	logs := newRelayLogs(t, "repl-handover")
+	c := k.NewConsumer(t, topic)
+	for range 4 {
+		db.Insert(t, topic, 5000, []string{"pre-1", "pre-2", "pre-3", "pre-4"})
+	}
+	w := startMixedWriters(t, db, topic)
+	defer w.halt()
+	inHandOver := 0
+	for i := range max(3, replKillRounds(t)) {
+		p := startRelayProcess(t, bin, env, logs)
+		waitUntil(t, 90*time.Second, p, "\"shard recovered\"", func() bool { return len(p.log.find("shard recovered")) > 0 })
+		time.Sleep(time.Duration(50+rand.IntN(400)) * time.Millisecond)
+		if p.exited() {
+			t.Fatalf("round %d: the relay exited on its own: %v\n%s", i, p.state(), p.log.text())
+		}
+		p.kill(t)
+		if len(p.log.find("replication stream started")) == 0 {
+			inHandOver++
+		}
+	}
+	written := w.stop(t)
+	ids := outboxIDs(t, db, "")
+	if int64(len(ids)) != written+20000 {
+		t.Fatalf("the writers committed %d rows (+20000 before), the outbox holds %d", written, len(ids))
+	}
+	last := startRelayProcess(t, bin, env, logs)
+	seen := c.WaitFor(t, len(ids), 180*time.Second)
+	last.signal(t, syscall.SIGTERM)
+	if st := last.wait(t, 40*time.Second); st.ExitCode() != 0 {
+		t.Fatalf("after SIGTERM the relay exited with %v\n%s", st, last.log.text())
+	}
+	seen = c.WaitFor(t, len(ids), time.Second)
+	testenv.CheckExactlyOnce(t, ids, seen)
+	checkCounts(t, "kcat", ids, kcatRead(t, k, topic))
+	t.Logf("%d kills, %d of them before the stream started (inside the hand-over); %d rows each once (Go consumer and kcat)", max(3, replKillRounds(t)), inHandOver, len(ids))
+	if inHandOver == 0 {
+		t.Errorf("no kill landed inside the hand-over")
+	}
+}
