@@ -385,3 +385,58 @@ func TestReplicationLostProduceAndCommitAnswers(t *testing.T) {
 		t.Fatalf("the relay stopped with %v", err)
 	}
 }
+
+// TestReplicationHandOverRepeatedAfterRetention: the first start's
+// hand-over creates the slot, and the poll read publishes and marks rows,
+// among them rows committed after the slot was created (so they are in the
+// stream too); the relay dies before any checkpoint of the replication
+// source. Retention then deletes the marked rows (as OUTBOX_RETENTION does,
+// or an operator's delete of published rows). The next start hands over
+// again from the same slot: the rows the poll read published must not be
+// published again because their marks are gone.
+func TestReplicationHandOverRepeatedAfterRetention(t *testing.T) {
+	_, db := logicalCluster(t)
+	topic := testenv.RandomName("payments-")
+	k := testenv.NewKafka(t, 3, topic)
+	keys := []string{"acct-1", "acct-2", "acct-3"}
+	c := k.NewConsumer(t, topic)
+	ctx := context.Background()
+	cfg := replConfig(db, k)
+	want := db.Insert(t, topic, 10, keys) // before the slot exists
+	var marks atomic.Int64
+	var during []int64
+	fail := func(_ context.Context, name string, _ int32, _ []int64) error {
+		if name != relay.FailAfterMark {
+			return nil
+		}
+		switch marks.Add(1) {
+		case 1:
+			// The slot exists: rows committed now are in the stream, and
+			// the hand-over's poll read publishes and marks them too.
+			during = db.Insert(t, topic, 8, keys)
+		case 2:
+			return errFailpointCrash
+		}
+		return nil
+	}
+	cfg.BatchSize = 10
+	run := testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)), relay.WithFailpoint(fail))
+	if err := run.Wait(t, 60*time.Second); err == nil {
+		t.Fatal("the relay did not stop at its failpoint")
+	}
+	want = append(want, during...)
+	c.WaitFor(t, len(want), 60*time.Second)
+	// What retention does to published rows.
+	tag, err := db.Pool.Exec(ctx, `DELETE FROM outbox WHERE published_at IS NOT NULL`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("the hand-over's poll read published %d rows (%d committed after the slot was created); retention deleted %d", len(want), len(during), tag.RowsAffected())
+	run = testenv.StartRelay(t, db, cfg, relay.WithLogger(testenv.Logger(t, nil)))
+	want = append(want, db.Insert(t, topic, 5, keys)...)
+	seen := c.WaitFor(t, len(want), 60*time.Second)
+	testenv.CheckExactlyOnce(t, want, seen)
+	if err := run.Stop(); err != nil {
+		t.Fatal(err)
+	}
+}
