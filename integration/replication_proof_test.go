@@ -163,6 +163,20 @@ func (w *mixedWriters) stop(t *testing.T) int64 {
 	return w.rows.Load()
 }
 
+// burst commits n rows of topic in one COPY transaction, keys of their
+// own.
+func burst(t *testing.T, db *testenv.DB, topic string, n int) {
+	t.Helper()
+	msgs := make([]outbox.Message, n)
+	for i := range msgs {
+		msgs[i] = outbox.Message{Topic: topic, Key: []byte(fmt.Sprintf("burst-%d", i%7)), Value: fmt.Appendf(nil, `{"burst":%d}`, i)}
+	}
+	ctx := context.Background()
+	if err := pgx.BeginFunc(ctx, db.Pool, func(tx pgx.Tx) error { return db.Table.WriteMany(ctx, tx, msgs) }); err != nil {
+		t.Fatalf("burst of %d rows: %v", n, err)
+	}
+}
+
 // kcatRead reads topic with kcat at read_committed and returns, per id, how
 // often it was seen, and fails the test when the records of a key are not
 // in increasing id order within their partition.
@@ -243,9 +257,10 @@ func checkCounts(t *testing.T, who string, want []int64, count map[int64]int) {
 // TestReplicationKillNineUnderLoad kills the built binary in
 // OUTBOX_SOURCE=replication with SIGKILL (OUTBOX_REPL_KILL_ROUNDS times,
 // default 5) while four writers commit single-row, multi-row, COPY and
-// INSERT ... VALUES transactions (COPY ones larger than a batch, so kills
-// also land between the parts of one transaction), at random moments
-// counted from the stream's start or from the process start. A last run is
+// INSERT ... VALUES transactions (COPY ones larger than a batch), at random
+// moments counted from the stream's start or from the process start, each
+// just after a 500-row COPY (ten batches), so that kills land between the
+// parts of one transaction and inside Kafka transactions. A last run is
 // stopped with SIGTERM (exit 0). The Go consumer and kcat, both
 // read_committed, must each see every row once, each key's rows in commit
 // order.
@@ -264,6 +279,7 @@ func TestReplicationKillNineUnderLoad(t *testing.T) {
 	w := startMixedWriters(t, db, topic)
 	defer w.halt()
 	var streamed, progressed int
+	var bursts int64
 	lastSeen := 0
 	for i := range rounds {
 		p := startRelayProcess(t, bin, env, logs)
@@ -274,6 +290,11 @@ func TestReplicationKillNineUnderLoad(t *testing.T) {
 		if p.exited() {
 			t.Fatalf("round %d: the relay exited on its own before the kill: %v\n%s", i, p.state(), p.log.text())
 		}
+		// A COPY of 500 rows (ten parts of a batch) just before the kill,
+		// so that it lands among the parts of one transaction.
+		burst(t, db, topic, 500)
+		bursts += 500
+		time.Sleep(time.Duration(rand.IntN(40)) * time.Millisecond)
 		p.kill(t)
 		if st := p.state(); !killedBySIGKILL(st) {
 			t.Fatalf("round %d: the relay ended with %v, not SIGKILL\n%s", i, st, p.log.text())
@@ -288,7 +309,7 @@ func TestReplicationKillNineUnderLoad(t *testing.T) {
 	}
 	written := w.stop(t)
 	ids := outboxIDs(t, db, "")
-	if int64(len(ids)) != written+120 {
+	if int64(len(ids)) != written+120+bursts {
 		t.Fatalf("the writers committed %d rows (+120 before), the outbox holds %d", written, len(ids))
 	}
 	last := startRelayProcess(t, bin, env, logs)
