@@ -74,3 +74,27 @@ WHERE o.published_at IS NOT NULL`, ids, created)
 	}
 	return out, nil
 }
+
+// UnpublishedOf returns which of the rows (by id and created_at) are still
+// in the table and not marked published: the rows the replication source's
+// hand-over publishes from the stream. A row the poll read published is
+// either marked or, once retention (or an operator) deleted it, gone; a
+// row dead-lettered is gone too. Reading the marks alone would take a
+// published row whose mark was deleted for an unpublished one.
+func (s *Store) UnpublishedOf(ctx context.Context, ids []int64, created []time.Time) (map[int64]bool, error) {
+	rows, err := s.pool.Query(ctx, `SELECT o.id FROM `+s.t.Ident()+` o
+JOIN unnest($1::bigint[], $2::timestamptz[]) AS c(id, created) ON o.id = c.id AND o.created_at = c.created
+WHERE o.published_at IS NULL`, ids, created)
+	if err != nil {
+		return nil, fmt.Errorf("read the unpublished rows of %s: %w", s.t, err)
+	}
+	unpublished, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+	if err != nil {
+		return nil, fmt.Errorf("read the unpublished rows of %s: %w", s.t, err)
+	}
+	out := make(map[int64]bool, len(unpublished))
+	for _, id := range unpublished {
+		out[id] = true
+	}
+	return out, nil
+}

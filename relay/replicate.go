@@ -342,8 +342,11 @@ func (ws walSource) handOver(ctx context.Context, s int32, l *lease, p *txn.Prod
 	return from, handover, nil
 }
 
-// notPolled drops the rows the poll read published before the hand-over
-// (they are marked published).
+// notPolled drops the rows the poll read published before the hand-over:
+// it keeps only the rows still in the table and unmarked. A published row
+// is marked, or gone once retention deleted it (a crash before the stream
+// passed the hand-over point starts the hand-over again from the same
+// slot, later); a dead-lettered row is gone too.
 func (ws walSource) notPolled(ctx context.Context, rows []outbox.Row) ([]outbox.Row, error) {
 	if len(rows) == 0 {
 		return rows, nil
@@ -353,13 +356,13 @@ func (ws walSource) notPolled(ctx context.Context, rows []outbox.Row) ([]outbox.
 	for i, row := range rows {
 		ids[i], created[i] = row.ID, row.CreatedAt
 	}
-	published, err := ws.r.store.PublishedOf(ctx, ids, created)
+	unpublished, err := ws.r.store.UnpublishedOf(ctx, ids, created)
 	if err != nil {
 		return nil, fmt.Errorf("replication: hand-over: %w", err)
 	}
 	out := rows[:0]
 	for _, row := range rows {
-		if !published[row.ID] {
+		if unpublished[row.ID] {
 			out = append(out, row)
 		}
 	}
