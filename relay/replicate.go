@@ -375,29 +375,9 @@ func (ws walSource) notPolled(ctx context.Context, rows []outbox.Row) ([]outbox.
 // are all gone still commits its checkpoint, so the position moves on.
 func (ws walSource) publish(ctx context.Context, s int32, l *lease, p *txn.Producer, rows []outbox.Row, b replication.Batch, handover replication.LSN, log *slog.Logger) error {
 	r := ws.r
-	recs := make([]txn.Record, 0, len(rows))
-	created := make([]time.Time, 0, len(rows))
-	bad := map[int64]error{}
-	for _, row := range rows {
-		rec, err := toRecord(row)
-		if err == nil && row.Topic == r.cfg.CheckpointTopic {
-			err = fmt.Errorf("column topic is %q, the relay's checkpoint topic (OUTBOX_CHECKPOINT_TOPIC): rows may not write there", row.Topic)
-		}
-		if err != nil {
-			bad[row.ID] = err
-			continue
-		}
-		rec.Created = row.CreatedAt
-		recs = append(recs, rec)
-		created = append(created, row.CreatedAt)
-	}
-	l.step(r.txnBudget())
-	refused, err := p.Check(ctx, recs)
+	recs, created, bad, err := r.records(ctx, l, p, rows)
 	if err != nil {
 		return err
-	}
-	for _, re := range refused {
-		bad[re.ID] = re.Err
 	}
 	var dead []outbox.DeadLetter
 	for _, row := range rows {

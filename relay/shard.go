@@ -477,11 +477,14 @@ func (r *Relay) publishLoop(ctx context.Context, s int32, l *lease, p *txn.Produ
 	}
 }
 
-// publishRows validates rows, dead-letters the invalid ones and publishes the
-// rest. Under hold-key, the later rows of a dead-lettered row's topic and
-// key are not published in this batch: they stay unpublished, and the next
-// read holds them (Store.ReadBatch).
-func (r *Relay) publishRows(ctx context.Context, s int32, l *lease, p *txn.Producer, rows []outbox.Row, log *slog.Logger) error {
+// records turns rows into the records to send, in order, with each one's
+// created_at, and collects the rows that cannot be sent with their reason:
+// an oversize row, a column Kafka cannot take, a row naming the checkpoint
+// topic, and the rows Kafka would refuse on their own account (a topic that
+// does not exist, a partition it does not have, too large: Producer.Check).
+// Those go to the dead-letter table before anything is sent, so they do not
+// hold the batch, and in at-most-once mode they are not marked and lost.
+func (r *Relay) records(ctx context.Context, l *lease, p *txn.Producer, rows []outbox.Row) ([]txn.Record, []time.Time, map[int64]error, error) {
 	recs := make([]txn.Record, 0, len(rows))
 	created := make([]time.Time, 0, len(rows))
 	bad := map[int64]error{}
@@ -504,17 +507,25 @@ func (r *Relay) publishRows(ctx context.Context, s int32, l *lease, p *txn.Produ
 		recs = append(recs, rec)
 		created = append(created, row.CreatedAt)
 	}
-	// Rows Kafka would refuse on their own account (a topic that does not
-	// exist, a partition it does not have, too large) go to the dead-letter
-	// table now, before anything is sent: they do not hold the batch, and in
-	// at-most-once mode they are not marked and lost.
 	l.step(r.txnBudget())
 	refused, err := p.Check(ctx, recs)
 	if err != nil {
-		return err
+		return nil, nil, nil, err
 	}
 	for _, re := range refused {
 		bad[re.ID] = re.Err
+	}
+	return recs, created, bad, nil
+}
+
+// publishRows validates rows, dead-letters the invalid ones and publishes the
+// rest. Under hold-key, the later rows of a dead-lettered row's topic and
+// key are not published in this batch: they stay unpublished, and the next
+// read holds them (Store.ReadBatch).
+func (r *Relay) publishRows(ctx context.Context, s int32, l *lease, p *txn.Producer, rows []outbox.Row, log *slog.Logger) error {
+	recs, created, bad, err := r.records(ctx, l, p, rows)
+	if err != nil {
+		return err
 	}
 	held := r.newHolds()
 	dead := held.deadLetters(rows, bad)
