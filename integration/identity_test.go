@@ -195,7 +195,7 @@ func TestOwnershipReconnectRechecksTheShardCount(t *testing.T) {
 	// before it reconnects (or again, if it was faster).
 	var lock *pgx.Conn
 	for deadline := time.Now().Add(20 * time.Second); lock == nil; {
-		if _, err := db.Pool.Exec(ctx, `SELECT pg_terminate_backend(pid, 5000) FROM pg_locks WHERE locktype = 'advisory' AND granted
+		if _, err := db.Pool.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted
   AND classid::bigint = $1 AND objsubid = 2 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`,
 			int64(migrations.LockKey+2)); err != nil {
 			t.Fatal(err)

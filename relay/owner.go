@@ -370,6 +370,15 @@ func (o *owner) tick(ctx context.Context, shutting bool) error {
 // its session gone and stops its workers; whatever they still try is fenced.
 func (o *owner) takeOverStale(ctx context.Context) error {
 	r := o.r
+	// pg_terminate_backend waits for the session's end (up to $5 ms) from
+	// PostgreSQL 14; 13 has only the one-argument form, which signals and
+	// returns: the locks are free a moment later, and the next try finds
+	// them so.
+	terminate := `pg_terminate_backend(pid, $5)`
+	args := []any{migrations.LockKey + 3, o.key, r.cfg.Shards, r.cfg.ownerLease().Seconds(), max(r.dbBudget()/2, 100*time.Millisecond).Milliseconds()}
+	if !terminateWaits(o.conn.PgConn().ParameterStatus("server_version")) {
+		terminate, args = `pg_terminate_backend(pid)`, args[:4]
+	}
 	rows, err := o.conn.Query(ctx, `WITH stale AS (
     SELECT o.shard, o.owner, extract(epoch FROM now() - o.renewed_at)::float8 AS age, l.pid
     FROM `+r.store.Table().OwnerIdent()+` o
@@ -378,10 +387,9 @@ func (o *owner) takeOverStale(ctx context.Context) error {
       AND l.classid::bigint = $1 AND l.objid::bigint = (hashtext($2 || '/' || o.shard)::bigint & 4294967295) AND l.objsubid = 2
     WHERE o.shard < $3 AND o.renewed_at < now() - make_interval(secs => $4) AND l.pid <> pg_backend_pid()
 ), ended AS (
-    SELECT pid, pg_terminate_backend(pid, $5) AS ok FROM (SELECT DISTINCT pid FROM stale) p
+    SELECT pid, `+terminate+` AS ok FROM (SELECT DISTINCT pid FROM stale) p
 )
-SELECT s.shard, s.owner, s.age, s.pid, e.ok FROM stale s JOIN ended e USING (pid) ORDER BY s.shard`,
-		migrations.LockKey+3, o.key, r.cfg.Shards, r.cfg.ownerLease().Seconds(), max(r.dbBudget()/2, 100*time.Millisecond).Milliseconds())
+SELECT s.shard, s.owner, s.age, s.pid, e.ok FROM stale s JOIN ended e USING (pid) ORDER BY s.shard`, args...)
 	if err != nil {
 		return err
 	}

@@ -30,18 +30,41 @@ type PrivatePostgres struct {
 	args []string
 }
 
-// pgBin finds a PostgreSQL server program: on PATH, or in Debian's
-// /usr/lib/postgresql/<version>/bin.
-func pgBin(tb testing.TB, name string) string {
-	tb.Helper()
+// PGBinEnv names the environment variable that points private servers at
+// a directory of PostgreSQL server programs (initdb, pg_ctl, postgres) of
+// the major under test, such as those .ci/postgres-majors caches. Unset,
+// they come from PATH or Debian's /usr/lib/postgresql/<version>/bin.
+const PGBinEnv = "OUTBOX_TEST_PG_BIN"
+
+// lookPGBin finds a PostgreSQL server program: in $OUTBOX_TEST_PG_BIN when
+// it is set (and nowhere else: a program of another major would not do),
+// else on PATH or in Debian's /usr/lib/postgresql/<version>/bin.
+func lookPGBin(name string) (string, error) {
+	if dir := os.Getenv(PGBinEnv); dir != "" {
+		p := filepath.Join(dir, name)
+		if _, err := os.Stat(p); err != nil {
+			return "", fmt.Errorf("%s is not in %s=%s: %w", name, PGBinEnv, dir, err)
+		}
+		return p, nil
+	}
 	if p, err := exec.LookPath(name); err == nil {
-		return p
+		return p, nil
 	}
 	matches, _ := filepath.Glob("/usr/lib/postgresql/*/bin/" + name)
 	if len(matches) == 0 {
-		tb.Fatalf("%s not found on PATH or in /usr/lib/postgresql/*/bin: install the PostgreSQL server package", name)
+		return "", fmt.Errorf("%s not found on PATH or in /usr/lib/postgresql/*/bin: install the PostgreSQL server package, or set %s", name, PGBinEnv)
 	}
-	return matches[len(matches)-1]
+	return matches[len(matches)-1], nil
+}
+
+// pgBin is lookPGBin that fails the test when the program is missing.
+func pgBin(tb testing.TB, name string) string {
+	tb.Helper()
+	p, err := lookPGBin(name)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return p
 }
 
 // StartPrivatePostgres runs initdb and starts the server with the given
@@ -159,7 +182,8 @@ type Standby struct {
 }
 
 // StartStandby makes a streaming standby of pg named name (its
-// application_name) with pg_basebackup, starts it and waits until the
+// application_name) with pg_basebackup (or, when $OUTBOX_TEST_PG_BIN has
+// none, with the low-level backup functions and a file copy), starts it and waits until the
 // primary lists it as streaming. The primary needs nothing but its
 // defaults (wal_level=replica, max_wal_senders, initdb's replication line
 // in pg_hba.conf). It is stopped and removed with the test.
@@ -185,7 +209,13 @@ func (pg *PrivatePostgres) StartStandby(tb testing.TB, name string, settings ...
 			tb.Fatal(err)
 		}
 	}
-	sb.run("pg_basebackup", "-h", "127.0.0.1", "-p", strconv.Itoa(pg.port), "-U", "postgres", "-D", sb.data, "-X", "stream", "-c", "fast", "--no-sync")
+	if _, err := lookPGBin("pg_basebackup"); err == nil {
+		sb.run("pg_basebackup", "-h", "127.0.0.1", "-p", strconv.Itoa(pg.port), "-U", "postgres", "-D", sb.data, "-X", "stream", "-c", "fast", "--no-sync")
+	} else {
+		// No pg_basebackup of this major ($OUTBOX_TEST_PG_BIN holds the
+		// server programs only): the same backup by hand.
+		copyBackup(tb, pg, sb.data)
+	}
 	conninfo := fmt.Sprintf("host=127.0.0.1 port=%d user=postgres application_name=%s", pg.port, name)
 	if err := os.WriteFile(filepath.Join(sb.data, "standby.signal"), nil, 0o600); err != nil {
 		tb.Fatal(err)
