@@ -105,7 +105,7 @@ var (
 	exemptPrefixes = []string{"OUTBOX_TEST_", "OUTBOX_BENCH_", "OUTBOX_PG_"}
 	// A pattern rather than the names: deploy/check counts a string that
 	// is exactly a variable name as one the relay reads.
-	exemptNames = regexp.MustCompile(`^OUTBOX_(?:KILL|INBOX_KILL|ADV)_ROUNDS$`)
+	exemptNames = regexp.MustCompile(`^OUTBOX_(?:KILL|INBOX_KILL|REPL_KILL|ADV)_ROUNDS$`)
 	// serviceLink matches the variables Kubernetes sets in every pod for
 	// each Service of its namespace (enableServiceLinks, on by default):
 	// a Service named outbox-relay-metrics gives
@@ -115,7 +115,7 @@ var (
 
 // Exempt reports whether name, an OUTBOX_* variable, is not the relay's to
 // judge: the tests' and soaks' variables (OUTBOX_TEST_*, OUTBOX_BENCH_*,
-// OUTBOX_PG_*, OUTBOX_KILL_ROUNDS, OUTBOX_INBOX_KILL_ROUNDS,
+// OUTBOX_PG_*, OUTBOX_KILL_ROUNDS, OUTBOX_INBOX_KILL_ROUNDS, OUTBOX_REPL_KILL_ROUNDS,
 // OUTBOX_ADV_ROUNDS) and Kubernetes' service links (*_SERVICE_HOST,
 // *_SERVICE_PORT*, *_PORT, *_PORT_<n>_<proto>*).
 func Exempt(name string) bool {
