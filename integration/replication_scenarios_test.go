@@ -44,8 +44,18 @@ func walLSN(t *testing.T, db *testenv.DB) pglogrepl.LSN {
 func slotConfirmed(t *testing.T, db *testenv.DB) pglogrepl.LSN {
 	t.Helper()
 	var s string
-	if err := db.Pool.QueryRow(context.Background(), `SELECT coalesce(confirmed_flush_lsn, '0/0')::text FROM pg_replication_slots WHERE slot_type = 'logical'`).Scan(&s); err != nil {
-		t.Fatalf("read the slot: %v", err)
+	// After a crash-restart the pool's idle connections are dead and the
+	// server may still be starting: ask again for a while.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		err := db.Pool.QueryRow(context.Background(), `SELECT coalesce(confirmed_flush_lsn, '0/0')::text FROM pg_replication_slots WHERE slot_type = 'logical'`).Scan(&s)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("read the slot: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 	lsn, err := pglogrepl.ParseLSN(s)
 	if err != nil {
