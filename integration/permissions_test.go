@@ -34,7 +34,7 @@ func readmeSQLBlock(t *testing.T, marker string) string {
 	if err != nil {
 		t.Fatalf("go env GOMOD: %v", err)
 	}
-	readme, err := os.ReadFile(filepath.Join(filepath.Dir(strings.TrimSpace(string(out))), "README.md"))
+	readme, err := os.ReadFile(filepath.Join(filepath.Dir(strings.TrimSpace(string(out))), "docs", "operations.md"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -45,7 +45,7 @@ func readmeSQLBlock(t *testing.T, marker string) string {
 		}
 	}
 	if len(found) != 1 {
-		t.Fatalf("README.md has %d ```sql blocks starting with %q, want exactly 1", len(found), marker)
+		t.Fatalf("docs/operations.md has %d ```sql blocks starting with %q, want exactly 1", len(found), marker)
 	}
 	return found[0]
 }

@@ -15,14 +15,14 @@ import (
 // for every file in sql/, names no version that does not exist, and counts
 // them right where it says "N migrations in all".
 func TestREADMEDescribesEveryMigration(t *testing.T) {
-	readme, err := os.ReadFile("../README.md")
+	readme, err := os.ReadFile("../docs/schema.md")
 	if err != nil {
 		t.Fatal(err)
 	}
 	text := string(readme)
 	start := strings.Index(text, "## The schema and migrations")
 	if start < 0 {
-		t.Fatal(`README.md has no section "## The schema and migrations"`)
+		t.Fatal(`docs/schema.md has no section "## The schema and migrations"`)
 	}
 	section := text[start+1:]
 	if end := strings.Index(section, "\n## "); end >= 0 {
@@ -44,7 +44,7 @@ func TestREADMEDescribesEveryMigration(t *testing.T) {
 	}
 	for _, mig := range all {
 		if !described[mig.Version] {
-			t.Errorf("README.md, \"The schema and migrations\", does not say what version %d (%04d_%s) creates: add \"version %d ...\" to the paragraph listing the versions",
+			t.Errorf("docs/schema.md, \"The schema and migrations\", does not say what version %d (%04d_%s) creates: add \"version %d ...\" to the paragraph listing the versions",
 				mig.Version, mig.Version, mig.Name, mig.Version)
 		}
 		delete(described, mig.Version)
@@ -52,10 +52,10 @@ func TestREADMEDescribesEveryMigration(t *testing.T) {
 	words := []string{"no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"}
 	for _, c := range regexp.MustCompile(`(?i)\b(\w+) migrations in all\b`).FindAllStringSubmatch(section, -1) {
 		if len(all) >= len(words) || !strings.EqualFold(c[1], words[len(all)]) {
-			t.Errorf("README.md, \"The schema and migrations\", says %q; migrations/sql has %d", c[0], len(all))
+			t.Errorf("docs/schema.md, \"The schema and migrations\", says %q; migrations/sql has %d", c[0], len(all))
 		}
 	}
 	for v := range described {
-		t.Errorf("README.md, \"The schema and migrations\", describes version %d, which migrations/sql does not have", v)
+		t.Errorf("docs/schema.md, \"The schema and migrations\", describes version %d, which migrations/sql does not have", v)
 	}
 }

@@ -66,7 +66,7 @@ Usage:
   outbox-relay demo [-events N]         embedded Kafka + payments simulator + exactly-once checker + ledger
   outbox-relay version                  print the version and the commit it was built from
 
-Configuration reference: README.md, "Configuration".
+Configuration reference: docs/configuration.md.
 `
 
 func main() {

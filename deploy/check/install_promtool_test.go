@@ -15,14 +15,14 @@ import (
 // whose rule parser this check uses (deploy/check/go.mod).
 func TestREADMEPromtoolCommandNeedsOnlyGo(t *testing.T) {
 	root := repoRoot(t)
-	b, err := os.ReadFile(filepath.Join(root, "README.md"))
+	b, err := os.ReadFile(filepath.Join(root, "docs", "deploying.md"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	readme := string(b)
 	i := strings.Index(readme, "\n## Deploying")
 	if i < 0 {
-		t.Fatal(`README.md has no "## Deploying" section`)
+		t.Fatal(`docs/deploying.md has no "## Deploying" section`)
 	}
 	m := regexp.MustCompile("(?s)```sh\n(.*?)```").FindStringSubmatch(readme[i:])
 	if m == nil {

@@ -69,18 +69,18 @@ type quickStart struct {
 
 func readQuickStart(t *testing.T) quickStart {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(repoRoot(t), "README.md"))
+	b, err := os.ReadFile(filepath.Join(repoRoot(t), "docs", "deploying.md"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	readme := string(b)
 	i := strings.Index(readme, "\n### With Helm\n")
 	if i < 0 {
-		t.Fatal(`README.md has no "### With Helm" section`)
+		t.Fatal(`docs/deploying.md has no "### With Helm" section`)
 	}
 	m := regexp.MustCompile("(?s)```sh\n(.*?)```").FindStringSubmatch(readme[i:])
 	if m == nil {
-		t.Fatal(`README.md "### With Helm" has no sh block`)
+		t.Fatal(`docs/deploying.md "### With Helm" has no sh block`)
 	}
 	block := strings.ReplaceAll(m[1], "\\\n", " ")
 	qs := quickStart{secrets: map[string]map[string]string{}}
