@@ -156,3 +156,47 @@ func TestSlug(t *testing.T) {
 		}
 	}
 }
+
+// runbookURL is where an alert's runbook_url points: its section of
+// docs/operations.md, on the project's main branch.
+const runbookURL = "https://github.com/outbox-relay/outbox-relay/blob/main/docs/operations.md#"
+
+// TestEveryAlertLinksToItsRunbook: every alert of
+// deploy/prometheus/alerts.yaml has a runbook_url to docs/operations.md
+// whose anchor is a heading there (the alert's own section).
+func TestEveryAlertLinksToItsRunbook(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join("..", "deploy", "prometheus", "alerts.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ops, err := os.ReadFile("operations.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	have := anchors(string(ops))
+	alert := regexp.MustCompile(`(?m)^\s*- alert: (\S+)\s*$`)
+	url := regexp.MustCompile(`(?m)^\s*runbook_url: "?([^"\s]+)"?\s*$`)
+	starts := alert.FindAllStringSubmatchIndex(string(b), -1)
+	if len(starts) == 0 {
+		t.Fatal("alerts.yaml has no alert")
+	}
+	for i, s := range starts {
+		name := string(b[s[2]:s[3]])
+		end := len(b)
+		if i+1 < len(starts) {
+			end = starts[i+1][0]
+		}
+		m := url.FindSubmatch(b[s[1]:end])
+		if m == nil {
+			t.Errorf("alert %s has no runbook_url annotation: add runbook_url: %q and a section \"### %s\" to docs/operations.md", name, runbookURL+slug(name), name)
+			continue
+		}
+		got := string(m[1])
+		if got != runbookURL+slug(name) {
+			t.Errorf("alert %s: runbook_url %q, want %q", name, got, runbookURL+slug(name))
+		}
+		if !have[slug(name)] {
+			t.Errorf("alert %s: docs/operations.md has no section \"### %s\" (anchor #%s)", name, name, slug(name))
+		}
+	}
+}
