@@ -20,8 +20,8 @@ import (
 )
 
 // Config is the relay's configuration, read from environment variables.
-// Every field's variable, default and meaning is in the README's
-// configuration reference.
+// Every field's variable, default and meaning is in docs/configuration.md
+// (its reference table is generated from these env tags and doc comments).
 type Config struct {
 	// DatabaseURL is the PostgreSQL connection string (URL or key=value),
 	// including TLS settings (sslmode, sslrootcert, ...).
