@@ -153,7 +153,7 @@ func (k Known) Check(environ []string) error {
 	for _, name := range unknown {
 		lines = append(lines, fmt.Sprintf("%s is not a variable the relay reads: did you mean %s?", name, k.suggest(name)))
 	}
-	return fmt.Errorf("%s (unknown OUTBOX_* variables are refused, not ignored: unset or rename them; the relay reads %d, README \"Configuration\")",
+	return fmt.Errorf("%s (unknown OUTBOX_* variables are refused, not ignored: unset or rename them; the relay reads %d, docs/configuration.md)",
 		strings.Join(lines, "; "), len(k.names))
 }
 

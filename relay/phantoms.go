@@ -46,7 +46,7 @@ func (r *Relay) reportPhantoms(s int32, window, gone, replaced []int64, log *slo
 	phantoms = slices.Compact(phantoms)
 	r.m.Phantoms.WithLabelValues(strconv.Itoa(int(s))).Add(float64(len(phantoms)))
 	log.Error("phantom events: Kafka holds rows that this database does not have (gone, or another row under the same id): "+
-		"their transactions did not survive the fail-over or restore; reverse them downstream (see the README's fail-over section)",
+		"their transactions did not survive the fail-over or restore; reverse them downstream (see docs/operations.md, \"Fail-over to a standby\")",
 		"phantoms", len(phantoms), "phantom_ids", phantoms, "gone", len(gone), "replaced", len(replaced),
 		"window_rows_checked", len(window), "window_first_id", slices.Min(window), "window_last_id", slices.Max(window))
 }

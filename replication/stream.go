@@ -135,14 +135,14 @@ func (s *Stream) open(ctx context.Context, from Position) error {
 	}
 	slot, err := ReadSlot(ctx, s.conn, s.cfg.Slot)
 	if errors.Is(err, ErrNoSlot) && from.EndLSN != 0 {
-		return fmt.Errorf("%w: slot %q does not exist, but the checkpoint is at %s: it was dropped (or this server is not the one it was on, a fail-over before PostgreSQL 17): the events since the checkpoint cannot be read from any slot; see the README's replication recovery",
+		return fmt.Errorf("%w: slot %q does not exist, but the checkpoint is at %s: it was dropped (or this server is not the one it was on, a fail-over before PostgreSQL 17): the events since the checkpoint cannot be read from any slot; see docs/replication.md, \"Replication recovery\"",
 			ErrHistory, s.cfg.Slot, from.resume())
 	}
 	if err != nil {
 		return err
 	}
 	if slot.WALStatus == "lost" {
-		return fmt.Errorf("%w: slot %q has lost WAL it needs (wal_status lost): events since %s cannot be read; see the README's replication recovery", ErrHistory, s.cfg.Slot, slot.ConfirmedFlush)
+		return fmt.Errorf("%w: slot %q has lost WAL it needs (wal_status lost): events since %s cannot be read; see docs/replication.md, \"Replication recovery\"", ErrHistory, s.cfg.Slot, slot.ConfirmedFlush)
 	}
 	if from.RowIndex > 0 && (from.CommitLSN == 0 || from.CommitLSN >= from.EndLSN) {
 		return fmt.Errorf("%w: a checkpoint of part of a transaction needs its commit LSN before its end (got %s, %s)", ErrProtocol, from.CommitLSN, from.EndLSN)
@@ -154,7 +154,7 @@ func (s *Stream) open(ctx context.Context, from Position) error {
 		// The relay confirms only what a committed checkpoint holds: a slot
 		// ahead of the checkpoint was moved by someone else (or dropped and
 		// made again), and the server would silently skip to it.
-		return fmt.Errorf("%w: slot %q is confirmed to %s, past the checkpoint's %s: the events between would be skipped; was the slot advanced or created again? see the README's replication recovery",
+		return fmt.Errorf("%w: slot %q is confirmed to %s, past the checkpoint's %s: the events between would be skipped; was the slot advanced or created again? see docs/replication.md, \"Replication recovery\"",
 			ErrHistory, s.cfg.Slot, slot.ConfirmedFlush, start)
 	}
 	s.start, s.handed, s.confirm, s.sent = start, start, start, 0
@@ -178,7 +178,7 @@ func (s *Stream) open(ctx context.Context, from Position) error {
 // position must lie on the current timeline's history.
 func (s *Stream) sameHistory(ctx context.Context, from Position) error {
 	if from.SystemID != "" && from.SystemID != s.system.SystemID {
-		return fmt.Errorf("%w: the checkpoint was written on database system %s, this server is system %s (a restore or another cluster): reset the checkpoint on purpose, see the README's replication recovery",
+		return fmt.Errorf("%w: the checkpoint was written on database system %s, this server is system %s (a restore or another cluster): reset the checkpoint on purpose, see docs/replication.md, \"Replication recovery\"",
 			ErrHistory, from.SystemID, s.system.SystemID)
 	}
 	if from.Timeline == 0 || from.Timeline == s.system.Timeline {

@@ -785,7 +785,7 @@ func (v *verifier) outOfOrder(r *kgo.Record, id, last int64, state uint8, mark u
 		}
 	}
 	v.add(Finding{Kind: OutOfOrder, ID: id, Topic: r.Topic, Partition: r.Partition, Offsets: []int64{r.Offset},
-		Detail: fmt.Sprintf("key %q: id %d after id %d; verify cannot tell a late commit (two transactions wrote the key without locking it; see the README's order limit) from a broken order: the rows were marked apart and the mark overwrote their insert's commit time", r.Key, id, last)})
+		Detail: fmt.Sprintf("key %q: id %d after id %d; verify cannot tell a late commit (two transactions wrote the key without locking it; see docs/guarantees.md, the order limit) from a broken order: the rows were marked apart and the mark overwrote their insert's commit time", r.Key, id, last)})
 }
 
 // goneRecord is what verify keeps, in delete mode, of an outbox-id read

@@ -293,7 +293,7 @@ func runStatus(ctx context.Context, environ []string, stdout io.Writer) error {
 		}
 	}
 	if st.stopped > 0 {
-		return fmt.Errorf("%s of %s stopped until an operator acts: see \"stopped shards\" above and the README's \"A stopped shard\"",
+		return fmt.Errorf("%s of %s stopped until an operator acts: see \"stopped shards\" above and docs/operations.md, \"A stopped shard\"",
 			plural(int64(st.stopped), "shard", "shards"), s.outboxTable())
 	}
 	return nil

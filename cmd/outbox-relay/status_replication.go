@@ -62,7 +62,7 @@ func statusReplication(ctx context.Context, st *statusRun) error {
 		}
 		st.line("restart lsn", "%s", restart)
 		if slot.WALStatus == "lost" {
-			st.line("SLOT LOST", "WAL the slot needs was removed (max_slot_wal_keep_size): the relay stops; see the README's replication recovery")
+			st.line("SLOT LOST", "WAL the slot needs was removed (max_slot_wal_keep_size): the relay stops; see docs/replication.md, \"Replication recovery\"")
 		}
 	}
 	cp, err := statusCheckpoint(ctx, st)
@@ -102,9 +102,9 @@ func statusReplication(ctx context.Context, st *statusRun) error {
 	}
 	switch {
 	case noSlot:
-		st.line("SLOT MISSING", "the checkpoint is at %s but slot %s does not exist (dropped, or a fail-over to a server without it): the relay stops; see the README's replication recovery", at, name)
+		st.line("SLOT MISSING", "the checkpoint is at %s but slot %s does not exist (dropped, or a fail-over to a server without it): the relay stops; see docs/replication.md, \"Replication recovery\"", at, name)
 	case slot.ConfirmedFlush > at:
-		st.line("SLOT AHEAD", "the slot is confirmed to %s, past the checkpoint's %s (advanced by hand, or dropped and created again): the relay stops rather than skip; see the README's replication recovery", slot.ConfirmedFlush, at)
+		st.line("SLOT AHEAD", "the slot is confirmed to %s, past the checkpoint's %s (advanced by hand, or dropped and created again): the relay stops rather than skip; see docs/replication.md, \"Replication recovery\"", slot.ConfirmedFlush, at)
 	default:
 		st.line("confirm behind", "%d bytes: the slot is confirmed that far behind the checkpoint (the relay confirms what Kafka holds with its next status update)", uint64(at-slot.ConfirmedFlush))
 	}

@@ -118,7 +118,7 @@ func (v Variables) suggest(name string) string {
 	if best == "" {
 		return ""
 	}
-	return fmt.Sprintf(" (did you mean %s? the relay reads %d OUTBOX_* variables, README \"Configuration\")", best, len(v.Where))
+	return fmt.Sprintf(" (did you mean %s? the relay reads %d OUTBOX_* variables, docs/configuration.md)", best, len(v.Where))
 }
 
 // editDistance is the Levenshtein distance of a and b.
