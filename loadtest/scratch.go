@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kadm"
@@ -102,6 +103,45 @@ func NewScratch(ctx context.Context, pool *pgxpool.Pool, brokers []string, kopts
 		return s, fmt.Errorf("create the scratch checkpoint topic: %w: %s", err, fix)
 	}
 	return s, nil
+}
+
+// RoundTopic is the data topic of throughput round round (from 1): the
+// scratch topic for the first, then a topic of its own for each later one,
+// <Topic>-r<round>, created with the scratch topic's partitions, with the
+// previous round's topic deleted (the scratch topic too). So no round drains into a topic that
+// holds the records of the rounds before it: a broker that keeps records
+// in memory (kfake) or on a small disk slows each later round otherwise.
+// The topics it creates are removed by Remove.
+func (s *Scratch) RoundTopic(ctx context.Context, round int) (string, error) {
+	if round <= 1 {
+		return s.Topic, nil
+	}
+	topic := fmt.Sprintf("%s-r%d", s.Topic, round)
+	prev := s.Topic
+	if round > 2 {
+		prev = fmt.Sprintf("%s-r%d", s.Topic, round-1)
+	}
+	bs, err := s.adm.ListBrokers(ctx)
+	if err != nil {
+		return "", fmt.Errorf("round %d topic: %w", round, err)
+	}
+	s.topics = append(s.topics, topic) // removed even when half created
+	resp, err := s.adm.CreateTopic(ctx, s.Partitions, int16(min(3, len(bs))), nil, topic)
+	if err == nil {
+		err = resp.Err
+	}
+	if err != nil {
+		return "", fmt.Errorf("create the round %d topic %s: %w", round, topic, err)
+	}
+	resps, err := s.adm.DeleteTopics(ctx, prev)
+	if err == nil {
+		err = resps[prev].Err
+	}
+	if err != nil && !errors.Is(err, kerr.UnknownTopicOrPartition) {
+		return "", fmt.Errorf("delete the round %d topic %s: %w", round-1, prev, err)
+	}
+	s.topics = slices.DeleteFunc(s.topics, func(t string) bool { return t == prev })
+	return topic, nil
 }
 
 // Remove drops the scratch schema and deletes the scratch topics, whatever

@@ -229,6 +229,13 @@ func (s *Store) read(ctx context.Context, l *Lease, shard, shards, limit int, ma
 	if l != nil {
 		dest = append(dest, &durable)
 	}
+	if len(skip) > 0 {
+		// Rows in flight are left out only after a full batch, so this
+		// read is likely full too: room for all of it at once (appending
+		// row by row grew the array ten times, half of a full read's
+		// garbage). A read that may find a few rows starts small.
+		out = make([]Row, 0, min(limit, 1<<14))
+	}
 	for rows.Next() {
 		row = Row{}
 		if err := rows.Scan(dest...); err != nil {

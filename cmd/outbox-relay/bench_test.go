@@ -15,12 +15,12 @@ func TestBenchPrintsTheFiguresAndLeavesNothingBehind(t *testing.T) {
 	url := testenv.CreateDatabase(t)
 	k := testenv.NewKafka(t, 3)
 	env := []string{"OUTBOX_DATABASE_URL=" + url, "OUTBOX_KAFKA_BROKERS=" + strings.Join(k.Brokers, ",")}
-	code, out, errs := cli(t, env, "bench", "-rows", "3000", "-batch", "500", "-rounds", "1", "-rate", "400", "-latency-duration", "1s")
+	code, out, errs := cli(t, env, "bench", "-rows", "3000", "-batch", "500", "-rounds", "2", "-rate", "400", "-latency-duration", "1s")
 	if code != 0 {
 		t.Fatalf("bench: exit %d\n%s\nstderr: %s", code, out, errs)
 	}
 	t.Logf("bench output:\n%s", out)
-	for _, want := range []string{"scratch: schema outbox_bench_", "ceiling-mark", "relay ", "ratio", "p50", "p99", "every row exactly once: yes", "removed schema outbox_bench_"} {
+	for _, want := range []string{"scratch: schema outbox_bench_", "ceiling-mark", "relay ", "ratio", "a topic of its own", "-r2", "p50", "p99", "every row exactly once: yes", "removed schema outbox_bench_"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("bench output lacks %q:\n%s", want, out)
 		}

@@ -25,6 +25,7 @@ import (
 	"regexp"
 	"runtime"
 	"runtime/debug"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -70,7 +71,57 @@ Configuration reference: docs/configuration.md.
 `
 
 func main() {
+	setGCPercent(os.Getenv("GOGC"))
+	setMemoryLimit(os.Getenv("GOMEMLIMIT"), "/sys/fs/cgroup/memory.max")
 	os.Exit(run(os.Args[1:], os.Environ(), os.Stdout, os.Stderr))
+}
+
+// defaultGCPercent is the garbage collector's target unless GOGC is set:
+// the heap may grow to five times what is live before a collection, not
+// twice. The relay's live heap is small (a batch or two of rows, the
+// clients' buffers), while every row read and published is garbage: at
+// Go's default of 100 the collector took a fifth of the relay's CPU
+// draining a backlog, and the relay reached 0.73 of the database-only
+// ceiling against a broker in another process instead of 0.8
+// (BENCHMARKS.md, BenchmarkSeparateBroker). Set GOGC=100 for Go's default,
+// GOMEMLIMIT to bound the heap.
+const defaultGCPercent = 400
+
+// setMemoryLimit bounds the heap, when GOMEMLIMIT is not set, at 80% of
+// the memory the process's cgroup may use (cgroup v2's memory.max at path:
+// a container's memory limit), so that the collector works harder near
+// the limit instead of letting defaultGCPercent's heap reach the OOM
+// killer. Without a limit (memory.max "max", or no cgroup v2) it does
+// nothing.
+func setMemoryLimit(gomemlimit, path string) {
+	if gomemlimit != "" {
+		return
+	}
+	if limit, ok := cgroupMemoryLimit(path); ok {
+		debug.SetMemoryLimit(limit / 10 * 8)
+	}
+}
+
+// cgroupMemoryLimit reads a cgroup v2 memory.max file: its bytes, and
+// false for "max" or when it cannot be read.
+func cgroupMemoryLimit(path string) (int64, bool) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(string(raw)), 10, 64)
+	if err != nil || n <= 0 {
+		return 0, false
+	}
+	return n, true
+}
+
+// setGCPercent applies defaultGCPercent when gogc (the GOGC variable) is
+// empty; the Go runtime has applied a set GOGC already.
+func setGCPercent(gogc string) {
+	if gogc == "" {
+		debug.SetGCPercent(defaultGCPercent)
+	}
 }
 
 // run is main without the process: it returns the exit code.
